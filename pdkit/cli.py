@@ -1,0 +1,321 @@
+"""The ``pdkit`` command line (Typer).
+
+Every configuration mistake ends as one line on stderr and exit code 2 (see :mod:`pdkit.errors`); the
+heavy modules (frontend, supervisor, simulator) are imported only by the command that needs them, so
+``pdkit --help`` and ``--dry-run`` stay fast and need neither vllm nor a GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from pdkit.config import Deployment, Role, load_deployment
+from pdkit.errors import ConfigError
+
+app = typer.Typer(
+    name="pdkit",
+    help="Disaggregated prefill/decode serving on vLLM in one command.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+launch_app = typer.Typer(help="Start a frontend and its vLLM (or simulated) workers.", no_args_is_help=True)
+config_app = typer.Typer(help="Inspect the configuration pdkit generates.", no_args_is_help=True)
+app.add_typer(launch_app, name="launch")
+app.add_typer(config_app, name="config")
+
+# --------------------------------------------------------------------------------------------------
+# shared options
+
+ConfigOpt = Annotated[str | None, typer.Option("--config", help="YAML file or preset name from configs/.")]
+ModelOpt = Annotated[
+    str | None, typer.Option("--model", help="Model folder or hub name (default: embedded synthetic Llama).")
+]
+NameOpt = Annotated[str | None, typer.Option("--served-model-name", help="Name clients use.")]
+EngineOpt = Annotated[str | None, typer.Option("--engine", help="vllm (GPU) or sim (simulated engine, CPU).")]
+PortOpt = Annotated[int | None, typer.Option("--port", help="Frontend HTTP port (default 8000).")]
+HostOpt = Annotated[str | None, typer.Option("--host", help="Frontend bind address (default 127.0.0.1).")]
+PolicyOpt = Annotated[str | None, typer.Option("--policy", help="round_robin | least_loaded | kv_aware.")]
+DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the plan; start nothing.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="With --dry-run: print the plan as JSON.")]
+RunDirOpt = Annotated[Path | None, typer.Option("--run-dir", help="Logs and per-worker state (default ./pdkit-run).")]
+EagerOpt = Annotated[bool | None, typer.Option("--enforce-eager/--cuda-graphs", help="vLLM --enforce-eager.")]
+MaxLenOpt = Annotated[int | None, typer.Option("--max-model-len", help="vLLM --max-model-len.")]
+MemOpt = Annotated[float | None, typer.Option("--gpu-memory-utilization", help="vLLM GPU memory share.")]
+BlockOpt = Annotated[int | None, typer.Option("--block-size", help="KV block size (same on every worker).")]
+NoLmcOpt = Annotated[bool, typer.Option("--no-lmcache", help="Run without LMCache offloading.")]
+SmokeOpt = Annotated[
+    bool, typer.Option("--smoke-test", help="Start, serve one chat completion through the frontend, stop.")
+]
+TpOpt = Annotated[int | None, typer.Option("--tp", help="Tensor-parallel size of every worker.")]
+
+
+def _gpu_groups(flag: str, values: list[str] | None, tp: int) -> list[list[int]] | None:
+    """``["1"]`` or ``["0,1", "2"]`` -> GPU ids split into groups of ``tp`` (one group per worker)."""
+    if not values:
+        return None
+    ids: list[int] = []
+    for value in values:
+        for part in value.replace(" ", "").split(","):
+            if not part:
+                continue
+            if not part.isdigit():
+                raise ConfigError(flag, f"'{part}' is not a GPU id", "give GPU ids as integers, e.g. 0,1")
+            ids.append(int(part))
+    if len(ids) % tp:
+        raise ConfigError(flag, f"{len(ids)} GPU(s) do not split into TP groups of {tp}", f"give a multiple of {tp}")
+    return [ids[i : i + tp] for i in range(0, len(ids), tp)]
+
+
+def _common_overrides(**kw: Any) -> dict[str, Any]:
+    mapping = {
+        "model": "model",
+        "served_model_name": "served_model_name",
+        "engine": "engine",
+        "port": "frontend.port",
+        "host": "frontend.host",
+        "policy": "frontend.policy",
+        "run_dir": "run_dir",
+        "enforce_eager": "enforce_eager",
+        "max_model_len": "max_model_len",
+        "gpu_memory_utilization": "gpu_memory_utilization",
+        "block_size": "block_size",
+    }
+    out = {mapping[k]: (str(v) if isinstance(v, Path) else v) for k, v in kw.items() if k in mapping}
+    if kw.get("no_lmcache"):
+        out["lmcache.enabled"] = False
+    return out
+
+
+def _group_overrides(role: Role, gpus: list[list[int]] | None, tp: int | None, count: int | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if gpus is not None:
+        out[f"{role}.gpus"] = gpus
+        out[f"{role}.count"] = len(gpus)
+    if tp is not None:
+        out[f"{role}.tensor_parallel_size"] = tp
+    if count is not None:
+        out[f"{role}.count"] = count
+        if gpus is None:
+            out[f"{role}.gpus"] = [[i] for i in range(count)]
+    return out
+
+
+def _run_launch(dep: Deployment, dry_run: bool, as_json: bool, smoke_test: bool) -> None:
+    from pdkit.plan import build_plan, format_plan
+
+    plan = build_plan(dep)
+    if dry_run:
+        typer.echo(plan.model_dump_json(indent=2) if as_json else format_plan(plan))
+        return
+    from pdkit.supervisor import run_launch
+
+    raise typer.Exit(run_launch(plan, smoke_test=smoke_test))
+
+
+# --------------------------------------------------------------------------------------------------
+# pdkit launch agg | disagg
+
+
+@launch_app.command("agg")
+def launch_agg(
+    gpu: Annotated[list[str] | None, typer.Option("--gpu", "--gpus", help="GPU ids, e.g. 0 or 0,1.")] = None,
+    tp: TpOpt = None,
+    workers: Annotated[int | None, typer.Option("--workers", help="Number of agg workers.")] = None,
+    config: ConfigOpt = None,
+    model: ModelOpt = None,
+    served_model_name: NameOpt = None,
+    engine: EngineOpt = None,
+    port: PortOpt = None,
+    host: HostOpt = None,
+    policy: PolicyOpt = None,
+    run_dir: RunDirOpt = None,
+    enforce_eager: EagerOpt = None,
+    max_model_len: MaxLenOpt = None,
+    gpu_memory_utilization: MemOpt = None,
+    block_size: BlockOpt = None,
+    no_lmcache: NoLmcOpt = False,
+    dry_run: DryRunOpt = False,
+    json_: JsonOpt = False,
+    smoke_test: SmokeOpt = False,
+) -> None:
+    """Frontend + aggregated vLLM worker(s) with LMCache offloading (default: one worker on GPU 0)."""
+    overrides = {"mode": "agg"}
+    overrides.update(_common_overrides(**locals()))
+    overrides.update(_group_overrides("agg", _gpu_groups("--gpu", gpu, tp or 1), tp, workers))
+    dep = load_deployment(config, overrides)
+    _run_launch(dep, dry_run, json_, smoke_test)
+
+
+@launch_app.command("disagg")
+def launch_disagg(
+    prefill_gpu: Annotated[
+        list[str] | None,
+        typer.Option("--prefill-gpu", "--prefill-gpus", help="Prefill GPU ids (one worker per TP group)."),
+    ] = None,
+    decode_gpu: Annotated[
+        list[str] | None,
+        typer.Option("--decode-gpu", "--decode-gpus", help="Decode GPU ids (one worker per TP group)."),
+    ] = None,
+    tp: TpOpt = None,
+    prefill_tp: Annotated[int | None, typer.Option("--prefill-tp", help="TP size of each prefill worker.")] = None,
+    decode_tp: Annotated[int | None, typer.Option("--decode-tp", help="TP size of each decode worker.")] = None,
+    prefill_workers: Annotated[int | None, typer.Option("--prefill-workers", help="Prefill count (sim).")] = None,
+    decode_workers: Annotated[int | None, typer.Option("--decode-workers", help="Decode count (sim).")] = None,
+    config: ConfigOpt = None,
+    model: ModelOpt = None,
+    served_model_name: NameOpt = None,
+    engine: EngineOpt = None,
+    port: PortOpt = None,
+    host: HostOpt = None,
+    policy: PolicyOpt = None,
+    run_dir: RunDirOpt = None,
+    enforce_eager: EagerOpt = None,
+    max_model_len: MaxLenOpt = None,
+    gpu_memory_utilization: MemOpt = None,
+    block_size: BlockOpt = None,
+    no_lmcache: NoLmcOpt = False,
+    dry_run: DryRunOpt = False,
+    json_: JsonOpt = False,
+    smoke_test: SmokeOpt = False,
+) -> None:
+    """Frontend + prefill worker(s) (PdConnector: LMCache + NIXL) + decode worker(s) (NIXL)."""
+    overrides: dict[str, Any] = {"mode": "disagg"}
+    overrides.update(_common_overrides(**locals()))
+    p_tp, d_tp = prefill_tp or tp, decode_tp or tp
+    overrides.update(_group_overrides("prefill", _gpu_groups("--prefill-gpu", prefill_gpu, p_tp or 1), p_tp, None))
+    overrides.update(_group_overrides("decode", _gpu_groups("--decode-gpu", decode_gpu, d_tp or 1), d_tp, None))
+    if prefill_workers is not None:
+        overrides.update(_group_overrides("prefill", None, None, prefill_workers))
+    if decode_workers is not None:
+        overrides.update(_group_overrides("decode", None, None, decode_workers))
+    dep = load_deployment(config, overrides)
+    _run_launch(dep, dry_run, json_, smoke_test)
+
+
+# --------------------------------------------------------------------------------------------------
+# pdkit config show
+
+
+@config_app.command("show")
+def config_show(
+    mode: Annotated[str, typer.Option("--mode", help="agg or disagg.")] = "disagg",
+    role: Annotated[str | None, typer.Option("--role", help="prefill, decode or agg.")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Print the KV-transfer config, serve flags and env of one role as JSON."""
+    from pdkit.plan import build_plan
+
+    dep = load_deployment(config, {"mode": mode})
+    allowed = dep.roles()
+    role = role or allowed[-1]
+    if role not in allowed:
+        raise ConfigError("--role", f"{mode} mode has no {role} role", f"use one of: {', '.join(allowed)}")
+    spec = next(p for p in build_plan(dep).workers() if p.role == role)
+    from pdkit.kv_config import kv_transfer_config
+
+    role_kv = kv_transfer_config(
+        role,  # type: ignore[arg-type]
+        lmcache=dep.lmcache,
+        nixl=dep.nixl,
+        hash_seed=dep.hash_seed,
+        side_channel_port=spec.ports.get("nixl_side_channel"),
+        side_channel_host=spec.host if "nixl_side_channel" in spec.ports else None,
+        as_dict=True,
+    )
+    out = {
+        "mode": mode,
+        "role": role,
+        "kv_transfer_config": role_kv.kv_transfer_config,
+        "serve_args": role_kv.serve_args,
+        "env": role_kv.env,
+        "kv_events_config": spec.kv_events_config,
+    }
+    typer.echo(json.dumps(out, indent=2))
+
+
+# --------------------------------------------------------------------------------------------------
+# pdkit worker (agent), frontend and sim-worker
+
+
+@app.command(
+    "worker",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+)
+def worker(
+    ctx: typer.Context,
+    role: Annotated[str, typer.Option("--role", help="prefill | decode | agg.")],
+    frontend: Annotated[str, typer.Option("--frontend", help="Frontend registry, tcp://HOST:PORT.")],
+    worker_id: Annotated[str | None, typer.Option("--worker-id", help="Unique name (default ROLE-HOST-PORT).")] = None,
+    url: Annotated[str | None, typer.Option("--url", help="This worker's engine URL as others reach it.")] = None,
+    served_model_name: NameOpt = None,
+    engine: Annotated[str, typer.Option("--engine", help="vllm | sim.")] = "vllm",
+    startup_timeout_s: Annotated[float, typer.Option("--startup-timeout-s")] = 900.0,
+    kv_events_replay_endpoint: Annotated[str | None, typer.Option("--kv-events-replay-endpoint")] = None,
+    nixl_side_channel: Annotated[str | None, typer.Option("--nixl-side-channel", help="HOST:PORT")] = None,
+    block_size: Annotated[int, typer.Option("--block-size")] = 16,
+    heartbeat_interval_s: Annotated[float, typer.Option("--heartbeat-interval-s")] = 1.0,
+    config: ConfigOpt = None,
+    index: Annotated[int, typer.Option("--index", help="Worker index in its group (with --config).")] = 0,
+    gpus: Annotated[str | None, typer.Option("--gpus", help="GPU ids of this worker, e.g. 0,1.")] = None,
+    port: Annotated[int | None, typer.Option("--port", help="Engine HTTP port.")] = None,
+    host: Annotated[str | None, typer.Option("--host", help="Address other hosts reach this worker at.")] = None,
+    model: ModelOpt = None,
+) -> None:
+    """Run one worker agent and its engine: register, heartbeat, deregister (multi-node: one per node).
+
+    The engine command follows ``--``; without it, it is built from ``--config``/flags like ``launch`` does.
+    """
+    from pdkit.agent import run_agent_cli
+
+    raise typer.Exit(run_agent_cli(**locals()))
+
+
+def _register_optional_commands() -> None:
+    """Mount the frontend and simulator commands (their modules own their options)."""
+    try:
+        from pdkit.frontend.cli import frontend
+    except ImportError:  # pragma: no cover - during development only
+        pass
+    else:
+        app.command("frontend", help="Run the OpenAI-compatible P/D frontend.")(frontend)
+    try:
+        from pdkit.sim.cli import sim_worker
+    except ImportError:  # pragma: no cover
+        pass
+    else:
+        app.command("sim-worker", help="Run one simulated vLLM engine (a stand-in, not vLLM).")(sim_worker)
+
+
+_register_optional_commands()
+
+
+def main() -> None:
+    """Console entry point: ConfigError -> one line on stderr, exit code 2."""
+    try:
+        rv = app(standalone_mode=False)
+    except ConfigError as exc:
+        typer.echo(f"pdkit: error: {exc}", err=True)
+        sys.exit(2)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        typer.echo("Aborted.", err=True)
+        sys.exit(130)
+    except Exception as exc:  # click usage errors
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise
+    sys.exit(rv if isinstance(rv, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,348 @@
+"""Typed, validated description of a pdkit deployment.
+
+Why pydantic models with ``extra="forbid"``: a typo in a YAML preset or a flag must be rejected before
+any GPU is touched, with one line that names the field and the fix.  Settings that prefill and decode
+must agree on for NIXL's compatibility hash (block size, KV-cache dtype, hybrid KV manager) live at the
+top level, once, so the two roles cannot be configured apart by construction.
+
+Loading order: built-in defaults < YAML file (``--config``) < CLI flags.  :func:`load_deployment` is
+the one entry point; it returns a checked :class:`Deployment` or raises :class:`ConfigError`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections import Counter
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pdkit.errors import ConfigError
+from pdkit.model_files import SYNTHETIC_SERVED_NAME, default_model_dir
+
+Role = Literal["prefill", "decode", "agg"]
+Mode = Literal["agg", "disagg"]
+Engine = Literal["vllm", "sim"]
+Port = Annotated[int, Field(ge=1, le=65535)]
+PositiveGB = Annotated[float, Field(gt=0)]
+
+ROLES: tuple[Role, ...] = ("agg", "prefill", "decode")
+REPO_CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class _Strict(BaseModel):
+    """Unknown keys are errors: a misspelt key silently ignored is a deployment silently wrong."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class FrontendConfig(_Strict):
+    """The user-facing HTTP server and the ZMQ endpoints workers report to."""
+
+    host: str = "127.0.0.1"
+    port: Port = 8000
+    zmq_port: Port = 8100
+    kv_events_port: Port = 8101
+    policy: Literal["round_robin", "least_loaded", "kv_aware"] = "least_loaded"
+    token: str | None = None
+    disagg_min_prompt_tokens: int = Field(default=0, ge=0)
+    max_inflight_per_worker: int = Field(default=256, gt=0)
+    prefill_timeout_s: float = Field(default=60.0, gt=0)
+
+
+class WorkerGroupConfig(_Strict):
+    """Workers of one role: ``gpus`` lists the GPU ids of each worker (a TP group per worker)."""
+
+    count: int | None = Field(default=None, ge=0)
+    gpus: list[list[int]] = Field(default_factory=list)
+    tensor_parallel_size: int = Field(default=1, ge=1)
+    host: str = "127.0.0.1"
+    http_port_base: Port
+    nixl_side_channel_port_base: Port
+    kv_events_port_base: Port
+    extra_args: list[str] = Field(default_factory=list)
+    extra_env: dict[str, str] = Field(default_factory=dict)
+    startup_timeout_s: float = Field(default=900.0, gt=0)
+
+    @model_validator(mode="after")
+    def _count_follows_gpus(self) -> WorkerGroupConfig:
+        if self.count is None:
+            self.count = len(self.gpus)
+        return self
+
+    @property
+    def num_workers(self) -> int:
+        return self.count or 0
+
+
+class LMCacheConfig(_Strict):
+    """LMCache offloading (prefill and agg workers); sizes are in GB and must be positive."""
+
+    enabled: bool = True
+    chunk_size: int = Field(default=256, gt=0)
+    cpu_gb: PositiveGB = 5.0
+    disk_path: Path | None = None
+    disk_gb: PositiveGB | None = None
+    remote_url: str | None = None
+    save_unfull_chunk: bool = False
+
+
+class NixlConfig(_Strict):
+    """NIXL P->D transfer: backends and any further NixlConnector extra-config keys."""
+
+    backends: list[str] = Field(default_factory=lambda: ["UCX"])
+    extra_config: dict[str, Any] = Field(default_factory=dict)
+    env: dict[str, str] = Field(default_factory=dict)
+    kv_load_failure_policy: Literal["recompute", "fail"] = "recompute"
+
+
+# Per-role defaults: distinct port ranges so the roles never collide on one host.
+ROLE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "agg": {"gpus": [[0]], "http_port_base": 8200, "nixl_side_channel_port_base": 5600, "kv_events_port_base": 5800},
+    "prefill": {"gpus": [[1]], "http_port_base": 8300, "nixl_side_channel_port_base": 5610, "kv_events_port_base": 5810},
+    "decode": {"gpus": [[0]], "http_port_base": 8400, "nixl_side_channel_port_base": 5620, "kv_events_port_base": 5820},
+}
+
+
+def _default_group(role: str) -> WorkerGroupConfig:
+    return WorkerGroupConfig(**ROLE_DEFAULTS[role])
+
+
+class Deployment(_Strict):
+    """A whole deployment: frontend plus the worker groups its mode uses."""
+
+    mode: Mode = "disagg"
+    engine: Engine = "vllm"
+    model: str | None = None
+    served_model_name: str | None = None
+    load_format: str | None = None
+    max_model_len: int | None = Field(default=8192, gt=0)
+    gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1)
+    enforce_eager: bool = False
+    block_size: int | None = Field(default=None, gt=0)
+    kv_cache_dtype: str = "auto"
+    hash_seed: int = 0
+    run_dir: Path | None = None
+    frontend: FrontendConfig = Field(default_factory=FrontendConfig)
+    agg: WorkerGroupConfig = Field(default_factory=lambda: _default_group("agg"))
+    prefill: WorkerGroupConfig = Field(default_factory=lambda: _default_group("prefill"))
+    decode: WorkerGroupConfig = Field(default_factory=lambda: _default_group("decode"))
+    lmcache: LMCacheConfig = Field(default_factory=LMCacheConfig)
+    nixl: NixlConfig = Field(default_factory=NixlConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_group_defaults(cls, data: Any) -> Any:
+        """A partial group (e.g. only ``gpus`` from a flag) keeps the role's default ports."""
+        if isinstance(data, dict):
+            for role, defaults in ROLE_DEFAULTS.items():
+                if isinstance(data.get(role), dict):
+                    data[role] = {**defaults, **data[role]}
+        return data
+
+    def roles(self) -> tuple[Role, ...]:
+        """Worker roles this deployment runs, in start-up order (decode first: it must be up to pull)."""
+        return ("agg",) if self.mode == "agg" else ("decode", "prefill")
+
+    def group(self, role: Role) -> WorkerGroupConfig:
+        return getattr(self, role)
+
+    @property
+    def model_path(self) -> str:
+        return self.model or str(default_model_dir())
+
+    @property
+    def served_name(self) -> str:
+        if self.served_model_name:
+            return self.served_model_name
+        return SYNTHETIC_SERVED_NAME if self.model is None else self.model
+
+
+# ---------------------------------------------------------------------------------------------------
+# loading and overrides
+
+
+def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = data
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(dotted, f"'{key}' is not a section", "remove the conflicting value")
+    node[keys[-1]] = value
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """Read a preset; a missing file or non-mapping YAML is a ConfigError, not a traceback."""
+    if not path.is_file():
+        names = sorted(p.stem for p in REPO_CONFIGS_DIR.glob("*.yaml")) if REPO_CONFIGS_DIR.is_dir() else []
+        hint = f"presets: {', '.join(names)}" if names else "give an existing YAML file"
+        raise ConfigError("--config", f"file {path} does not exist", hint)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError("--config", f"{path} is not valid YAML{where}", "fix the YAML syntax") from None
+    if not isinstance(data, dict):
+        raise ConfigError("--config", f"{path} must hold a mapping of settings", "see configs/*.yaml")
+    return data
+
+
+def resolve_config_path(config: str) -> Path:
+    """A preset name (``disagg-1p1d``) or a path to a YAML file."""
+    path = Path(config)
+    if not path.suffix and not path.exists():
+        return REPO_CONFIGS_DIR / f"{config}.yaml"
+    return path
+
+
+def load_deployment(config: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Deployment:
+    """Defaults < YAML < overrides (dotted keys, e.g. ``{"prefill.gpus": [[1]]}``); validated."""
+    data: dict[str, Any] = read_yaml(resolve_config_path(str(config))) if config is not None else {}
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            _set_path(data, key, value)
+    try:
+        deployment = Deployment.model_validate(data)
+    except ValidationError as exc:
+        raise _one_line(exc) from None
+    validate_deployment(deployment)
+    return deployment
+
+
+_FIX_BY_TYPE = {
+    "extra_forbidden": "remove it or check its spelling against the configuration reference (README.md)",
+    "missing": "add it",
+    "greater_than": "use a positive value",
+    "greater_than_equal": "use a larger value",
+    "less_than_equal": "use a smaller value",
+    "literal_error": "use one of the allowed values",
+    "int_parsing": "use a whole number",
+    "int_type": "use a whole number",
+    "float_parsing": "use a number",
+    "list_type": "use a list",
+    "dict_type": "use a mapping",
+    "string_type": "use a string",
+}
+
+
+def _one_line(exc: ValidationError) -> ConfigError:
+    err = exc.errors()[0]
+    field = ".".join(str(p) for p in err["loc"]) or "config"
+    problem = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].lower()
+    if "input" in err and err["type"] != "extra_forbidden" and not isinstance(err["input"], dict):
+        problem += f" (got {err['input']!r})"
+    return ConfigError(field, problem, _FIX_BY_TYPE.get(err["type"], "fix the value"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# cross-field checks
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _looks_like_path(model: str) -> bool:
+    return model.startswith(("/", "./", "../", "~")) or Path(model).exists()
+
+
+def validate_deployment(dep: Deployment) -> None:
+    """Everything pydantic cannot see field by field: GPUs, ports, TP, model path, roles."""
+    if dep.model is not None and _looks_like_path(dep.model):
+        path = Path(dep.model).expanduser()
+        if not path.is_dir():
+            raise ConfigError("model", f"path {dep.model} does not exist", "pass an existing model folder or a hub name")
+        if not (path / "config.json").is_file():
+            raise ConfigError("model", f"{dep.model} has no config.json", "point --model at a Hugging Face model folder")
+    if dep.lmcache.disk_path is not None and dep.lmcache.disk_gb is None:
+        raise ConfigError("lmcache.disk_gb", "a disk path is set but no disk size", "set lmcache.disk_gb (GB, > 0)")
+    if not _is_loopback(dep.frontend.host) and not dep.frontend.token:
+        raise ConfigError(
+            "frontend.token",
+            f"the frontend binds {dep.frontend.host} (off loopback) without a shared token",
+            "set frontend.token (or PDKIT_TOKEN) so only your workers can register",
+        )
+    for role in dep.roles():
+        _check_group(dep, role)
+    _check_gpus(dep)
+    _check_ports(dep)
+
+
+def _check_group(dep: Deployment, role: Role) -> None:
+    group = dep.group(role)
+    if group.num_workers < 1:
+        raise ConfigError(f"{role}.count", f"{dep.mode} mode needs at least one {role} worker", f"give --{role}-gpu")
+    if dep.engine == "sim":
+        return  # the simulator needs no GPU
+    if len(group.gpus) != group.num_workers:
+        raise ConfigError(
+            f"{role}.gpus",
+            f"count is {group.num_workers} but {len(group.gpus)} GPU groups are listed",
+            f"list one GPU group per {role} worker (or drop count)",
+        )
+    for i, gpus in enumerate(group.gpus):
+        if len(gpus) != group.tensor_parallel_size:
+            raise ConfigError(
+                f"{role}.gpus[{i}]",
+                f"{len(gpus)} GPU(s) {gpus} for tensor_parallel_size {group.tensor_parallel_size}",
+                f"give each {role} worker exactly tensor_parallel_size GPUs",
+            )
+        if len(set(gpus)) != len(gpus):
+            raise ConfigError(f"{role}.gpus[{i}]", f"GPU listed twice in {gpus}", "list each GPU once")
+
+
+def _check_gpus(dep: Deployment) -> None:
+    if dep.engine == "sim":
+        return
+    owner: dict[tuple[str, int], str] = {}
+    for role in dep.roles():
+        group = dep.group(role)
+        for i, gpus in enumerate(group.gpus):
+            for gpu in gpus:
+                key = (group.host, gpu)
+                me = f"{role}[{i}]"
+                if key in owner:
+                    raise ConfigError(
+                        f"{role}.gpus",
+                        f"GPU {gpu} is used by both {owner[key]} and {me}",
+                        "give every worker its own GPUs (e.g. --prefill-gpu 1 --decode-gpu 0)",
+                    )
+                owner[key] = me
+
+
+def _check_ports(dep: Deployment) -> None:
+    used: list[tuple[str, int, str]] = []
+    fe = dep.frontend
+    used += [(fe.host, fe.port, "frontend.port"), (fe.host, fe.zmq_port, "frontend.zmq_port")]
+    used += [(fe.host, fe.kv_events_port, "frontend.kv_events_port")]
+    for role in dep.roles():
+        group = dep.group(role)
+        for i in range(group.num_workers):
+            used.append((group.host, group.http_port_base + i, f"{role}[{i}] HTTP port (http_port_base)"))
+            used.append((group.host, group.kv_events_port_base + i, f"{role}[{i}] KV-events replay port"))
+            if role != "agg" and dep.engine == "vllm":
+                side = group.nixl_side_channel_port_base + i
+                used.append((group.host, side, f"{role}[{i}] NIXL side-channel port"))
+    counts = Counter((_norm_host(h), p) for h, p, _ in used)
+    for host, port, what in used:
+        if counts[(_norm_host(host), port)] > 1:
+            others = [w for h, p, w in used if (_norm_host(h), p) == (_norm_host(host), port) and w != what]
+            raise ConfigError(
+                what, f"port {port} is also used by {others[0]}", "move one of them to a free port (change its base)"
+            )
+    for host, port, what in used:
+        if port > 65535:
+            raise ConfigError(what, f"port {port} is out of range", "lower the port base")
+
+
+def _norm_host(host: str) -> str:
+    return "loopback" if _is_loopback(host) or host in ("0.0.0.0", "*", "::") else host

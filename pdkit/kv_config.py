@@ -1,0 +1,146 @@
+"""The per-role vLLM KV-connector configuration: the one place it is built.
+
+What is encoded here was proven with vLLM 0.26.0 + nixl 1.5.1 + lmcache 0.5.2 on 2xH200:
+
+* prefill = PdConnector (LMCache offload/reuse + NIXL as ``kv_producer``);
+* decode  = NixlConnector as ``kv_consumer``, plus ``--disable-hybrid-kv-cache-manager`` whenever the
+  prefill side runs LMCache -- LMCache turns the hybrid KV-cache manager off on prefill and NIXL's
+  compatibility hash covers it, so without the flag every transfer fails with «NIXL compatibility
+  hash mismatch».  pdkit passes the flag on *both* sides so agreement does not depend on LMCache's
+  internals;
+* agg     = LMCacheConnectorV1 (``kv_both``);
+* every vLLM instance on a host gets its own ``VLLM_NIXL_SIDE_CHANNEL_PORT``;
+* LMCache settings travel as ``LMCACHE_*`` env, with usage tracking off (it phones home by default)
+  and one ``PYTHONHASHSEED`` for every worker (LMCache's chunk hashes use Python's ``hash``).
+
+Why ``kv_both`` is never used for P/D: NIXL deprecates it and the role decides which side frees
+blocks.  Decode uses ``kv_load_failure_policy="recompute"`` so a failed pull costs a local prefill,
+not a failed request.
+
+Importable without vllm: ``kv_transfer_config`` returns a plain dict when vllm is absent, and the
+``vllm.config.KVTransferConfig`` built from that same dict when it is present.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+from pdkit.config import LMCacheConfig, NixlConfig, Role
+
+PD_CONNECTOR = "PdConnector"
+PD_CONNECTOR_MODULE = "pdkit.connectors.pd_connector"
+DISABLE_HMA_FLAG = "--disable-hybrid-kv-cache-manager"
+
+
+class RoleKVConfig(NamedTuple):
+    """What one role needs: the KV-transfer config, extra ``vllm serve`` flags, extra env."""
+
+    kv_transfer_config: Any  # vllm.config.KVTransferConfig, or the equal dict without vllm
+    serve_args: list[str]
+    env: dict[str, str]
+
+
+def lmcache_env(lmcache: LMCacheConfig, hash_seed: int = 0) -> dict[str, str]:
+    """LMCache's settings as ``LMCACHE_*`` variables (its documented override layer)."""
+    env = {
+        "LMCACHE_CHUNK_SIZE": str(lmcache.chunk_size),
+        "LMCACHE_LOCAL_CPU": "True",
+        "LMCACHE_MAX_LOCAL_CPU_SIZE": _gb(lmcache.cpu_gb),
+        "LMCACHE_SAVE_UNFULL_CHUNK": str(lmcache.save_unfull_chunk),
+        "LMCACHE_TRACK_USAGE": "false",
+        "DO_NOT_TRACK": "1",
+        "PYTHONHASHSEED": str(hash_seed),
+    }
+    if lmcache.disk_path is not None:
+        env["LMCACHE_LOCAL_DISK"] = f"file://{lmcache.disk_path}"
+        env["LMCACHE_MAX_LOCAL_DISK_SIZE"] = _gb(lmcache.disk_gb or 0.0)
+    if lmcache.remote_url:
+        env["LMCACHE_REMOTE_URL"] = lmcache.remote_url
+    return env
+
+
+def _gb(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+def kv_transfer_dict(
+    role: Role,
+    lmcache: LMCacheConfig | None = None,
+    nixl: NixlConfig | None = None,
+) -> dict[str, Any] | None:
+    """The KVTransferConfig fields for ``role`` as a plain dict (``None``: agg without LMCache)."""
+    lmcache = lmcache or LMCacheConfig()
+    nixl = nixl or NixlConfig()
+    nixl_extra: dict[str, Any] = {"backends": list(nixl.backends), **nixl.extra_config}
+    if role == "agg":
+        if not lmcache.enabled:
+            return None
+        return {"kv_connector": "LMCacheConnectorV1", "kv_role": "kv_both"}
+    if role == "prefill":
+        if not lmcache.enabled:
+            return {"kv_connector": "NixlConnector", "kv_role": "kv_producer", "kv_connector_extra_config": nixl_extra}
+        return {
+            "kv_connector": PD_CONNECTOR,
+            "kv_connector_module_path": PD_CONNECTOR_MODULE,
+            "kv_role": "kv_producer",
+            "kv_connector_extra_config": {"lmcache": {}, "nixl": nixl_extra, "verify_transfers": False},
+        }
+    if role == "decode":
+        return {
+            "kv_connector": "NixlConnector",
+            "kv_role": "kv_consumer",
+            "kv_load_failure_policy": nixl.kv_load_failure_policy,
+            "kv_connector_extra_config": nixl_extra,
+        }
+    raise ValueError(f"role must be one of prefill, decode, agg (got {role!r})")
+
+
+def kv_transfer_config(
+    role: Role,
+    *,
+    lmcache: LMCacheConfig | None = None,
+    nixl: NixlConfig | None = None,
+    side_channel_port: int | None = None,
+    side_channel_host: str | None = None,
+    hash_seed: int = 0,
+    as_dict: bool = False,
+) -> RoleKVConfig:
+    """The right KV-connector configuration for one vLLM instance of ``role``.
+
+    Usable without the pdkit CLI::
+
+        from pdkit import kv_transfer_config
+        ktc, args, env = kv_transfer_config("prefill", side_channel_port=5610)
+        # vllm serve MODEL --kv-transfer-config "$(ktc.to_json())" *args   with env
+
+    ``side_channel_port`` must differ for every vLLM instance on one host (NIXL's handshake listener).
+    Returns ``vllm.config.KVTransferConfig`` when vllm imports (and ``as_dict`` is false), else a dict
+    with the same fields.
+    """
+    lmcache = lmcache or LMCacheConfig()
+    nixl = nixl or NixlConfig()
+    fields = kv_transfer_dict(role, lmcache, nixl)
+    serve_args: list[str] = []
+    env: dict[str, str] = {"PYTHONHASHSEED": str(hash_seed)}
+    if role in ("prefill", "agg") and lmcache.enabled:
+        env.update(lmcache_env(lmcache, hash_seed))
+    if role in ("prefill", "decode"):
+        # Both sides state it: the NIXL handshake hashes the HMA setting (see module docstring).
+        if lmcache.enabled:
+            serve_args.append(DISABLE_HMA_FLAG)
+        env.update(nixl.env)
+        if side_channel_port is not None:
+            env["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(side_channel_port)
+        if side_channel_host is not None:
+            env["VLLM_NIXL_SIDE_CHANNEL_HOST"] = side_channel_host
+    config: Any = fields if (as_dict or fields is None) else _to_vllm(fields)
+    return RoleKVConfig(config, serve_args, env)
+
+
+def _to_vllm(fields: dict[str, Any]) -> Any:
+    """``vllm.config.KVTransferConfig(**fields)`` when vllm imports, else the dict unchanged."""
+    try:
+        from vllm.config import KVTransferConfig
+    except ImportError:
+        return fields
+    return KVTransferConfig(**fields)

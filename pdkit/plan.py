@@ -1,0 +1,262 @@
+"""Deployment -> launch plan: one :class:`ProcessSpec` per process, nothing started.
+
+Why a separate plan: ``--dry-run`` must show exactly what ``launch`` would run (command lines, GPUs,
+env, ports, KV-transfer config) on a machine with no GPU and no vllm, and the supervisor, the worker
+agent and the GPU check scripts all start processes from this one description.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from pdkit.config import Deployment, Role
+from pdkit.kv_config import kv_transfer_config
+from pdkit.model_files import has_weights, is_synthetic
+
+DEFAULT_RUN_DIR = Path("pdkit-run")
+VLLM_ENTRY = ["-m", "vllm.entrypoints.cli.main", "serve"]
+
+
+class ProcessSpec(BaseModel):
+    """One process of a deployment, as the supervisor starts it."""
+
+    name: str
+    role: Literal["frontend", "prefill", "decode", "agg"]
+    index: int = 0
+    host: str = "127.0.0.1"
+    argv: list[str]
+    engine_argv: list[str] = Field(default_factory=list)
+    env: dict[str, str] = Field(default_factory=dict)
+    cuda_visible_devices: str | None = None
+    ports: dict[str, int] = Field(default_factory=dict)
+    url: str | None = None
+    kv_transfer_config: dict[str, Any] | None = None
+    kv_events_config: dict[str, Any] | None = None
+    log_file: str
+    startup_timeout_s: float = 900.0
+
+    def command_line(self) -> str:
+        return shlex.join(self.engine_argv or self.argv)
+
+
+class LaunchPlan(BaseModel):
+    """The whole deployment: the frontend first, then workers in start-up order."""
+
+    mode: str
+    engine: str
+    model: str
+    served_model_name: str
+    run_dir: str
+    frontend_url: str
+    processes: list[ProcessSpec]
+
+    def workers(self) -> list[ProcessSpec]:
+        return [p for p in self.processes if p.role != "frontend"]
+
+
+def _python() -> str:
+    return sys.executable or "python3"
+
+
+def _pdkit_cli() -> list[str]:
+    return [_python(), "-m", "pdkit.cli"]
+
+
+def frontend_spec(dep: Deployment, run_dir: Path) -> ProcessSpec:
+    fe = dep.frontend
+    argv = _pdkit_cli() + [
+        "frontend",
+        "--host", fe.host,
+        "--port", str(fe.port),
+        "--zmq-port", str(fe.zmq_port),
+        "--mode", dep.mode,
+        "--policy", fe.policy,
+        "--disagg-min-prompt-tokens", str(fe.disagg_min_prompt_tokens),
+        "--max-inflight-per-worker", str(fe.max_inflight_per_worker),
+        "--prefill-timeout-s", str(fe.prefill_timeout_s),
+    ]  # fmt: skip
+    env = {"PDKIT_TOKEN": fe.token} if fe.token else {}
+    return ProcessSpec(
+        name="frontend",
+        role="frontend",
+        host=fe.host,
+        argv=argv,
+        env=env,
+        ports={"http": fe.port, "zmq": fe.zmq_port, "kv_events": fe.kv_events_port},
+        url=f"http://{fe.host}:{fe.port}",
+        log_file=str(run_dir / "frontend.log"),
+        startup_timeout_s=60.0,
+    )
+
+
+def _vllm_argv(dep: Deployment, role: Role, port: int, host: str, tp: int, kv: dict | None, ev: dict) -> list[str]:
+    group = dep.group(role)
+    argv = [_python(), *VLLM_ENTRY, dep.model_path, "--host", host, "--port", str(port)]
+    argv += ["--served-model-name", dep.served_name]
+    load_format = dep.load_format
+    if load_format is None and (is_synthetic(dep.model_path) or _local_without_weights(dep.model_path)):
+        load_format = "dummy"
+    if load_format:
+        argv += ["--load-format", load_format]
+    if dep.max_model_len:
+        argv += ["--max-model-len", str(dep.max_model_len)]
+    if dep.gpu_memory_utilization:
+        argv += ["--gpu-memory-utilization", str(dep.gpu_memory_utilization)]
+    if dep.enforce_eager:
+        argv.append("--enforce-eager")
+    if dep.block_size:
+        argv += ["--block-size", str(dep.block_size)]
+    if dep.kv_cache_dtype != "auto":
+        argv += ["--kv-cache-dtype", dep.kv_cache_dtype]
+    if tp > 1:
+        argv += ["--tensor-parallel-size", str(tp)]
+    if kv is not None:
+        argv += ["--kv-transfer-config", json.dumps(kv, separators=(",", ":"))]
+    argv += ["--kv-events-config", json.dumps(ev, separators=(",", ":"))]
+    role_kv = kv_transfer_config(role, lmcache=dep.lmcache, nixl=dep.nixl, as_dict=True)
+    argv += role_kv.serve_args
+    argv += group.extra_args
+    return argv
+
+
+def _local_without_weights(model: str) -> bool:
+    path = Path(model)
+    return path.is_dir() and not has_weights(path)
+
+
+def _sim_argv(dep: Deployment, role: Role, port: int, host: str, ev: dict) -> list[str]:
+    argv = _pdkit_cli() + ["sim-worker", "--role", role, "--host", host, "--port", str(port)]
+    argv += ["--served-model-name", dep.served_name, "--model", dep.model_path]
+    argv += ["--block-size", str(dep.block_size or 16)]
+    argv += ["--kv-events-endpoint", ev["endpoint"], "--kv-events-replay-endpoint", ev["replay_endpoint"]]
+    argv += ["--kv-events-topic", ev["topic"]]
+    return argv + dep.group(role).extra_args
+
+
+def worker_spec(dep: Deployment, role: Role, index: int, run_dir: Path) -> ProcessSpec:
+    """The worker agent process for worker ``index`` of ``role`` (it starts the engine itself)."""
+    group = dep.group(role)
+    name = f"{role}-{index}"
+    host = group.host
+    http_port = group.http_port_base + index
+    replay_port = group.kv_events_port_base + index
+    side_port = group.nixl_side_channel_port_base + index
+    gpus = group.gpus[index] if index < len(group.gpus) else []
+    fe = dep.frontend
+    events = {
+        "enable_kv_cache_events": True,
+        "publisher": "zmq",
+        # The frontend binds one SUB socket; each worker's PUB connects to it and publishes under its
+        # own topic (vLLM's batches carry no worker id).  Replay stays per worker.
+        "endpoint": f"tcp://{fe.host}:{fe.kv_events_port}",
+        "replay_endpoint": f"tcp://{host}:{replay_port}",
+        "topic": name,
+    }
+    uses_nixl = role != "agg" and dep.engine == "vllm"
+    role_kv = kv_transfer_config(
+        role,
+        lmcache=dep.lmcache,
+        nixl=dep.nixl,
+        side_channel_port=side_port if uses_nixl else None,
+        side_channel_host=host if uses_nixl else None,
+        hash_seed=dep.hash_seed,
+        as_dict=True,
+    )
+    kv = role_kv.kv_transfer_config if dep.engine == "vllm" else None
+    env: dict[str, str] = {"PYTHONUNBUFFERED": "1"}
+    if dep.engine == "vllm":
+        env.update(role_kv.env)
+        # Each worker its own multiprocess metrics dir: shared dirs mix counters of different workers.
+        env["PROMETHEUS_MULTIPROC_DIR"] = str(run_dir / "prometheus" / name)
+    env.update(group.extra_env)
+    if dep.engine == "vllm":
+        engine_argv = _vllm_argv(dep, role, http_port, host, group.tensor_parallel_size, kv, events)
+    else:
+        engine_argv = _sim_argv(dep, role, http_port, host, events)
+    url = f"http://{host}:{http_port}"
+    ports = {"http": http_port, "kv_events_replay": replay_port}
+    if uses_nixl:
+        ports["nixl_side_channel"] = side_port
+    agent_argv = _pdkit_cli() + [
+        "worker",
+        "--role", role,
+        "--frontend", f"tcp://{fe.host}:{fe.zmq_port}",
+        "--worker-id", name,
+        "--url", url,
+        "--served-model-name", dep.served_name,
+        "--engine", dep.engine,
+        "--startup-timeout-s", str(group.startup_timeout_s),
+        "--kv-events-replay-endpoint", events["replay_endpoint"],
+        "--block-size", str(dep.block_size or 16),
+    ]  # fmt: skip
+    if uses_nixl:
+        agent_argv += ["--nixl-side-channel", f"{host}:{side_port}"]
+    agent_argv += ["--", *engine_argv]
+    cuda = ",".join(str(g) for g in gpus) if dep.engine == "vllm" else None
+    if cuda is not None:
+        env["CUDA_VISIBLE_DEVICES"] = cuda
+    if fe.token:
+        env["PDKIT_TOKEN"] = fe.token
+    return ProcessSpec(
+        name=name,
+        role=role,
+        index=index,
+        host=host,
+        argv=agent_argv,
+        engine_argv=engine_argv,
+        env=env,
+        cuda_visible_devices=cuda,
+        ports=ports,
+        url=url,
+        kv_transfer_config=kv,
+        kv_events_config=events,
+        log_file=str(run_dir / f"{name}.log"),
+        startup_timeout_s=group.startup_timeout_s,
+    )
+
+
+def build_plan(dep: Deployment) -> LaunchPlan:
+    """All processes of ``dep``: frontend, then workers (decode before prefill in disagg)."""
+    run_dir = (dep.run_dir or DEFAULT_RUN_DIR).resolve()
+    procs = [frontend_spec(dep, run_dir)]
+    for role in dep.roles():
+        procs += [worker_spec(dep, role, i, run_dir) for i in range(dep.group(role).num_workers)]
+    return LaunchPlan(
+        mode=dep.mode,
+        engine=dep.engine,
+        model=dep.model_path,
+        served_model_name=dep.served_name,
+        run_dir=str(run_dir),
+        frontend_url=f"http://{dep.frontend.host}:{dep.frontend.port}",
+        processes=procs,
+    )
+
+
+def format_plan(plan: LaunchPlan) -> str:
+    """Human-readable dry-run output: one block per process."""
+    lines = [
+        f"pdkit plan: mode={plan.mode} engine={plan.engine} model={plan.model} served as '{plan.served_model_name}'",
+        f"frontend: {plan.frontend_url}   logs: {plan.run_dir}/",
+        "",
+    ]
+    for p in plan.processes:
+        lines.append(f"[{p.name}]")
+        if p.cuda_visible_devices is not None:
+            lines.append(f"  CUDA_VISIBLE_DEVICES={p.cuda_visible_devices}")
+        lines.append("  ports: " + ", ".join(f"{k}={v}" for k, v in p.ports.items()))
+        if p.kv_transfer_config is not None:
+            lines.append(f"  kv-transfer-config: {json.dumps(p.kv_transfer_config)}")
+        env = {k: v for k, v in p.env.items() if k != "PDKIT_TOKEN"}
+        if env:
+            lines.append("  env: " + " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(env.items())))
+        lines.append(f"  command: {shlex.join(p.engine_argv or p.argv)}")
+        if p.engine_argv:
+            lines.append(f"  agent: {shlex.join(p.argv[: p.argv.index('--')])}")
+        lines.append("")
+    return "\n".join(lines)
