@@ -199,8 +199,14 @@ def resolve_config_path(config: str) -> Path:
     return path
 
 
-def load_deployment(config: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Deployment:
-    """Defaults < YAML < overrides (dotted keys, e.g. ``{"prefill.gpus": [[1]]}``); validated."""
+def load_deployment(
+    config: str | Path | None = None, overrides: dict[str, Any] | None = None, *, check: bool = True
+) -> Deployment:
+    """Defaults < YAML < overrides (dotted keys, e.g. ``{"prefill.gpus": [[1]]}``); validated.
+
+    ``check=False`` skips the whole-deployment checks (used by a lone ``pdkit worker``, which is one
+    part of a deployment described elsewhere).
+    """
     data: dict[str, Any] = read_yaml(resolve_config_path(str(config))) if config is not None else {}
     for key, value in (overrides or {}).items():
         if value is not None:
@@ -209,7 +215,8 @@ def load_deployment(config: str | Path | None = None, overrides: dict[str, Any] 
         deployment = Deployment.model_validate(data)
     except ValidationError as exc:
         raise _one_line(exc) from None
-    validate_deployment(deployment)
+    if check:
+        validate_deployment(deployment)
     return deployment
 
 

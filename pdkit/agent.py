@@ -1,0 +1,335 @@
+"""The worker agent: one engine process, announced to the frontend over ZMQ.
+
+Why an agent instead of letting the frontend probe engines: the frontend must route only to engines
+that are up, know their load without polling every engine on the request path, and notice a dead one
+within a few heartbeats.  The agent starts the engine (``vllm serve`` or the simulator) as its child,
+waits for ``/health``, registers (role, URL, NIXL side channel, KV-event endpoints, model), heartbeats
+the load it scrapes from the engine's ``/metrics`` (vLLM's metric names) and deregisters on exit.  The
+engine shares the agent's process group, so whoever stops the agent's group stops the engine with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import zmq
+import zmq.asyncio
+from prometheus_client.parser import text_string_to_metric_families
+
+from pdkit.protocol import (
+    Ack,
+    Deregister,
+    Heartbeat,
+    Load,
+    Register,
+    WorkerInfo,
+    encode,
+    parse_message,
+)
+
+EXIT_ENGINE_DIED = 3
+EXIT_STARTUP_TIMEOUT = 4
+
+_LOAD_METRICS = {
+    "vllm:num_requests_running": "running",
+    "vllm:num_requests_waiting": "waiting",
+    "vllm:kv_cache_usage_perc": "kv_usage",
+}
+
+
+def parse_load(metrics_text: str) -> Load:
+    """Load from a vLLM ``/metrics`` page: running/waiting summed over engines, KV usage the max."""
+    values: dict[str, float] = {"running": 0.0, "waiting": 0.0, "kv_usage": 0.0}
+    for family in text_string_to_metric_families(metrics_text):
+        key = _LOAD_METRICS.get(family.name)
+        if key is None:
+            continue
+        for sample in family.samples:
+            if key == "kv_usage":
+                values[key] = max(values[key], sample.value)
+            else:
+                values[key] += sample.value
+    return Load(running=int(values["running"]), waiting=int(values["waiting"]), kv_usage=values["kv_usage"])
+
+
+@dataclass
+class AgentSettings:
+    """Everything one agent needs; built by ``pdkit worker`` from flags or from the launch plan."""
+
+    info: WorkerInfo
+    frontend: str
+    engine_argv: list[str]
+    engine_env: dict[str, str] = field(default_factory=dict)
+    token: str | None = None
+    startup_timeout_s: float = 900.0
+    heartbeat_interval_s: float = 1.0
+    stop_grace_s: float = 30.0
+
+
+class WorkerAgent:
+    """Runs the engine, keeps the frontend informed, stops cleanly."""
+
+    def __init__(self, settings: AgentSettings) -> None:
+        self.s = settings
+        self.engine: asyncio.subprocess.Process | None = None
+        self._stop = asyncio.Event()
+        self._ctx = zmq.asyncio.Context.instance()
+        self._sock: zmq.asyncio.Socket | None = None
+        self._seq = 0
+        self._registered = False
+
+    @property
+    def worker_id(self) -> str:
+        return self.s.info.worker_id
+
+    def _log(self, msg: str) -> None:
+        print(f"pdkit-agent[{self.worker_id}]: {msg}", file=sys.stderr, flush=True)
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        try:
+            await self._start_engine()
+            ready = await self._wait_healthy()
+            if ready != 0:
+                return ready
+            self._connect()
+            await self._register()
+            return await self._serve()
+        finally:
+            await self._shutdown()
+
+    async def _start_engine(self) -> None:
+        env = {**os.environ, **self.s.engine_env}
+        prom_dir = env.get("PROMETHEUS_MULTIPROC_DIR")
+        if prom_dir:
+            # Own, empty directory per worker: stale or shared files mix other processes' counters.
+            shutil.rmtree(prom_dir, ignore_errors=True)
+            os.makedirs(prom_dir, exist_ok=True)
+        self._log(f"starting engine: {' '.join(self.s.engine_argv[:6])} ...")
+        self.engine = await asyncio.create_subprocess_exec(*self.s.engine_argv, env=env)
+
+    async def _wait_healthy(self) -> int:
+        assert self.engine is not None
+        deadline = time.monotonic() + self.s.startup_timeout_s
+        t0 = time.monotonic()
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as http:
+            while time.monotonic() < deadline:
+                if self.engine.returncode is not None:
+                    self._log(f"engine exited during start-up with code {self.engine.returncode}")
+                    return EXIT_ENGINE_DIED
+                if self._stop.is_set():
+                    return 0
+                with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError, OSError):
+                    async with http.get(f"{self.s.info.url}/health") as resp:
+                        if resp.status == 200:
+                            self._log(f"engine healthy after {time.monotonic() - t0:.1f} s")
+                            return 0
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self.engine.wait(), timeout=0.5)
+        self._log(
+            f"engine not healthy after {self.s.startup_timeout_s:.0f} s; "
+            "raise startup_timeout_s or read the engine log above"
+        )
+        return EXIT_STARTUP_TIMEOUT
+
+    def _connect(self) -> None:
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 500)
+        sock.setsockopt_string(zmq.IDENTITY, f"{self.worker_id}-{os.getpid()}")
+        sock.connect(self.s.frontend)
+        self._sock = sock
+
+    async def _send(self, msg: Any) -> None:
+        assert self._sock is not None
+        await self._sock.send(encode(msg))
+
+    async def _register(self) -> None:
+        await self._send(Register(token=self.s.token, worker=self.s.info))
+        self._registered = True
+        self._log(f"registered with {self.s.frontend} as {self.s.info.role} at {self.s.info.url}")
+
+    async def _serve(self) -> int:
+        assert self.engine is not None
+        tasks = [
+            asyncio.create_task(self._heartbeats()),
+            asyncio.create_task(self._acks()),
+        ]
+        engine_done = asyncio.create_task(self.engine.wait())
+        stop = asyncio.create_task(self._stop.wait())
+        try:
+            done, _ = await asyncio.wait({engine_done, stop, *tasks}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in (*tasks, stop):
+                t.cancel()
+        if engine_done in done:
+            rc = self.engine.returncode
+            self._log(f"engine exited with code {rc}")
+            return EXIT_ENGINE_DIED if rc == 0 else (rc or EXIT_ENGINE_DIED)
+        engine_done.cancel()
+        return 0
+
+    async def _heartbeats(self) -> None:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as http:
+            while True:
+                load = await self._scrape(http)
+                self._seq += 1
+                await self._send(Heartbeat(token=self.s.token, worker_id=self.worker_id, seq=self._seq, load=load))
+                await asyncio.sleep(self.s.heartbeat_interval_s)
+
+    async def _scrape(self, http: aiohttp.ClientSession) -> Load:
+        try:
+            async with http.get(f"{self.s.info.url}/metrics") as resp:
+                return parse_load(await resp.text())
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError):
+            return Load(running=0, waiting=0, kv_usage=0.0)
+
+    async def _acks(self) -> None:
+        assert self._sock is not None
+        while True:
+            raw = await self._sock.recv()
+            try:
+                msg = parse_message(raw)
+            except ValueError:
+                continue
+            if isinstance(msg, Ack) and not msg.ok:
+                self._log(f"frontend says: {msg.error}")
+                if msg.error and "register" in msg.error.lower():
+                    await self._register()  # the frontend restarted and forgot us
+
+    async def _shutdown(self) -> None:
+        if self._sock is not None:
+            with contextlib.suppress(Exception):
+                if self._registered:
+                    await self._send(Deregister(token=self.s.token, worker_id=self.worker_id, reason="agent stopping"))
+                    await asyncio.sleep(0.05)
+            self._sock.close()
+        await stop_process(self.engine, self.s.stop_grace_s)
+
+
+async def stop_process(proc: asyncio.subprocess.Process | None, grace_s: float) -> None:
+    """SIGTERM, wait ``grace_s``, then SIGKILL; never leaves the child running."""
+    if proc is None or proc.returncode is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        proc.send_signal(signal.SIGTERM)
+    try:
+        await asyncio.wait_for(proc.wait(), timeout=grace_s)
+    except asyncio.TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+
+
+# --------------------------------------------------------------------------------------------------
+# CLI glue (``pdkit worker``)
+
+
+def run_agent_cli(ctx: Any, **opts: Any) -> int:
+    """Build :class:`AgentSettings` from ``pdkit worker`` options and run the agent to completion."""
+    engine_argv: list[str] = list(ctx.args)
+    if engine_argv and engine_argv[0] == "--":
+        engine_argv = engine_argv[1:]
+    env: dict[str, str] = {}
+    if not engine_argv:
+        engine_argv, env, opts = _engine_from_config(opts)
+    role = opts["role"]
+    if role not in ("prefill", "decode", "agg"):
+        from pdkit.errors import ConfigError
+
+        raise ConfigError("--role", f"unknown role {role!r}", "use prefill, decode or agg")
+    url = opts.get("url") or "http://127.0.0.1:8000"
+    worker_id = opts.get("worker_id") or f"{role}-{url.split('//', 1)[-1].replace(':', '-')}"
+    info = WorkerInfo(
+        worker_id=worker_id,
+        role=role,
+        url=url,
+        model=opts.get("served_model_name") or "synth",
+        engine=opts.get("engine") or "vllm",
+        nixl_side_channel=opts.get("nixl_side_channel"),
+        kv_events_endpoint=None,
+        kv_events_replay_endpoint=opts.get("kv_events_replay_endpoint"),
+        kv_events_topic=worker_id,
+        block_size=opts.get("block_size") or 16,
+        pid=os.getpid(),
+    )
+    settings = AgentSettings(
+        info=info,
+        frontend=opts["frontend"],
+        engine_argv=engine_argv,
+        engine_env=env,
+        token=os.environ.get("PDKIT_TOKEN"),
+        startup_timeout_s=float(opts.get("startup_timeout_s") or 900.0),
+        heartbeat_interval_s=float(opts.get("heartbeat_interval_s") or 1.0),
+    )
+    return asyncio.run(WorkerAgent(settings).run())
+
+
+def _engine_from_config(opts: dict[str, Any]) -> tuple[list[str], dict[str, str], dict[str, Any]]:
+    """Standalone ``pdkit worker`` (multi-node): derive the engine command as ``launch`` would.
+
+    The worker becomes a one-worker group of its role; ``--index`` shifts its ports as in the plan.
+    """
+    from urllib.parse import urlparse
+
+    from pdkit.config import load_deployment
+    from pdkit.plan import worker_spec
+
+    role = opts["role"]
+    fe = urlparse(opts["frontend"])
+    overrides: dict[str, Any] = {"mode": "agg" if role == "agg" else "disagg", "frontend.host": fe.hostname}
+    if fe.port:
+        overrides["frontend.zmq_port"] = fe.port
+        overrides["frontend.kv_events_port"] = fe.port + 1
+    for key in ("model", "served_model_name", "engine"):
+        if opts.get(key):
+            overrides[key] = opts[key]
+    if opts.get("host"):
+        overrides[f"{role}.host"] = opts["host"]
+    dep = load_deployment(opts.get("config"), overrides, check=False)
+    group = dep.group(role)
+    index = int(opts.get("index") or 0)
+    if opts.get("gpus"):
+        gpus = [int(g) for g in str(opts["gpus"]).split(",") if g.strip()]
+    else:
+        gpus = group.gpus[index] if index < len(group.gpus) else []
+    overrides.update(
+        {
+            f"{role}.gpus": [gpus],
+            f"{role}.count": 1,
+            f"{role}.tensor_parallel_size": max(len(gpus), 1),
+            f"{role}.http_port_base": int(opts["port"]) if opts.get("port") else group.http_port_base + index,
+            f"{role}.nixl_side_channel_port_base": group.nixl_side_channel_port_base + index,
+            f"{role}.kv_events_port_base": group.kv_events_port_base + index,
+        }
+    )
+    dep = load_deployment(opts.get("config"), overrides, check=False)
+    spec = worker_spec(dep, role, 0, (dep.run_dir or _default_run_dir()).resolve())
+    host = dep.group(role).host
+    opts = {**opts, "url": opts.get("url") or spec.url}
+    opts["worker_id"] = opts.get("worker_id") or f"{role}@{host}:{spec.ports['http']}"
+    if "nixl_side_channel" in spec.ports:
+        opts["nixl_side_channel"] = opts.get("nixl_side_channel") or f"{host}:{spec.ports['nixl_side_channel']}"
+    events = spec.kv_events_config or {}
+    opts["kv_events_replay_endpoint"] = opts.get("kv_events_replay_endpoint") or events.get("replay_endpoint")
+    opts["served_model_name"] = dep.served_name
+    return spec.engine_argv, spec.env, opts
+
+
+def _default_run_dir() -> Any:
+    from pdkit.plan import DEFAULT_RUN_DIR
+
+    return DEFAULT_RUN_DIR
+
+

@@ -1,0 +1,82 @@
+"""Deployment validation: every bad configuration ends in one line naming the field and the fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pdkit.config import Deployment, load_deployment
+from pdkit.errors import ConfigError
+
+
+def test_defaults_are_a_valid_1p1d_deployment() -> None:
+    dep = load_deployment()
+    assert dep.mode == "disagg"
+    assert dep.prefill.gpus == [[1]] and dep.decode.gpus == [[0]]
+    assert dep.roles() == ("decode", "prefill")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field", "words"),
+    [
+        ({"prefill.gpus": [[0]]}, "prefill.gpus", "GPU 0 is used by both"),
+        ({"decode.http_port_base": 8300}, "HTTP port", "port 8300 is also used"),
+        ({"frontend.port": 8400}, "frontend.port", "port 8400 is also used"),
+        ({"prefill.gpus": [[1, 2]]}, "prefill.gpus[0]", "tensor_parallel_size 1"),
+        ({"prefill.tensor_parallel_size": 2}, "prefill.gpus[0]", "tensor_parallel_size 2"),
+        ({"lmcache.cpu_gb": 0}, "lmcache.cpu_gb", "positive"),
+        ({"lmcache.chunk_size": -256}, "lmcache.chunk_size", "positive"),
+        ({"lmcache.disk_gb": -1}, "lmcache.disk_gb", "positive"),
+        ({"lmcache.disk_path": "/tmp/x"}, "lmcache.disk_gb", "no disk size"),
+        ({"model": "/no/such/model"}, "model", "does not exist"),
+        ({"prefill.gpu": [[1]]}, "prefill.gpu", "unknown key"),
+        ({"colour": "red"}, "colour", "unknown key"),
+        ({"mode": "both"}, "mode", "allowed values"),
+        ({"frontend.host": "0.0.0.0"}, "frontend.token", "without a shared token"),
+        ({"prefill.count": 2}, "prefill.gpus", "count is 2 but 1 GPU groups"),
+    ],
+)
+def test_bad_config_is_one_line_naming_field_and_fix(overrides: dict, field: str, words: str) -> None:
+    with pytest.raises(ConfigError) as exc:
+        load_deployment(None, overrides)
+    message = str(exc.value)
+    assert "\n" not in message
+    assert field in message
+    assert words in message
+    assert ";" in message  # "<field>: <problem>; <fix>"
+
+
+def test_model_folder_without_config_json_is_rejected(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no config.json"):
+        load_deployment(None, {"model": str(tmp_path)})
+
+
+def test_hub_name_is_accepted_without_path_check() -> None:
+    assert load_deployment(None, {"model": "meta-llama/Llama-3.1-8B-Instruct"}).served_name == (
+        "meta-llama/Llama-3.1-8B-Instruct"
+    )
+
+
+def test_sim_engine_needs_no_gpus() -> None:
+    dep = load_deployment(None, {"engine": "sim", "prefill.count": 4, "decode.count": 8})
+    assert dep.prefill.num_workers == 4 and dep.decode.num_workers == 8
+
+
+def test_yaml_presets_load_and_flags_override(tmp_path: Path) -> None:
+    for preset in ("agg", "disagg-1p1d", "disagg-2p2d", "disagg-tp2", "sim-4p8d"):
+        assert isinstance(load_deployment(preset), Deployment)
+    dep = load_deployment("disagg-1p1d", {"frontend.port": 9000})
+    assert dep.frontend.port == 9000
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("prefill: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_deployment(str(bad))
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_deployment(str(tmp_path / "missing.yaml"))
+
+
+def test_partial_group_keeps_role_default_ports() -> None:
+    dep = load_deployment(None, {"prefill.gpus": [[3]]})
+    assert dep.prefill.http_port_base == 8300
+    assert dep.prefill.gpus == [[3]]

@@ -1,0 +1,108 @@
+"""Per-role KV-transfer configs, checked against vLLM 0.26.0's real KVTransferConfig (CPU import)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from pdkit import kv_transfer_config
+from pdkit.config import LMCacheConfig, NixlConfig
+from pdkit.kv_config import DISABLE_HMA_FLAG, PD_CONNECTOR, PD_CONNECTOR_MODULE
+
+vllm_config = pytest.importorskip("vllm.config")
+
+
+def test_prefill_is_pdconnector_producer_with_lmcache_and_nixl() -> None:
+    ktc, args, env = kv_transfer_config("prefill", side_channel_port=5610, side_channel_host="10.0.0.5")
+    assert isinstance(ktc, vllm_config.KVTransferConfig)
+    assert ktc.kv_connector == PD_CONNECTOR
+    assert ktc.kv_connector_module_path == PD_CONNECTOR_MODULE
+    assert ktc.kv_role == "kv_producer" and ktc.is_kv_producer and not ktc.is_kv_consumer
+    assert ktc.kv_connector_extra_config["nixl"]["backends"] == ["UCX"]
+    assert "lmcache" in ktc.kv_connector_extra_config
+    assert DISABLE_HMA_FLAG in args
+    assert env["VLLM_NIXL_SIDE_CHANNEL_PORT"] == "5610"
+    assert env["VLLM_NIXL_SIDE_CHANNEL_HOST"] == "10.0.0.5"
+    assert env["LMCACHE_TRACK_USAGE"] == "false"
+    assert env["LMCACHE_CHUNK_SIZE"] == "256"
+    assert env["PYTHONHASHSEED"] == "0"
+
+
+def test_decode_is_nixl_consumer_and_disables_hma_when_prefill_runs_lmcache() -> None:
+    ktc, args, env = kv_transfer_config("decode", side_channel_port=5620)
+    assert ktc.kv_connector == "NixlConnector"
+    assert ktc.kv_role == "kv_consumer" and ktc.is_kv_consumer and not ktc.is_kv_producer
+    assert ktc.kv_load_failure_policy == "recompute"
+    assert DISABLE_HMA_FLAG in args
+    assert env["VLLM_NIXL_SIDE_CHANNEL_PORT"] == "5620"
+    assert not any(k.startswith("LMCACHE_") for k in env)
+
+
+def test_without_lmcache_both_sides_keep_hma_and_prefill_is_plain_nixl() -> None:
+    off = LMCacheConfig(enabled=False)
+    p, p_args, _ = kv_transfer_config("prefill", lmcache=off)
+    d, d_args, _ = kv_transfer_config("decode", lmcache=off)
+    assert p.kv_connector == "NixlConnector" and p.kv_role == "kv_producer"
+    assert d.kv_connector == "NixlConnector"
+    assert DISABLE_HMA_FLAG not in p_args and DISABLE_HMA_FLAG not in d_args
+    agg, _, _ = kv_transfer_config("agg", lmcache=off)
+    assert agg is None
+
+
+def test_agg_is_lmcache_kv_both() -> None:
+    ktc, args, env = kv_transfer_config("agg", lmcache=LMCacheConfig(cpu_gb=20, chunk_size=512))
+    assert ktc.kv_connector == "LMCacheConnectorV1" and ktc.kv_role == "kv_both"
+    assert env["LMCACHE_MAX_LOCAL_CPU_SIZE"] == "20" and env["LMCACHE_CHUNK_SIZE"] == "512"
+    assert "VLLM_NIXL_SIDE_CHANNEL_PORT" not in env
+
+
+@pytest.mark.parametrize("role", ["prefill", "decode", "agg"])
+def test_dict_form_builds_an_equal_vllm_config(role: str) -> None:
+    as_obj = kv_transfer_config(role).kv_transfer_config  # type: ignore[arg-type]
+    as_dict = kv_transfer_config(role, as_dict=True).kv_transfer_config  # type: ignore[arg-type]
+    assert isinstance(as_dict, dict)
+    rebuilt = vllm_config.KVTransferConfig(**json.loads(json.dumps(as_dict)))
+    # engine_id is a fresh uuid per instance (vLLM's __post_init__); every other field must match.
+    rebuilt.engine_id = as_obj.engine_id
+    assert rebuilt == as_obj
+
+
+def test_nixl_backends_and_extra_keys_reach_both_roles() -> None:
+    nixl = NixlConfig(backends=["UCX", "GDS"], extra_config={"kv_lease_duration": 60}, env={"UCX_TLS": "cuda_ipc"})
+    for role in ("prefill", "decode"):
+        ktc, _, env = kv_transfer_config(role, nixl=nixl)  # type: ignore[arg-type]
+        extra = ktc.kv_connector_extra_config
+        nixl_extra = extra["nixl"] if role == "prefill" else extra
+        assert nixl_extra == {"backends": ["UCX", "GDS"], "kv_lease_duration": 60}
+        assert env["UCX_TLS"] == "cuda_ipc"
+
+
+def test_vllm_loads_the_pdconnector_class_from_the_module_path() -> None:
+    ktc, _, _ = kv_transfer_config("prefill")
+    factory = pytest.importorskip("vllm.distributed.kv_transfer.kv_connector.factory")
+    cls = factory.KVConnectorFactory.get_connector_class(ktc)
+    assert cls.__name__ == PD_CONNECTOR
+
+
+def test_unknown_role_is_rejected() -> None:
+    with pytest.raises(ValueError, match="role must be one of"):
+        kv_transfer_config("router")  # type: ignore[arg-type]
+
+
+def test_import_pdkit_and_kv_transfer_config_without_vllm() -> None:
+    """``import pdkit`` and the config function work where vllm cannot be imported at all."""
+    code = (
+        "import sys; sys.modules['vllm'] = None\n"
+        "import pdkit, pdkit.cli, pdkit.plan, pdkit.supervisor, pdkit.agent\n"
+        "from pdkit import kv_transfer_config\n"
+        "ktc, args, env = kv_transfer_config('prefill')\n"
+        "assert isinstance(ktc, dict) and ktc['kv_connector'] == 'PdConnector', ktc\n"
+        "assert not any(m == 'vllm' or m.startswith('vllm.') for m in sys.modules if sys.modules[m] is not None)\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
