@@ -99,10 +99,14 @@ class NixlConfig(_Strict):
 
 
 # Per-role defaults: distinct port ranges so the roles never collide on one host.
+def _ports(http: int, side: int, events: int) -> dict[str, int]:
+    return {"http_port_base": http, "nixl_side_channel_port_base": side, "kv_events_port_base": events}
+
+
 ROLE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "agg": {"gpus": [[0]], "http_port_base": 8200, "nixl_side_channel_port_base": 5600, "kv_events_port_base": 5800},
-    "prefill": {"gpus": [[1]], "http_port_base": 8300, "nixl_side_channel_port_base": 5610, "kv_events_port_base": 5810},
-    "decode": {"gpus": [[0]], "http_port_base": 8400, "nixl_side_channel_port_base": 5620, "kv_events_port_base": 5820},
+    "agg": {"gpus": [[0]], **_ports(8200, 5600, 5800)},
+    "prefill": {"gpus": [[1]], **_ports(8300, 5610, 5810)},
+    "decode": {"gpus": [[0]], **_ports(8400, 5620, 5820)},
 }
 
 
@@ -267,9 +271,9 @@ def validate_deployment(dep: Deployment) -> None:
     if dep.model is not None and _looks_like_path(dep.model):
         path = Path(dep.model).expanduser()
         if not path.is_dir():
-            raise ConfigError("model", f"path {dep.model} does not exist", "pass an existing model folder or a hub name")
+            raise ConfigError("model", f"path {dep.model} does not exist", "pass an existing folder or a hub name")
         if not (path / "config.json").is_file():
-            raise ConfigError("model", f"{dep.model} has no config.json", "point --model at a Hugging Face model folder")
+            raise ConfigError("model", f"{dep.model} has no config.json", "point --model at a Hugging Face folder")
     if dep.lmcache.disk_path is not None and dep.lmcache.disk_gb is None:
         raise ConfigError("lmcache.disk_gb", "a disk path is set but no disk size", "set lmcache.disk_gb (GB, > 0)")
     if not _is_loopback(dep.frontend.host) and not dep.frontend.token:
@@ -346,7 +350,7 @@ def _check_ports(dep: Deployment) -> None:
             raise ConfigError(
                 what, f"port {port} is also used by {others[0]}", "move one of them to a free port (change its base)"
             )
-    for host, port, what in used:
+    for _host, port, what in used:
         if port > 65535:
             raise ConfigError(what, f"port {port} is out of range", "lower the port base")
 

@@ -1,0 +1,307 @@
+"""GPU check of pdkit P/D on a 2-GPU machine (2xH200): agg vs disagg vs LMCache reuse, through pdkit.
+
+What it proves, each through the real product (``pdkit launch``: frontend, worker agents, vLLM 0.26.0,
+PdConnector on prefill, NIXL on decode), with the embedded synthetic Llama-8B (dummy weights):
+
+* stage ``agg``: ``pdkit launch agg --gpu 0`` starts and serves; greedy reference outputs for prompts
+  of ~30..6000 tokens, completions and chat; start-up time.
+* stage ``disagg``: ``pdkit launch disagg --prefill-gpu 1 --decode-gpu 0`` with vLLM's prefix cache off
+  on prefill: (a) pass 1 equals agg token for token; (b) pass 2 over the same prompts loads from
+  LMCache (hit tokens > 90 % of each prompt, read from the prefill log), still equals agg, and has a
+  lower TTFT than pass 1; (c) no «compatibility hash mismatch», no NIXL error, no «compiled extension
+  not found» in any log; Ctrl-C leaves no vLLM process behind.
+
+Usage on the device (after the bundle is unpacked and pdkit installed):
+    python3 scripts/gpu_check_pd.py --stage agg      # ~3-4 min on a fresh machine
+    python3 scripts/gpu_check_pd.py --stage disagg   # ~3 min; reads the agg stage's reference
+Writes ``$OUT/gpu_check_<stage>.json`` and ``$OUT/logs_<stage>.tar.gz``. Stdlib only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+OUT = Path(os.environ.get("OUT", "/tmp/pdkit-gpu-out"))
+STATE = Path("/tmp/pdkit-gpu-check")
+PORT = 8000
+TARGET_TOKENS = [30, 120, 400, 900, 1800, 3000, 4500, 6000]
+CHAT_INDICES = [0, 3, 6]
+MAX_TOKENS = 32
+BAD_LOG_PATTERNS = [
+    r"compatibility hash mismatch",
+    r"compiled extension not found",
+    r"NIXL_ERR",
+    r"nixl.*(error|failed)",
+    r"Traceback \(most recent call last\)",
+]
+
+
+def log(*args: object) -> None:
+    print(time.strftime("%H:%M:%S"), *args, flush=True)
+
+
+def build_prompts(model_dir: Path) -> list[str]:
+    """Deterministic prompts of about TARGET_TOKENS tokens each (cut with the shipped tokenizer)."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    words = ["alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa", "lambda", "theta", "zeta"]
+    prompts = []
+    for n, target in enumerate(TARGET_TOKENS):
+        lines = [
+            f"record {i}: {words[(i * 7 + n) % 10]} = compute({i}, {(i * 13 + n) % 17}) # {words[(i + n) % 10]}"
+            for i in range(target // 4 + 16)
+        ]
+        ids = tok.encode("\n".join(lines), add_special_tokens=False).ids[: target - 1]
+        prompts.append(tok.decode(ids))
+    return prompts
+
+
+def stream_request(path: str, body: dict, timeout: float = 300) -> dict:
+    """POST a streaming request to the frontend; returns text, TTFT, usage."""
+    conn = http.client.HTTPConnection("127.0.0.1", PORT, timeout=timeout)
+    payload = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    conn.request("POST", path, body=json.dumps(payload), headers={"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    if resp.status != 200:
+        raise RuntimeError(f"{path} -> HTTP {resp.status}: {resp.read()[:500]!r}")
+    text, ttft, usage = [], None, None
+    for raw in resp:
+        line = raw.decode().strip()
+        if not line.startswith("data: ") or line == "data: [DONE]":
+            continue
+        chunk = json.loads(line[6:])
+        if chunk.get("error"):
+            raise RuntimeError(f"stream error: {chunk['error']}")
+        if chunk.get("usage"):
+            usage = chunk["usage"]
+        for choice in chunk.get("choices", []):
+            piece = choice.get("text") if "text" in choice else (choice.get("delta") or {}).get("content")
+            if piece:
+                if ttft is None:
+                    ttft = time.perf_counter() - t0
+                text.append(piece)
+    conn.close()
+    return {"text": "".join(text), "ttft_s": ttft, "e2e_s": time.perf_counter() - t0, "usage": usage}
+
+
+def run_prompts(prompts: list[str]) -> list[dict]:
+    results = []
+    for i, prompt in enumerate(prompts):
+        r = stream_request(
+            "/v1/completions", {"model": "synth", "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0}
+        )
+        results.append({"kind": "completion", "index": i, **r})
+    for i in CHAT_INDICES:
+        body = {
+            "model": "synth",
+            "messages": [{"role": "user", "content": prompts[i]}],
+            "max_tokens": MAX_TOKENS,
+            "temperature": 0,
+        }
+        results.append({"kind": "chat", "index": i, **stream_request("/v1/chat/completions", body)})
+    return results
+
+
+def calibrate(prompts_by_len: dict[int, str]) -> dict:
+    """Measurements for the simulator's latency model (docs/simulator.md): prefill time vs prompt length
+    (TTFT of max_tokens=1 requests, run alone) and decode step time vs batch size (ITL of concurrent
+    streams with short prompts)."""
+    import concurrent.futures as cf
+
+    prefill = {}
+    for n, prompt in sorted(prompts_by_len.items()):
+        times = []
+        for rep in range(3):
+            body = {"model": "synth", "prompt": f"{rep} {prompt}", "max_tokens": 1, "temperature": 0}
+            times.append(stream_request("/v1/completions", body)["e2e_s"])
+        prefill[n] = round(min(times), 4)
+    decode = {}
+    for batch in (1, 8, 32, 64):
+        def one(i: int, batch: int = batch) -> dict:
+            body = {"model": "synth", "prompt": f"request {i} of batch {batch}: hello", "max_tokens": 64,
+                    "temperature": 0, "ignore_eos": True}  # fmt: skip
+            return stream_request("/v1/completions", body)
+
+        with cf.ThreadPoolExecutor(batch) as pool:
+            rs = list(pool.map(one, range(batch)))
+        itl = [(r["e2e_s"] - r["ttft_s"]) / 63 for r in rs if r["ttft_s"] is not None]
+        decode[batch] = round(sorted(itl)[len(itl) // 2], 5)
+    return {"prefill_s_by_tokens": prefill, "decode_step_s_by_batch": decode}
+
+
+def launch(mode_args: list[str], config: dict, run_dir: Path, timeout: float = 540) -> tuple[subprocess.Popen, float]:
+    cfg = run_dir / "deployment.yaml"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg.write_text(json.dumps(config))  # JSON is valid YAML
+    argv = [sys.executable, "-m", "pdkit.cli", "launch", *mode_args, "--config", str(cfg), "--run-dir", str(run_dir)]
+    log("starting:", " ".join(argv))
+    out = open(run_dir / "launch.log", "w")  # noqa: SIM115
+    t0 = time.time()
+    proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    while time.time() - t0 < timeout:
+        text = (run_dir / "launch.log").read_text(errors="replace")
+        if "all processes ready" in text:
+            return proc, time.time() - t0
+        if proc.poll() is not None:
+            raise RuntimeError(f"pdkit launch exited with {proc.returncode}:\n{text[-3000:]}")
+        time.sleep(1)
+    raise TimeoutError("pdkit launch not ready in time")
+
+
+def stop(proc: subprocess.Popen, run_dir: Path) -> dict:
+    """Ctrl-C the launcher; report how long the stop took and whether any vLLM process survived."""
+    t0 = time.time()
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+    time.sleep(2)
+    left = subprocess.run(["pgrep", "-af", "vllm.entrypoints|pdkit.cli"], capture_output=True, text=True).stdout
+    return {"stop_s": round(time.time() - t0, 1), "launcher_rc": proc.returncode, "leftover": left.strip()}
+
+
+def ready_times(run_dir: Path) -> dict[str, float]:
+    text = (run_dir / "launch.log").read_text(errors="replace")
+    return {m.group(1): float(m.group(2)) for m in re.finditer(r"pdkit: (\S+) ready in ([\d.]+) s", text)}
+
+
+def scan_logs(run_dir: Path) -> list[str]:
+    bad = []
+    for path in sorted(run_dir.glob("*.log")):
+        for n, line in enumerate(path.read_text(errors="replace").splitlines()):
+            for pat in BAD_LOG_PATTERNS:
+                if re.search(pat, line, re.IGNORECASE):
+                    bad.append(f"{path.name}:{n + 1}: {line.strip()[:300]}")
+    return bad
+
+
+def lmcache_hits(run_dir: Path) -> list[tuple[int, int]]:
+    """(total, hit) per request, in order, from LMCache's scheduler log lines on the prefill worker."""
+    text = (run_dir / "prefill-0.log").read_text(errors="replace")
+    pat = re.compile(
+        r"Reqid: (\S+), Total tokens (\d+), Inference Engine computed tokens: \d+, LMCache hit tokens: (\d+)"
+    )
+    per_request: dict[str, tuple[int, int]] = {}
+    for m in pat.finditer(text):
+        per_request[m.group(1)] = (int(m.group(2)), int(m.group(3)))  # the last lookup of a request counts
+    return list(per_request.values())
+
+
+def save_logs(run_dir: Path, stage: str) -> None:
+    with tarfile.open(OUT / f"logs_{stage}.tar.gz", "w:gz") as tar:
+        for path in run_dir.glob("*.log"):
+            tar.add(path, arcname=path.name)
+
+
+def common_config() -> dict:
+    return {
+        "enforce_eager": True,
+        "max_model_len": 8192,
+        "lmcache": {"chunk_size": 256, "cpu_gb": 20, "save_unfull_chunk": True},
+        "frontend": {"port": PORT},
+    }
+
+
+def stage_agg(prompts: list[str]) -> dict:
+    run_dir = STATE / "agg"
+    config = {**common_config(), "mode": "agg", "agg": {"gpus": [[0]]}}
+    proc, ready_s = launch(["agg", "--gpu", "0"], config, run_dir)
+    try:
+        log(f"agg ready in {ready_s:.1f} s")
+        results = run_prompts(prompts)
+        calibration = calibrate({int(n): prompts[i] for i, n in enumerate(TARGET_TOKENS) if n >= 400})
+    finally:
+        stopped = stop(proc, run_dir)
+        save_logs(run_dir, "agg")
+    out = {"ready_s": round(ready_s, 1), "worker_ready_s": ready_times(run_dir), "results": results,
+           "calibration": calibration, "stop": stopped, "bad_log_lines": scan_logs(run_dir)}  # fmt: skip
+    (STATE / "agg.json").write_text(json.dumps(out))
+    return out
+
+
+def stage_disagg(prompts: list[str]) -> dict:
+    ref = json.loads((STATE / "agg.json").read_text())["results"]
+    run_dir = STATE / "disagg"
+    config = {
+        **common_config(),
+        "mode": "disagg",
+        "prefill": {"gpus": [[1]], "extra_args": ["--no-enable-prefix-caching"]},
+        "decode": {"gpus": [[0]]},
+    }
+    proc, ready_s = launch(["disagg", "--prefill-gpu", "1", "--decode-gpu", "0"], config, run_dir)
+    try:
+        log(f"disagg ready in {ready_s:.1f} s")
+        pass1 = run_prompts(prompts)
+        hits_before = len(lmcache_hits(run_dir))
+        pass2 = run_prompts(prompts)
+        time.sleep(1)
+    finally:
+        stopped = stop(proc, run_dir)
+        save_logs(run_dir, "disagg")
+    hits = lmcache_hits(run_dir)[hits_before:]
+    rows = []
+    for r1, r2, ra in zip(pass1, pass2, ref, strict=True):
+        rows.append({
+            "kind": r1["kind"], "index": r1["index"],
+            "prompt_tokens": (r1["usage"] or {}).get("prompt_tokens"),
+            "pass1_equals_agg": r1["text"] == ra["text"], "pass2_equals_agg": r2["text"] == ra["text"],
+            "ttft_agg_s": ra["ttft_s"], "ttft_pass1_s": r1["ttft_s"], "ttft_pass2_s": r2["ttft_s"],
+        })  # fmt: skip
+    hit_ratios = [round(h / t, 3) if t else 0.0 for t, h in hits]
+    return {
+        "ready_s": round(ready_s, 1),
+        "worker_ready_s": ready_times(run_dir),
+        "rows": rows,
+        "lmcache_pass2_hits": hits,
+        "lmcache_pass2_hit_ratio": hit_ratios,
+        "all_pass1_equal": all(r["pass1_equals_agg"] for r in rows),
+        "all_pass2_equal": all(r["pass2_equals_agg"] for r in rows),
+        "all_hits_over_90pct": bool(hit_ratios) and len(hit_ratios) >= len(rows) and min(hit_ratios) > 0.9,
+        "pass2_ttft_lower": sum(r["ttft_pass2_s"] < r["ttft_pass1_s"] for r in rows),
+        "stop": stopped,
+        "bad_log_lines": scan_logs(run_dir),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--stage", choices=["agg", "disagg", "all"], default="all")
+    args = parser.parse_args()
+    OUT.mkdir(parents=True, exist_ok=True)
+    STATE.mkdir(parents=True, exist_ok=True)
+    from pdkit.model_files import default_model_dir
+
+    prompts = build_prompts(default_model_dir())
+    rc = 0
+    for stage in (["agg", "disagg"] if args.stage == "all" else [args.stage]):
+        try:
+            result = stage_agg(prompts) if stage == "agg" else stage_disagg(prompts)
+        except Exception as exc:  # report, keep the logs
+            log(f"stage {stage} FAILED: {exc!r}")
+            result, rc = {"error": repr(exc)}, 1
+            run_dir = STATE / stage
+            if run_dir.exists():
+                save_logs(run_dir, stage)
+        (OUT / f"gpu_check_{stage}.json").write_text(json.dumps(result, indent=1))
+        summary = {k: v for k, v in result.items() if k not in ("results", "rows")}
+        log(stage, json.dumps(summary)[:4000])
+        for row in result.get("rows", []):
+            log(json.dumps(row))
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
