@@ -133,7 +133,9 @@ def _local_without_weights(model: str) -> bool:
 def _sim_argv(dep: Deployment, role: Role, port: int, host: str, ev: dict) -> list[str]:
     argv = _pdkit_cli() + ["sim-worker", "--role", role, "--host", host, "--port", str(port)]
     argv += ["--served-model-name", dep.served_name, "--model", dep.model_path]
-    argv += ["--block-size", str(dep.block_size or 16)]
+    argv += ["--block-size", str(dep.block_size or 16), "--hash-seed", str(dep.hash_seed)]
+    if dep.max_model_len:
+        argv += ["--max-model-len", str(dep.max_model_len)]
     argv += ["--kv-events-endpoint", ev["endpoint"], "--kv-events-replay-endpoint", ev["replay_endpoint"]]
     argv += ["--kv-events-topic", ev["topic"]]
     return argv + dep.group(role).extra_args
@@ -174,6 +176,8 @@ def worker_spec(dep: Deployment, role: Role, index: int, run_dir: Path) -> Proce
         env.update(role_kv.env)
         # Each worker its own multiprocess metrics dir: shared dirs mix counters of different workers.
         env["PROMETHEUS_MULTIPROC_DIR"] = str(run_dir / "prometheus" / name)
+    else:
+        env["PYTHONHASHSEED"] = str(dep.hash_seed)  # block hashes must match the frontend's
     env.update(group.extra_env)
     if dep.engine == "vllm":
         engine_argv = _vllm_argv(dep, role, http_port, host, group.tensor_parallel_size, kv, events)

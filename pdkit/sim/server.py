@@ -1,0 +1,593 @@
+"""HTTP face of the simulated engine: the subset of vLLM's OpenAI server that pdkit uses.
+
+Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (stream and not, with
+``stream_options.include_usage``), ``GET /v1/models``, ``GET /health``, ``GET /metrics``,
+``GET /version``, ``POST /reset_prefix_cache`` and the P/D side channel ``POST /sim/kv/pull`` (the
+simulator's stand-in for NIXL's side channel; ``remote_host``/``remote_port`` in the prefill's
+``kv_transfer_params`` point at this server).
+
+Response bodies follow vLLM 0.26.0's pydantic models field for field (ids ``cmpl-``/``chatcmpl-`` +
+``X-Request-Id`` or a random uuid, ``created``, ``model``, choices, ``usage``, ``kv_transfer_params``);
+errors are vLLM's ``{"error": {"message", "type", "param", "code"}}`` with the same status codes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from aiohttp import ClientSession, ClientTimeout, web
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from pdkit.sim.engine import FinishEvent, SimEngine, SimRequest, TokenEvent, max_tokens_for
+from pdkit.sim.latency import kv_bytes_per_token
+from pdkit.sim.metrics import SimMetrics
+from pdkit.sim.settings import SimSettings
+from pdkit.sim.text import ChatTemplateError, OutputModel, load_tokenizer
+from pdkit.sim.transport import HttpTransport, KVTransport, NixlTransport, send_heartbeat
+
+logger = logging.getLogger(__name__)
+
+VLLM_VERSION = "0.26.0"
+
+
+class ApiError(Exception):
+    """An error answered as vLLM's ErrorResponse."""
+
+    def __init__(self, message: str, status: int = 400, err_type: str = "BadRequestError", param: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.err_type = err_type
+        self.param = param
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": str(self), "type": self.err_type, "param": self.param, "code": self.status}}
+
+    def response(self) -> web.Response:
+        return web.json_response(self.body(), status=self.status)
+
+
+def internal_error() -> ApiError:
+    """What vLLM answers when a request finishes with reason ``error`` (e.g. a failed KV load)."""
+    return ApiError("Internal server error", 500, "InternalServerError")
+
+
+def _sse(obj: Any) -> bytes:
+    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n".encode()
+
+
+class SimWorker:
+    """One simulated engine with its HTTP server; usable in-process (tests) or from the CLI.
+
+    ``await worker.start()`` binds (port 0 picks a free port) and returns the port; ``worker.url`` is
+    then ``http://host:port``.  ``await worker.stop()`` closes everything.  Also an async context
+    manager.
+    """
+
+    def __init__(self, settings: SimSettings) -> None:
+        settings.validate()
+        self.settings = settings
+        model_dir = Path(settings.model)
+        self.tokenizer = load_tokenizer(str(model_dir.resolve()))
+        cfg_path = model_dir / "config.json"
+        self.model_config: dict[str, Any] = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+        # like vLLM, never accept a request that could not fit the KV cache on its own
+        configured = settings.max_model_len or int(self.model_config.get("max_position_embeddings", 8192))
+        self.max_model_len = min(configured, settings.kv_capacity_blocks * settings.block_size)
+        self.metrics = SimMetrics(settings.served_model_name)
+        self.publisher: Any = None
+        self.engine: SimEngine | None = None
+        self._runner: web.AppRunner | None = None
+        self._session: ClientSession | None = None
+        self.port = 0
+        self.created = int(time.time())
+
+    # ----------------------------------------------------------------------------- lifecycle
+    @property
+    def url(self) -> str:
+        return f"http://{self._advertised_host()}:{self.port}"
+
+    @property
+    def kv_events_endpoint(self) -> str | None:
+        return self.publisher.endpoint if self.publisher is not None else None
+
+    @property
+    def kv_events_replay_endpoint(self) -> str | None:
+        return self.publisher.replay_endpoint if self.publisher is not None else None
+
+    def _advertised_host(self) -> str:
+        host = self.settings.advertise_host or self.settings.host
+        return "127.0.0.1" if host in ("", "0.0.0.0", "::") else host
+
+    async def start(self) -> int:
+        s = self.settings
+        publish = None
+        if s.kv_events_endpoint:
+            from pdkit.routing.kv_events import KVEventPublisher
+
+            self.publisher = KVEventPublisher(
+                s.kv_events_endpoint,
+                s.kv_events_replay_endpoint or None,
+                s.kv_events_topic,
+                bind=s.kv_events_bind,
+            )
+            publish = self.publisher.publish_events
+        self._session = ClientSession(timeout=ClientTimeout(total=60))
+        bytes_per_token = kv_bytes_per_token(self.model_config)
+        self.engine = SimEngine(
+            s,
+            OutputModel(self.tokenizer, s.seed),
+            self.metrics,
+            kv_bytes_per_token=bytes_per_token,
+            publish=publish,
+        )
+        if s.role != "agg":
+            self.engine.transport = self._make_transport(bytes_per_token * s.block_size)
+            session = self._session
+            self.engine.heartbeat = lambda host, port, eid, ids: send_heartbeat(session, host, port, eid, ids)
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_get("/health", self._health)
+        app.router.add_get("/ping", self._health)
+        app.router.add_get("/version", self._version)
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/v1/models", self._models)
+        app.router.add_post("/v1/completions", self._completions)
+        app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_post("/reset_prefix_cache", self._reset_prefix_cache)
+        app.router.add_post("/sim/kv/pull", self._side_channel_pull)
+        app.router.add_get("/sim/nixl/handshake", self._nixl_handshake)
+        app.router.add_post("/sim/kv/heartbeat", self._side_channel_heartbeat)
+        # handler_cancellation: a client that hangs up aborts its request, as in vLLM
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, handler_cancellation=True)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, s.host, s.port, reuse_address=True)
+        await site.start()
+        server = site._server  # aiohttp exposes the bound sockets only here
+        sockets = getattr(server, "sockets", None) or []
+        self.port = int(sockets[0].getsockname()[1]) if sockets else s.port
+        self.engine.side_channel = (self._advertised_host(), self.port)
+        self.engine.start()
+        logger.info("sim worker (%s) serving %s at %s", s.role, s.served_model_name, self.url)
+        return self.port
+
+    async def stop(self) -> None:
+        if self.engine is not None:
+            await self.engine.stop()
+            if self.engine.transport is not None:
+                await self.engine.transport.close()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+        if self.publisher is not None:
+            await asyncio.to_thread(self.publisher.close)
+            self.publisher = None
+
+    async def __aenter__(self) -> SimWorker:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # ------------------------------------------------------------------------ simple endpoints
+    async def _health(self, request: web.Request) -> web.Response:
+        return web.Response(status=200)
+
+    async def _version(self, request: web.Request) -> web.Response:
+        return web.json_response({"version": VLLM_VERSION})
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def _models(self, request: web.Request) -> web.Response:
+        name = self.settings.served_model_name
+        card = {
+            "id": name,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "vllm",
+            "root": str(self.settings.model),
+            "parent": None,
+            "max_model_len": self.max_model_len,
+            "permission": [
+                {
+                    "id": f"modelperm-{uuid.uuid4().hex}",
+                    "object": "model_permission",
+                    "created": self.created,
+                    "allow_create_engine": False,
+                    "allow_sampling": True,
+                    "allow_logprobs": True,
+                    "allow_search_indices": False,
+                    "allow_view": True,
+                    "allow_fine_tuning": False,
+                    "organization": "*",
+                    "group": None,
+                    "is_blocking": False,
+                }
+            ],
+        }
+        return web.json_response({"object": "list", "data": [card]})
+
+    async def _reset_prefix_cache(self, request: web.Request) -> web.Response:
+        assert self.engine is not None
+        if not self.engine.reset_prefix_cache():
+            return ApiError("Failed to reset prefix cache: requests are running", 500, "InternalServerError").response()
+        return web.Response(status=200)
+
+    async def _side_channel_pull(self, request: web.Request) -> web.Response:
+        assert self.engine is not None
+        try:
+            body = await request.json()
+            return web.json_response(self.engine.serve_pull(body))
+        except KeyError as exc:
+            return web.json_response(
+                {"error": f"no KV lease for request {exc.args[0]} (unknown or expired)"}, status=404
+            )
+        except (ValueError, TypeError) as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+
+    async def _side_channel_heartbeat(self, request: web.Request) -> web.Response:
+        assert self.engine is not None
+        try:
+            body = await request.json()
+            n = self.engine.extend_leases(str(body["remote_engine_id"]), [str(r) for r in body["request_ids"]])
+        except (ValueError, KeyError, TypeError) as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+        return web.json_response({"extended": n})
+
+    async def _nixl_handshake(self, request: web.Request) -> web.Response:
+        transport = self.engine.transport if self.engine is not None else None
+        if not isinstance(transport, NixlTransport):
+            return web.json_response({"error": "this worker does not use the nixl transport"}, status=404)
+        return web.json_response(transport.handshake())
+
+    def _make_transport(self, sim_bytes_per_block: int) -> KVTransport:
+        s = self.settings
+        assert self._session is not None and self.engine is not None
+        if s.kv_transport == "nixl":
+            return NixlTransport(
+                self.engine.engine_id,
+                s.kv_capacity_blocks,
+                s.block_size,
+                self._session,
+                wire_bytes_per_block=s.kv_wire_bytes_per_block,
+                sim_bytes_per_block=sim_bytes_per_block,
+                on_read_done=self.engine.on_remote_read_done,
+            )
+        return HttpTransport(self._session)
+
+    # -------------------------------------------------------------------------- generation API
+    async def _read_json(self, request: web.Request) -> dict[str, Any]:
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ApiError(f"Invalid JSON body: {exc}") from exc
+        if not isinstance(body, dict):
+            raise ApiError("Request body must be a JSON object")
+        model = body.get("model")
+        if model is not None and model != self.settings.served_model_name:
+            raise ApiError(f"The model `{model}` does not exist.", 404, "NotFoundError", "model")
+        return body
+
+    def _common(self, body: dict[str, Any], prompt_ids: list[int], default_max: int | None) -> dict[str, Any]:
+        n = body.get("n", 1)
+        if n not in (1, None):
+            raise ApiError("n > 1 is not supported by the simulated engine", param="n")
+        if len(prompt_ids) == 0:
+            raise ApiError("The prompt is empty", param="prompt")
+        if len(prompt_ids) > self.max_model_len:
+            raise ApiError(
+                f"Input length ({len(prompt_ids)}) exceeds model's maximum context length ({self.max_model_len}).",
+                param="prompt",
+            )
+        requested = body.get("max_completion_tokens") or body.get("max_tokens", default_max)
+        if requested is not None and (not isinstance(requested, int) or isinstance(requested, bool) or requested < 1):
+            raise ApiError(f"max_tokens must be at least 1, got {requested}.", param="max_tokens")
+        max_tokens = max_tokens_for(self.max_model_len, len(prompt_ids), requested)
+        if max_tokens < 1:
+            raise ApiError(
+                f"This model's maximum context length is {self.max_model_len} tokens; the prompt leaves no room "
+                "for output.",
+                param="max_tokens",
+            )
+        stop = body.get("stop") or []
+        if isinstance(stop, str):
+            stop = [stop]
+        if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+            raise ApiError("stop must be a string or a list of strings", param="stop")
+        params = body.get("kv_transfer_params")
+        if params is not None and not isinstance(params, dict):
+            raise ApiError("kv_transfer_params must be an object", param="kv_transfer_params")
+        salt = body.get("cache_salt")
+        if salt is not None and not isinstance(salt, str):
+            raise ApiError("cache_salt must be a string", param="cache_salt")
+        stream_options = body.get("stream_options") or {}
+        if not isinstance(stream_options, dict):
+            raise ApiError("stream_options must be an object", param="stream_options")
+        if stream_options and not body.get("stream"):
+            raise ApiError("Stream options can only be defined when `stream=True`.", param="stream_options")
+        return {
+            "max_tokens": max_tokens,
+            "stop": stop,
+            "kv_transfer_params": dict(params) if params else None,
+            "cache_salt": salt,
+            "include_usage": bool(stream_options.get("include_usage")),
+            "continuous_usage": bool(stream_options.get("continuous_usage_stats")),
+        }
+
+    def _submit(self, base_id: str, prompt_ids: list[int], opts: dict[str, Any]) -> SimRequest:
+        assert self.engine is not None
+        req = SimRequest(
+            request_id=self.engine.new_request_id(base_id),
+            prompt_ids=prompt_ids,
+            max_tokens=opts["max_tokens"],
+            stop=opts["stop"],
+            kv_transfer_params=opts["kv_transfer_params"],
+            cache_salt=opts["cache_salt"],
+        )
+        self.engine.add_request(req)
+        return req
+
+    @staticmethod
+    def _base_id(request: web.Request) -> str:
+        return request.headers.get("X-Request-Id") or uuid.uuid4().hex
+
+    async def _completions(self, request: web.Request) -> web.StreamResponse:
+        try:
+            body = await self._read_json(request)
+            prompt = body.get("prompt")
+            if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
+                prompt = prompt[0]
+            if isinstance(prompt, str):
+                ids = self.tokenizer.encode(prompt, add_special_tokens=body.get("add_special_tokens", True))
+            elif isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+                ids = list(prompt)
+                if any(t < 0 or t >= self.tokenizer.vocab_size for t in ids):
+                    raise ApiError("Token id out of vocabulary range", param="prompt")
+            elif prompt is None:
+                raise ApiError("Either prompt or prompt_embeds must be provided and non-empty.", param="prompt")
+            else:
+                raise ApiError(
+                    "The simulated engine accepts one prompt per request (string or token ids)", param="prompt"
+                )
+            opts = self._common(body, ids, 16)
+            if body.get("echo"):
+                raise ApiError("echo is not supported by the simulated engine", param="echo")
+        except ApiError as err:
+            return err.response()
+        rid = f"cmpl-{self._base_id(request)}"
+        req = self._submit(rid, ids, opts)
+        if body.get("stream"):
+            return await self._stream(request, req, rid, opts, chat=False)
+        return await self._full(request, req, rid, opts, chat=False)
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        try:
+            body = await self._read_json(request)
+            messages = body.get("messages")
+            if not isinstance(messages, list) or not messages:
+                raise ApiError("messages must be a non-empty list", param="messages")
+            kwargs = body.get("chat_template_kwargs") or {}
+            if not isinstance(kwargs, dict):
+                raise ApiError("chat_template_kwargs must be an object", param="chat_template_kwargs")
+            try:
+                text = self.tokenizer.render_chat(messages, bool(body.get("add_generation_prompt", True)), **kwargs)
+            except ChatTemplateError as exc:
+                raise ApiError(str(exc), param="messages") from exc
+            ids = self.tokenizer.encode(text, add_special_tokens=bool(body.get("add_special_tokens", False)))
+            opts = self._common(body, ids, None)
+        except ApiError as err:
+            return err.response()
+        rid = f"chatcmpl-{self._base_id(request)}"
+        req = self._submit(rid, ids, opts)
+        if body.get("stream"):
+            return await self._stream(request, req, rid, opts, chat=True)
+        return await self._full(request, req, rid, opts, chat=True)
+
+    async def _events(self, req: SimRequest) -> AsyncIterator[TokenEvent | FinishEvent]:
+        while True:
+            ev = await req.events.get()
+            yield ev
+            if isinstance(ev, FinishEvent):
+                return
+
+    async def _full(
+        self, request: web.Request, req: SimRequest, rid: str, opts: dict[str, Any], chat: bool
+    ) -> web.Response:
+        assert self.engine is not None
+        created = int(time.time())
+        text: list[str] = []
+        finish: FinishEvent | None = None
+        try:
+            async for ev in self._events(req):
+                if isinstance(ev, TokenEvent):
+                    text.append(ev.text)
+                else:
+                    finish = ev
+                    if ev.last_token is not None:
+                        text.append(ev.last_token.text)
+        except asyncio.CancelledError:
+            self.engine.abort(req)
+            raise
+        assert finish is not None
+        if finish.reason == "error":
+            return internal_error().response()
+        usage = {
+            "prompt_tokens": len(req.prompt_ids),
+            "total_tokens": len(req.prompt_ids) + len(req.output_ids),
+            "completion_tokens": len(req.output_ids),
+            "prompt_tokens_details": None,
+        }
+        content = "".join(text)
+        if chat:
+            choice: dict[str, Any] = {
+                "index": 0,
+                "message": {
+                    "role": "assistant",
+                    "content": content,
+                    "refusal": None,
+                    "annotations": None,
+                    "audio": None,
+                    "function_call": None,
+                    "reasoning": None,
+                },
+                "logprobs": None,
+                "finish_reason": finish.reason,
+                "stop_reason": finish.stop_reason,
+                "token_ids": None,
+                "routed_experts": None,
+            }
+            out: dict[str, Any] = {
+                "id": rid,
+                "object": "chat.completion",
+                "created": created,
+                "model": self.settings.served_model_name,
+                "choices": [choice],
+                "service_tier": None,
+                "system_fingerprint": None,
+                "usage": usage,
+                "prompt_logprobs": None,
+                "prompt_token_ids": None,
+                "prompt_text": None,
+                "kv_transfer_params": finish.kv_transfer_params,
+                "ec_transfer_params": None,
+                "metrics": None,
+            }
+        else:
+            out = {
+                "id": rid,
+                "object": "text_completion",
+                "created": created,
+                "model": self.settings.served_model_name,
+                "choices": [
+                    {
+                        "index": 0,
+                        "text": content,
+                        "logprobs": None,
+                        "finish_reason": finish.reason,
+                        "stop_reason": finish.stop_reason,
+                        "token_ids": None,
+                        "prompt_logprobs": None,
+                        "prompt_token_ids": None,
+                        "routed_experts": None,
+                    }
+                ],
+                "service_tier": None,
+                "system_fingerprint": None,
+                "usage": usage,
+                "kv_transfer_params": finish.kv_transfer_params,
+                "ec_transfer_params": None,
+                "metrics": None,
+            }
+        return web.json_response(out)
+
+    async def _stream(
+        self, request: web.Request, req: SimRequest, rid: str, opts: dict[str, Any], chat: bool
+    ) -> web.StreamResponse:
+        assert self.engine is not None
+        created = int(time.time())
+        name = self.settings.served_model_name
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
+        await resp.prepare(request)
+        n_prompt = len(req.prompt_ids)
+        n_out = 0
+        first = True
+
+        def chunk(choice: dict[str, Any] | None, usage: dict[str, int] | None = None) -> dict[str, Any]:
+            c: dict[str, Any] = {
+                "id": rid,
+                "object": obj,
+                "created": created,
+                "model": name,
+                "choices": [choice] if choice is not None else [],
+            }
+            if usage is not None:
+                c["usage"] = usage
+            return c
+
+        def usage_now() -> dict[str, int] | None:
+            if not opts["continuous_usage"]:
+                return None
+            return {"prompt_tokens": n_prompt, "total_tokens": n_prompt + n_out, "completion_tokens": n_out}
+
+        try:
+            async for ev in self._events(req):
+                if chat and first:
+                    first = False
+                    role = {
+                        "index": 0,
+                        "delta": {"role": "assistant", "content": ""},
+                        "logprobs": None,
+                        "finish_reason": None,
+                    }
+                    await resp.write(_sse(chunk(role, usage_now())))
+                if isinstance(ev, TokenEvent):
+                    n_out += 1
+                    if chat:
+                        choice = {"index": 0, "delta": {"content": ev.text}, "logprobs": None, "finish_reason": None}
+                    else:
+                        choice = {
+                            "index": 0,
+                            "text": ev.text,
+                            "logprobs": None,
+                            "finish_reason": None,
+                            "stop_reason": None,
+                        }
+                    await resp.write(_sse(chunk(choice, usage_now())))
+                    continue
+                if ev.reason == "error":
+                    await resp.write(_sse(internal_error().body()))
+                    break
+                n_out = len(req.output_ids)
+                last = ev.last_token.text if ev.last_token is not None else ""
+                if chat:
+                    delta = {"content": last} if last else {}
+                    choice = {
+                        "index": 0,
+                        "delta": delta,
+                        "logprobs": None,
+                        "finish_reason": ev.reason,
+                        "stop_reason": ev.stop_reason,
+                    }
+                else:
+                    choice = {
+                        "index": 0,
+                        "text": last,
+                        "logprobs": None,
+                        "finish_reason": ev.reason,
+                        "stop_reason": ev.stop_reason,
+                    }
+                await resp.write(_sse(chunk(choice, usage_now())))
+                if opts["include_usage"]:
+                    usage = {"prompt_tokens": n_prompt, "total_tokens": n_prompt + n_out, "completion_tokens": n_out}
+                    await resp.write(_sse(chunk(None, usage)))
+            await resp.write(b"data: [DONE]\n\n")
+            await resp.write_eof()
+        except (asyncio.CancelledError, ConnectionResetError):
+            self.engine.abort(req)
+            raise
+        return resp
+
+
+async def serve_sim_worker(settings: SimSettings, ready: asyncio.Event | None = None) -> None:
+    """Run a simulated worker until cancelled (SIGINT/SIGTERM in the CLI)."""
+    worker = SimWorker(settings)
+    await worker.start()
+    if ready is not None:
+        ready.set()
+    try:
+        await asyncio.Event().wait()
+    finally:
+        with contextlib.suppress(Exception):
+            await asyncio.shield(worker.stop())

@@ -1,0 +1,175 @@
+"""Tokenization, chat templating and the deterministic "model" of the simulator.
+
+Why deterministic: P/D correctness is judged by comparing outputs -- an aggregated worker and a
+prefill->decode pair must answer token for token the same.  The simulator's output is therefore a pure
+function of (seed, prompt token ids): token ``i`` is picked by hashing the prompt's digest with ``i``.
+Sampling parameters (temperature, top_p, seed per request) are accepted and ignored, so every request
+behaves as greedy decoding on a fixed model; the text never contains EOS, so requests end by
+``max_tokens`` (finish_reason ``length``) unless a ``stop`` string appears.
+
+Generated tokens are drawn from the tokenizer's whole-word tokens (a leading space marker followed by
+lowercase ASCII letters) so that the text reads as words and decoding token by token equals decoding
+the whole sequence -- streaming deltas then need no incremental detokenizer.
+
+Prompts are tokenized as vLLM does: completions add the tokenizer's special tokens (BOS); chat renders
+the model's chat template (jinja2, sandboxed, ``trim_blocks``/``lstrip_blocks`` like Hugging Face) and
+tokenizes the result *without* adding special tokens (the template writes BOS itself).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from array import array
+from collections.abc import Sequence
+from functools import cached_property, lru_cache
+from pathlib import Path
+from typing import Any
+
+from tokenizers import Tokenizer
+
+
+class ChatTemplateError(ValueError):
+    """The request's messages cannot be rendered (bad shape or a template error)."""
+
+
+def _raise_exception(message: str) -> None:
+    raise ChatTemplateError(message)
+
+
+class SimTokenizer:
+    """The embedded model's tokenizer plus its chat template."""
+
+    def __init__(self, model_dir: str | Path) -> None:
+        model_dir = Path(model_dir)
+        self.model_dir = model_dir
+        self.tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+        cfg_path = model_dir / "tokenizer_config.json"
+        self.config: dict[str, Any] = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+        self.chat_template: str | None = self.config.get("chat_template")
+        self.bos_token = self._special("bos_token")
+        self.eos_token = self._special("eos_token")
+        self.eos_token_id = self.tokenizer.token_to_id(self.eos_token) if self.eos_token else None
+
+    def _special(self, key: str) -> str | None:
+        value = self.config.get(key)
+        if isinstance(value, dict):  # {"content": "<s>", ...} in some tokenizer configs
+            value = value.get("content")
+        return value if isinstance(value, str) else None
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.tokenizer.get_vocab_size())
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))
+
+    @cached_property
+    def _template(self) -> Any:
+        from jinja2.ext import loopcontrols
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        if not self.chat_template:
+            raise ChatTemplateError("the model has no chat template; use /v1/completions")
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+        env.globals["raise_exception"] = _raise_exception
+        env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False, indent=indent)
+        return env.from_string(self.chat_template)
+
+    def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **kwargs: Any) -> str:
+        """The prompt text of a chat request (``chat_template_kwargs`` arrive as ``kwargs``)."""
+        import jinja2
+
+        norm = [_normalize_message(m) for m in messages]
+        try:
+            return str(
+                self._template.render(
+                    messages=norm,
+                    add_generation_prompt=add_generation_prompt,
+                    bos_token=self.bos_token or "",
+                    eos_token=self.eos_token or "",
+                    **kwargs,
+                )
+            )
+        except jinja2.TemplateError as exc:
+            raise ChatTemplateError(str(exc)) from exc
+
+    def encode_chat(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **kwargs: Any
+    ) -> list[int]:
+        """Token ids of a chat request as vLLM computes them (template writes BOS; none added)."""
+        return self.encode(self.render_chat(messages, add_generation_prompt, **kwargs), add_special_tokens=False)
+
+    @cached_property
+    def word_token_ids(self) -> list[int]:
+        """Whole-word tokens (space marker + lowercase letters, 3+ letters), sorted by id."""
+        out = []
+        for tok, tid in self.tokenizer.get_vocab().items():
+            if (
+                tok.startswith("\u0120")
+                and len(tok) >= 4
+                and tok[1:].isascii()
+                and tok[1:].isalpha()
+                and tok[1:].islower()
+            ):
+                out.append(tid)
+        if not out:  # a tokenizer without byte-level markers: fall back to every non-special id
+            out = [i for i in range(self.vocab_size) if i != self.eos_token_id]
+        return sorted(out)
+
+
+@lru_cache(maxsize=8)
+def load_tokenizer(model_dir: str) -> SimTokenizer:
+    """One shared (read-only) tokenizer per model folder: loading it is the slowest part of a start."""
+    tok = SimTokenizer(model_dir)
+    _ = tok.word_token_ids  # computed once here, not on the first request
+    return tok
+
+
+def _normalize_message(message: Any) -> dict[str, Any]:
+    """vLLM's "string" content format: text parts joined by newlines; other part types rejected."""
+    if not isinstance(message, dict) or "role" not in message:
+        raise ChatTemplateError("each message must be an object with a 'role'")
+    content = message.get("content")
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
+                texts.append(part["text"])
+            elif isinstance(part, str):
+                texts.append(part)
+            else:
+                raise ChatTemplateError("only text content parts are supported by the simulator")
+        content = "\n".join(texts)
+    elif content is not None and not isinstance(content, str):
+        raise ChatTemplateError("message content must be a string or a list of text parts")
+    return {**message, "content": content if content is not None else ""}
+
+
+class OutputModel:
+    """The simulator's "weights": token ``i`` of the answer to ``prompt_ids`` (pure function)."""
+
+    def __init__(self, tokenizer: SimTokenizer, seed: int = 0) -> None:
+        self.tokenizer = tokenizer
+        self.seed = seed
+        self._words = tokenizer.word_token_ids
+
+    def prompt_digest(self, prompt_ids: Sequence[int]) -> bytes:
+        h = hashlib.blake2b(digest_size=16, person=b"pdkit-sim")
+        h.update(self.seed.to_bytes(8, "little", signed=True))
+        h.update(array("q", prompt_ids).tobytes())
+        return h.digest()
+
+    def token(self, digest: bytes, index: int) -> int:
+        raw = hashlib.blake2b(digest + index.to_bytes(8, "little"), digest_size=8).digest()
+        return self._words[int.from_bytes(raw, "little") % len(self._words)]
+
+    def tokens(self, prompt_ids: Sequence[int], n: int) -> list[int]:
+        d = self.prompt_digest(prompt_ids)
+        return [self.token(d, i) for i in range(n)]
+
+    def token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
