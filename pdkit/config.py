@@ -90,8 +90,12 @@ class LMCacheConfig(_Strict):
 
 
 class NixlConfig(_Strict):
-    """NIXL P->D transfer: backends and any further NixlConnector extra-config keys."""
+    """NIXL P->D transfer: pull (decode reads) or push (prefill writes), backends, extra-config keys.
 
+    ``mode`` must be the same on both sides; it lives here, once, so it cannot differ.
+    """
+
+    mode: Literal["pull", "push"] = "pull"
     backends: list[str] = Field(default_factory=lambda: ["UCX"])
     extra_config: dict[str, Any] = Field(default_factory=dict)
     env: dict[str, str] = Field(default_factory=dict)

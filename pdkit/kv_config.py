@@ -63,6 +63,11 @@ def _gb(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else str(value)
 
 
+def nixl_connector_name(nixl: NixlConfig) -> str:
+    """vLLM 0.26.0's registry name of the NIXL connector for the chosen transfer direction."""
+    return "NixlPushConnector" if nixl.mode == "push" else "NixlConnector"
+
+
 def kv_transfer_dict(
     role: Role,
     lmcache: LMCacheConfig | None = None,
@@ -72,22 +77,28 @@ def kv_transfer_dict(
     lmcache = lmcache or LMCacheConfig()
     nixl = nixl or NixlConfig()
     nixl_extra: dict[str, Any] = {"backends": list(nixl.backends), **nixl.extra_config}
+    nixl_connector = nixl_connector_name(nixl)
     if role == "agg":
         if not lmcache.enabled:
             return None
         return {"kv_connector": "LMCacheConnectorV1", "kv_role": "kv_both"}
     if role == "prefill":
         if not lmcache.enabled:
-            return {"kv_connector": "NixlConnector", "kv_role": "kv_producer", "kv_connector_extra_config": nixl_extra}
+            return {"kv_connector": nixl_connector, "kv_role": "kv_producer", "kv_connector_extra_config": nixl_extra}
         return {
             "kv_connector": PD_CONNECTOR,
             "kv_connector_module_path": PD_CONNECTOR_MODULE,
             "kv_role": "kv_producer",
-            "kv_connector_extra_config": {"lmcache": {}, "nixl": nixl_extra, "verify_transfers": False},
+            "kv_connector_extra_config": {
+                "lmcache": {},
+                "nixl": nixl_extra,
+                "nixl_connector": nixl_connector,
+                "verify_transfers": False,
+            },
         }
     if role == "decode":
         return {
-            "kv_connector": "NixlConnector",
+            "kv_connector": nixl_connector,
             "kv_role": "kv_consumer",
             "kv_load_failure_policy": nixl.kv_load_failure_policy,
             "kv_connector_extra_config": nixl_extra,
