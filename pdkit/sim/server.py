@@ -384,7 +384,8 @@ class SimWorker:
                 text = self.tokenizer.render_chat(messages, bool(body.get("add_generation_prompt", True)), **kwargs)
             except ChatTemplateError as exc:
                 raise ApiError(str(exc), param="messages") from exc
-            ids = self.tokenizer.encode(text, add_special_tokens=bool(body.get("add_special_tokens", False)))
+            # vLLM 0.26 takes chat ids straight from the rendered template and never adds special tokens.
+            ids = self.tokenizer.encode(text, add_special_tokens=False)
             opts = self._common(body, ids, None)
         except ApiError as err:
             return err.response()

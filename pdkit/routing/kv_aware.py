@@ -1,0 +1,330 @@
+"""KV-cache-aware worker choice: cached-prefix overlap weighted by tier, minus load.
+
+Why these rules:
+
+* **Only the contiguous prefix counts.**  vLLM's prefix cache (and LMCache's lookup) match from the
+  first block on and stop at the first miss; a block cached further in is useless to this request.
+* **Tier weights** (GPU 1.0, CPU 0.8, DISK 0.5 by default): a GPU hit skips the block's compute for
+  free; a CPU/disk hit through LMCache still pays a load.  A block held in several tiers counts at its
+  best one.
+* **vLLM's hit cap**: at most ``prompt_tokens - 1`` tokens can hit (the last token is always
+  computed), in whole blocks; predicted hits use the same rule so that they compare with
+  ``vllm:prefix_cache_hits_total``.
+* **Load penalty in blocks**: ``score = weighted_hit_blocks - load_weight * load`` where ``load`` is
+  ``max(own in-flight, running + waiting)`` (as :class:`~pdkit.frontend.policies.LeastLoaded`).  With
+  ``load_weight`` unset it is half the request's prompt blocks: one queued request ahead costs about
+  as much as recomputing half of this prompt, so a worker holding most of the prefix wins over an idle
+  one until its queue is two deep.  Ties go to the less loaded worker, then rotate.
+
+Requests whose token ids cannot be reproduced (unsupported chat features, no tokenizer) fall back to
+least-loaded choice.  :class:`KvRouting` bundles index, subscriber, policy and metrics for a frontend.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+from prometheus_client import CollectorRegistry
+
+from pdkit.routing.block_hash import DEFAULT_HASH_ALGO, BlockHasher
+from pdkit.routing.kv_index import CPU, DISK, GPU, KvIndex
+from pdkit.routing.kv_metrics import KvRoutingMetrics
+from pdkit.routing.prompt_tokens import PromptError, PromptTokenizer, load_prompt_tokenizer
+from pdkit.routing.subscriber import KvEventSubscriber
+
+log = logging.getLogger("pdkit.routing.kv_aware")
+
+DEFAULT_TIER_WEIGHTS: dict[str, float] = {"GPU": 1.0, "CPU": 0.8, "DISK": 0.5}
+_CTX_KEY = "pdkit_kv_prompt"
+
+C = TypeVar("C")
+
+
+@dataclass
+class PromptBlocks:
+    """A request's prompt as the workers will hash it."""
+
+    token_ids: list[int]
+    hashes: list[int | bytes]
+    block_size: int
+
+    @property
+    def max_hit_blocks(self) -> int:
+        """vLLM never hits the last prompt token: at most ``(n - 1) // block_size`` blocks."""
+        return max(0, (len(self.token_ids) - 1) // self.block_size)
+
+
+@dataclass
+class WorkerScore:
+    """One candidate's evaluation (``hit_blocks`` already capped by vLLM's rule)."""
+
+    worker: Any
+    hit_blocks: int
+    tier_blocks: dict[str, int]
+    weighted: float
+    load: float
+    score: float
+
+    @property
+    def worker_id(self) -> str:
+        return str(self.worker.worker_id)
+
+
+def load_of(w: Any) -> float:
+    """Outstanding requests: the larger of the frontend's own count and the engine's heartbeat."""
+    load = getattr(w, "load", None)
+    engine = (getattr(load, "running", 0) + getattr(load, "waiting", 0)) if load is not None else 0
+    return float(max(getattr(w, "inflight", 0), engine))
+
+
+def _kv_usage(w: Any) -> float:
+    load = getattr(w, "load", None)
+    return float(getattr(load, "kv_usage", 0.0)) if load is not None else 0.0
+
+
+class KvAwarePolicy:
+    """A frontend routing policy (``choose(role, candidates, ctx)``) scoring KV prefix overlap.
+
+    ``candidates`` need ``worker_id``, ``inflight``, ``load.running/waiting/kv_usage`` and optionally
+    ``info.block_size``.  ``ctx`` needs ``body`` (the parsed OpenAI request), ``is_chat``,
+    ``prompt_token_ids`` / ``prompt_text`` (fallbacks) and an ``extra`` dict (used to cache the prompt's
+    hashes between the prefill and the decode choice of one request).
+    """
+
+    name = "kv_aware"
+
+    def __init__(
+        self,
+        index: KvIndex,
+        tokenizer: PromptTokenizer | None,
+        *,
+        hash_seed: str | None,
+        hash_algo: str = DEFAULT_HASH_ALGO,
+        block_size: int = 16,
+        tier_weights: Mapping[str, float] | None = None,
+        load_weight: float | None = None,
+        metrics: KvRoutingMetrics | None = None,
+    ) -> None:
+        if hash_seed is None:
+            log.warning("KV-aware routing without a hash seed: predictions only match workers by chance")
+        self.index = index
+        self.tokenizer = tokenizer
+        self.hash_seed = hash_seed
+        self.hash_algo = hash_algo
+        self.block_size = block_size
+        weights = {**DEFAULT_TIER_WEIGHTS, **(tier_weights or {})}
+        self.tier_weights = weights
+        # best weight per tier bit set (0..7), so scoring is one table look-up per block
+        self._bits_weight = [
+            max([weights[name] for bit, name in ((GPU, "GPU"), (CPU, "CPU"), (DISK, "DISK")) if bits & bit] or [0.0])
+            for bits in range(8)
+        ]
+        self.load_weight = load_weight
+        self.metrics = metrics
+        self._hashers: dict[int, BlockHasher] = {}
+        self._rr = itertools.count()
+
+    # -- prompt ----------------------------------------------------------------------------------
+
+    def _hasher(self, block_size: int) -> BlockHasher:
+        h = self._hashers.get(block_size)
+        if h is None:
+            h = self._hashers[block_size] = BlockHasher(block_size, self.hash_algo, self.hash_seed, use_env_seed=False)
+        return h
+
+    def token_ids(self, ctx: Any) -> list[int] | None:
+        """The prompt's token ids as the worker computes them, or None when they cannot be reproduced."""
+        body = getattr(ctx, "body", None) or {}
+        chat = bool(getattr(ctx, "is_chat", False))
+        ids = getattr(ctx, "prompt_token_ids", None)
+        if ids and not chat:
+            return list(ids)
+        if self.tokenizer is None:
+            return None
+        try:
+            if body:
+                return self.tokenizer.request_ids(body, chat)
+            text = getattr(ctx, "prompt_text", None)
+            if isinstance(text, str) and not chat:
+                return self.tokenizer.completion_ids(text)
+        except (PromptError, TypeError) as exc:
+            log.debug("no KV prediction for this request: %s", exc)
+        return None
+
+    def prompt_blocks(self, ctx: Any, block_size: int | None = None) -> PromptBlocks | None:
+        bs = block_size or self.block_size
+        extra = getattr(ctx, "extra", None)
+        cache: dict[Any, Any] = extra.setdefault(_CTX_KEY, {}) if isinstance(extra, dict) else {}
+        if bs in cache:
+            return cache[bs]
+        if "ids" not in cache:
+            cache["ids"] = self.token_ids(ctx)
+        ids = cache["ids"]
+        blocks = None
+        if ids is not None:
+            body = getattr(ctx, "body", None) or {}
+            salt = body.get("cache_salt") if isinstance(body.get("cache_salt"), str) else None
+            hashes = self._hasher(bs).event_hashes(ids, cache_salt=salt)
+            blocks = PromptBlocks(ids, hashes, bs)
+        cache[bs] = blocks
+        return blocks
+
+    # -- scoring ---------------------------------------------------------------------------------
+
+    def _block_size_of(self, w: Any) -> int:
+        info = getattr(w, "info", None)
+        bs = getattr(info, "block_size", None)
+        return int(bs) if isinstance(bs, int) and bs > 0 else self.block_size
+
+    def score(self, w: Any, ctx: Any) -> WorkerScore:
+        blocks = self.prompt_blocks(ctx, self._block_size_of(w))
+        load = load_of(w)
+        if blocks is None:
+            return WorkerScore(w, 0, {}, 0.0, load, -load)
+        prefix = self.index.prefix_tiers(str(w.worker_id), blocks.hashes[: blocks.max_hit_blocks])
+        tier_blocks = {"GPU": 0, "CPU": 0, "DISK": 0}
+        weighted = 0.0
+        for bits in prefix:
+            weighted += self._bits_weight[bits]
+            tier_blocks["GPU" if bits & GPU else "CPU" if bits & CPU else "DISK"] += 1
+        lw = self.load_weight if self.load_weight is not None else max(1.0, 0.5 * len(blocks.hashes))
+        return WorkerScore(w, len(prefix), tier_blocks, weighted, load, weighted - lw * load)
+
+    def scores(self, candidates: Sequence[Any], ctx: Any) -> list[WorkerScore]:
+        return [self.score(w, ctx) for w in candidates]
+
+    def choose(self, role: str, candidates: Sequence[C], ctx: Any) -> C:
+        """The best-scoring candidate; ties: lower load, lower KV usage, then a rotating offset."""
+        ordered = sorted(candidates, key=lambda w: str(w.worker_id))  # type: ignore[attr-defined]
+        offset = next(self._rr) % len(ordered)
+        rotated = ordered[offset:] + ordered[:offset]
+        scored = self.scores(rotated, ctx)
+        best = max(scored, key=lambda s: (s.score, -s.load, -_kv_usage(s.worker)))
+        self._record(role, best, ctx)
+        return best.worker
+
+    def local_prefill_worker(self, candidates: Sequence[C], ctx: Any, max_uncached_tokens: int) -> C | None:
+        """Conditional disaggregation: the decode candidate that should prefill this request itself.
+
+        A decode worker qualifies when the prompt tokens it would still compute (prompt minus its
+        cached prefix) are at most ``max_uncached_tokens``; among those the best score wins.  None:
+        send the request through a prefill worker as usual (or the prompt could not be predicted).
+        """
+        if not candidates:
+            return None
+        qualified: list[WorkerScore] = []
+        for s in self.scores(candidates, ctx):
+            blocks = self.prompt_blocks(ctx, self._block_size_of(s.worker))
+            if blocks is None:
+                return None
+            uncached = len(blocks.token_ids) - s.hit_blocks * blocks.block_size
+            if uncached <= max_uncached_tokens:
+                qualified.append(s)
+        if not qualified:
+            return None
+        best = max(qualified, key=lambda s: (s.score, -s.load))
+        self._record("decode", best, ctx)
+        return best.worker
+
+    def _record(self, role: str, s: WorkerScore, ctx: Any) -> None:
+        if self.metrics is None:
+            return
+        blocks = self.prompt_blocks(ctx, self._block_size_of(s.worker))
+        if blocks is None:
+            return
+        wid = s.worker_id
+        m = self.metrics
+        m.prompt_blocks.labels(wid, role).inc(len(blocks.hashes))
+        for tier, n in s.tier_blocks.items():
+            if n:
+                m.predicted_hit_blocks.labels(wid, role, tier).inc(n)
+        m.predicted_hit_tokens.labels(wid, role).inc(s.hit_blocks * blocks.block_size)
+
+
+class KvRouting:
+    """Everything KV-aware routing needs in a frontend: index, SUB socket, policy, metrics.
+
+    Lifecycle, inside the frontend's event loop::
+
+        kv = KvRouting(model_dir, hash_seed="0", registry=metrics.registry, host=fe_host, port=fe_kv_port)
+        kv.start()                               # binds the SUB socket (kv.port) and starts receiving
+        frontend = Frontend(settings, policy=kv.policy)
+        registry on_change -> kv.sync_workers(registry.workers.values())
+        ...
+        await kv.close()
+    """
+
+    def __init__(
+        self,
+        model_dir: str | Path | None,
+        *,
+        hash_seed: str | int | None,
+        registry: CollectorRegistry,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        block_size: int = 16,
+        hash_algo: str = DEFAULT_HASH_ALGO,
+        tier_weights: Mapping[str, float] | None = None,
+        load_weight: float | None = None,
+        max_blocks_per_worker: int = 1_000_000,
+        replay_timeout_ms: int = 2000,
+    ) -> None:
+        self.metrics = KvRoutingMetrics(registry)
+        self.index = KvIndex(max_blocks_per_worker=max_blocks_per_worker, metrics=self.metrics)
+        tokenizer = load_prompt_tokenizer(str(Path(model_dir).resolve())) if model_dir is not None else None
+        self.policy = KvAwarePolicy(
+            self.index,
+            tokenizer,
+            hash_seed=None if hash_seed is None else str(hash_seed),
+            hash_algo=hash_algo,
+            block_size=block_size,
+            tier_weights=tier_weights,
+            load_weight=load_weight,
+            metrics=self.metrics,
+        )
+        self.subscriber = KvEventSubscriber(self.index, host, port, replay_timeout_ms=replay_timeout_ms)
+
+    @property
+    def port(self) -> int:
+        return self.subscriber.port
+
+    @property
+    def endpoint(self) -> str:
+        return self.subscriber.endpoint
+
+    def start(self) -> int:
+        """Bind (if not yet) and start receiving; returns the bound port."""
+        self.subscriber.start()
+        return self.subscriber.port
+
+    async def close(self) -> None:
+        await self.subscriber.close()
+
+    def add_worker(self, worker: Any) -> None:
+        """Track one registered worker (a ``WorkerState`` or anything with ``worker_id`` and ``info``)."""
+        info = getattr(worker, "info", worker)
+        url = getattr(info, "url", None)
+        host = urlsplit(url).hostname if isinstance(url, str) else None
+        self.subscriber.add_worker(
+            str(worker.worker_id),
+            getattr(info, "kv_events_replay_endpoint", None),
+            topic=getattr(info, "kv_events_topic", None) or None,
+            host=host,
+        )
+
+    def remove_worker(self, worker_id: str) -> None:
+        self.subscriber.remove_worker(worker_id)
+
+    def sync_workers(self, workers: Iterable[Any]) -> None:
+        """Make the tracked set equal to ``workers`` (call it from the registry's change hook)."""
+        current = {str(w.worker_id): w for w in workers}
+        for wid in set(self.subscriber.worker_ids()) - current.keys():
+            self.remove_worker(wid)
+        for w in current.values():
+            self.add_worker(w)
