@@ -48,6 +48,8 @@ def lmcache_env(lmcache: LMCacheConfig, hash_seed: int = 0) -> dict[str, str]:
         "LMCACHE_MAX_LOCAL_CPU_SIZE": _gb(lmcache.cpu_gb),
         "LMCACHE_SAVE_UNFULL_CHUNK": str(lmcache.save_unfull_chunk),
         "LMCACHE_TRACK_USAGE": "false",
+        # Stored chunks become KV events (medium CPU/DISK) that PdConnector forwards to the router.
+        "LMCACHE_ENABLE_KV_EVENTS": "True",
         "DO_NOT_TRACK": "1",
         "PYTHONHASHSEED": str(hash_seed),
     }
@@ -136,7 +138,8 @@ def kv_transfer_config(
     if role in ("prefill", "agg") and lmcache.enabled:
         env.update(lmcache_env(lmcache, hash_seed))
     if role in ("prefill", "decode"):
-        # Both sides state it: the NIXL handshake hashes the HMA setting (see module docstring).
+        # Both sides state it: the NIXL handshake hashes the HMA setting (see module docstring), and vLLM
+        # turns HMA off by itself for PdConnector but not for plain NIXL.
         if lmcache.enabled:
             serve_args.append(DISABLE_HMA_FLAG)
         env.update(nixl.env)

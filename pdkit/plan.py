@@ -16,6 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from pdkit.config import Deployment, Role
+from pdkit.errors import ConfigError
 from pdkit.kv_config import kv_transfer_config
 from pdkit.model_files import has_weights, is_synthetic
 
@@ -55,6 +56,7 @@ class LaunchPlan(BaseModel):
     run_dir: str
     frontend_url: str
     processes: list[ProcessSpec]
+    warnings: list[str] = Field(default_factory=list)
 
     def workers(self) -> list[ProcessSpec]:
         return [p for p in self.processes if p.role != "frontend"]
@@ -231,7 +233,9 @@ def build_plan(dep: Deployment) -> LaunchPlan:
     procs = [frontend_spec(dep, run_dir)]
     for role in dep.roles():
         procs += [worker_spec(dep, role, i, run_dir) for i in range(dep.group(role).num_workers)]
+    warnings = check_handshake_compat(procs) if dep.mode == "disagg" and dep.engine == "vllm" else []
     return LaunchPlan(
+        warnings=warnings,
         mode=dep.mode,
         engine=dep.engine,
         model=dep.model_path,
@@ -242,11 +246,44 @@ def build_plan(dep: Deployment) -> LaunchPlan:
     )
 
 
+def check_handshake_compat(procs: list[ProcessSpec]) -> list[str]:
+    """Refuse a plan whose prefill and decode would fail NIXL's handshake (checked per P/D pair).
+
+    NIXL hashes the hybrid-KV-manager setting, dtypes, attention backend, block size and layout; a
+    mismatch otherwise surfaces only at the first request as «compatibility hash mismatch».
+    """
+    from pdkit.connectors.compat import check_nixl_compat, format_mismatches, settings_from_serve
+
+    def settings(p: ProcessSpec) -> dict[str, Any]:
+        serve_at = p.engine_argv.index("serve") + 1
+        out = settings_from_serve(p.engine_argv[serve_at:], p.env)
+        out.setdefault("block_size", 16)  # vLLM's default on CUDA when no --block-size is given
+        return out
+
+    warnings: list[str] = []
+    prefills = [p for p in procs if p.role == "prefill"]
+    decodes = [p for p in procs if p.role == "decode"]
+    for p in prefills:
+        for d in decodes:
+            found = check_nixl_compat(settings(p), settings(d))
+            warnings += [f"{p.name}/{d.name}: {m}" for m in found if m.severity != "error"]
+            errors = [m for m in found if m.severity == "error"]
+            if errors:
+                problem = format_mismatches(errors).replace("\n", "; ")
+                raise ConfigError(
+                    f"{p.name}/{d.name}",
+                    f"prefill and decode would fail NIXL's handshake: {problem}",
+                    "use the same setting on both roles (top-level config keys, not per-role extra_args)",
+                )
+    return warnings
+
+
 def format_plan(plan: LaunchPlan) -> str:
     """Human-readable dry-run output: one block per process."""
     lines = [
         f"pdkit plan: mode={plan.mode} engine={plan.engine} model={plan.model} served as '{plan.served_model_name}'",
         f"frontend: {plan.frontend_url}   logs: {plan.run_dir}/",
+        *[f"warning: {w}" for w in plan.warnings],
         "",
     ]
     for p in plan.processes:

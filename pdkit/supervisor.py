@@ -23,6 +23,7 @@ from typing import IO
 
 import aiohttp
 
+from pdkit.agent import EXIT_BAD_ENGINE_BUILD
 from pdkit.plan import LaunchPlan, ProcessSpec
 
 TAIL_LINES = 30
@@ -78,6 +79,8 @@ class Supervisor:
 
     async def start(self) -> None:
         Path(self.plan.run_dir).mkdir(parents=True, exist_ok=True)
+        for warning in self.plan.warnings:
+            self._say(f"warning: {warning}")
         frontend = self.procs["frontend"]
         await self._spawn(frontend)
         await self._wait_http(frontend, f"{frontend.spec.url}/health")
@@ -202,6 +205,9 @@ class Supervisor:
     async def _restart(self, m: Managed) -> bool:
         assert m.proc is not None
         rc = m.proc.returncode
+        if rc == EXIT_BAD_ENGINE_BUILD:
+            self._say(f"{m.spec.name} has a broken engine build (see its log); not restarting it")
+            return False
         if m.restarts >= self.max_restarts:
             self._say(
                 f"{m.spec.name} exited with code {rc} and was restarted {m.restarts} times already; "

@@ -109,3 +109,27 @@ def test_sim_plan_runs_sim_workers_without_gpus() -> None:
     for w in workers:
         assert "sim-worker" in w.engine_argv and w.cuda_visible_devices is None and w.kv_transfer_config is None
         assert "--" in w.argv and shlex.join(w.argv).count("sim-worker") == 1
+
+
+def test_handshake_mismatch_is_caught_at_configuration_time(run_cli, tmp_path) -> None:
+    """NIXL's compatibility hash would reject this pair at the first request; pdkit refuses the plan."""
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text('prefill:\n  extra_args: ["--kv-cache-dtype", "fp8"]\n')
+    code, _, err = run_cli("launch", "disagg", "--config", str(cfg), "--dry-run")
+    assert code == 2
+    assert "kv_cache_dtype" in err and "prefill-0/decode-0" in err and len(err.strip().splitlines()) == 1
+
+
+def test_block_size_difference_is_a_plan_warning(run_cli, tmp_path) -> None:
+    cfg = tmp_path / "bs.yaml"
+    cfg.write_text('prefill:\n  extra_args: ["--block-size", "32"]\n')
+    code, out, _ = run_cli("launch", "disagg", "--config", str(cfg), "--dry-run")
+    assert code == 0 and "warning: prefill-0/decode-0" in out and "block_size" in out
+
+
+def test_push_mode_uses_the_push_connector_on_both_sides() -> None:
+    dep = load_deployment(None, {"nixl.mode": "push"})
+    procs = {p.name: p for p in build_plan(dep).processes}
+    assert procs["decode-0"].kv_transfer_config["kv_connector"] == "NixlPushConnector"  # type: ignore[index]
+    extra = procs["prefill-0"].kv_transfer_config["kv_connector_extra_config"]  # type: ignore[index]
+    assert extra["nixl_connector"] == "NixlPushConnector"

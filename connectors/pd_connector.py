@@ -1,0 +1,443 @@
+"""PdConnector: vLLM KV connector composing LMCache (local offload/reuse) and NIXL (P→D transfer).
+
+vLLM 0.26.0 loads it with ``kv_connector="PdConnector"`` and
+``kv_connector_module_path="pdkit.connectors.pd_connector"``; configuration in ``pd_children.py``,
+design and the method-by-method table in ``docs/pd_connector.md``.
+
+Composition, not a MultiConnector subclass: vLLM's HMA check special-cases the class *name*
+``MultiConnector`` (a subclass named otherwise claims SupportsHMA through inheritance, keeps the hybrid
+KV-cache manager on, then trips MultiConnector's own «HMA should not be enabled unless all
+sub-connectors support it» assertion, since its children list lives under a key we do not use).
+PdConnector does not implement SupportsHMA (LMCache does not), so vLLM turns HMA off on its own.
+MultiConnector's generic behaviour is also wrong for P/D in three places fixed here: lookups ask every
+child (LMCache's lookup has side effects even when NIXL will load), ``{}`` params from an offload child
+poison the merge, and KV events from children are dropped.
+
+Rules, for both roles (prefill: kv_producer with LMCache; decode: kv_consumer, LMCache optional):
+* NIXL is asked first; when NIXL will load (``do_remote_prefill`` on decode), LMCache is not asked.
+* Exactly one child loads a request; the other gets ``update_state_after_alloc(req, blocks, 0)``, which
+  is what vLLM itself passes for a request with nothing to load.
+* Blocks of a finished request stay allocated until every child that asked for a delay reported the
+  request in ``finished_sending``; PdConnector reports it once, when the last one did.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+import torch
+from vllm.config import VllmConfig
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    CopyBlocksOp,
+    KVConnectorBase_V1,
+    KVConnectorHandshakeMetadata,
+    KVConnectorMetadata,
+    KVConnectorRole,
+    KVConnectorWorkerMetadata,
+)
+from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics, KVConnectorStats
+from vllm.distributed.kv_transfer.kv_connector.v1.multi_connector import MultiKVConnectorStats
+from vllm.logger import init_logger
+from vllm.v1.attention.backend import AttentionBackend, AttentionMetadata
+from vllm.v1.core.sched.output import SchedulerOutput
+from vllm.v1.outputs import KVConnectorOutput
+
+from pdkit.connectors.lmcache_events import relabel_events
+from pdkit.connectors.pd_children import (
+    LMCACHE,
+    NIXL,
+    child_classes_and_configs,
+    child_classes_from_extra,
+)
+from pdkit.connectors.pd_types import (
+    PD_STATS_KEY,
+    PdConnectorMetadata,
+    PdConnectorStats,
+    PdPromMetrics,
+    PdWorkerMetadata,
+    rebuild_stats,
+)
+
+if TYPE_CHECKING:
+    from vllm.distributed.kv_events import KVCacheEvent, KVConnectorKVEvents
+    from vllm.distributed.kv_transfer.kv_connector.v1.metrics import PromMetric, PromMetricT
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.core.block_pool import BlockPool
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.request import Request
+
+logger = init_logger(__name__)
+
+# How many reported request ids a worker remembers to drop duplicates (ids are unique per request).
+_REPORTED_MEMORY = 65536
+
+__all__ = ["PdConnector", "PdConnectorMetadata", "PdWorkerMetadata", "PdConnectorStats", "merge_transfer_params"]
+
+
+def merge_transfer_params(by_child: dict[str, dict[str, Any] | None]) -> dict[str, Any] | None:
+    """Merge children's ``kv_transfer_params``: empty dicts count as none; NIXL wins a key clash.
+
+    ``{}`` from an offload child must not turn "no params" into "empty params" (proxies read any dict as
+    P/D params) nor shadow NIXL's.  A clash is logged, not raised: raising here kills the engine core.
+    """
+    merged: dict[str, Any] | None = None
+    for name in sorted(by_child, key=lambda n: n == NIXL):  # NIXL last, so its keys win
+        params = by_child[name]
+        if not params:
+            continue
+        if merged is None:
+            merged = {}
+        clash = set(merged) & set(params)
+        if clash:
+            logger.warning("PdConnector: kv_transfer_params key clash %s; keeping %s's", sorted(clash), name)
+        merged.update(params)
+    return merged
+
+
+class PdConnector(KVConnectorBase_V1):
+    """LMCache + NIXL for P/D serving; see the module docstring and docs/pd_connector.md."""
+
+    def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig):
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        extra = self._kv_transfer_config.kv_connector_extra_config or {}
+        self.verify_transfers = bool(extra.get("verify_transfers", False))
+        if self.verify_transfers:
+            logger.warning("PdConnector: verify_transfers is accepted but not implemented yet (issue 9)")
+        self._children: dict[str, KVConnectorBase_V1] = {
+            name: cls(child_config, role, kv_cache_config)
+            for name, (cls, child_config) in child_classes_and_configs(vllm_config).items()
+        }
+        # Scheduler side: which child loads each request (absent: none does).
+        self._loader: dict[str, str] = {}
+        # Scheduler side: delayed frees to announce to workers in the next metadata.
+        self._awaited_out: dict[str, tuple[str, ...]] = {}
+        # Worker side: children still to report each delayed request in finished_sending.
+        self._awaiting: dict[str, set[str]] = {}
+        # Worker side: recently reported sends, so a late duplicate from a child is not reported twice
+        # (vLLM's scheduler frees the blocks of a reported request; a second report would crash it).
+        self._reported: OrderedDict[str, None] = OrderedDict()
+        self._stats = PdConnectorStats()
+        logger.info(
+            "PdConnector (%s, role %s): children %s",
+            role.name,
+            self._kv_transfer_config.kv_role,
+            {n: type(c).__name__ for n, c in self._children.items()},
+        )
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def children(self) -> dict[str, KVConnectorBase_V1]:
+        """The live children by slot (``"nixl"``, ``"lmcache"``), NIXL first."""
+        return self._children
+
+    def _each(self, fn: Callable[[KVConnectorBase_V1], Any]) -> None:
+        for child in self._children.values():
+            fn(child)
+
+    @property
+    def prefer_cross_layer_blocks(self) -> bool:
+        # One KV layout serves both children, so only when both can use it.
+        return bool(self._children) and all(c.prefer_cross_layer_blocks for c in self._children.values())
+
+    # ------------------------------------------------------------------ worker side
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        # Both: NIXL registers the memory for RDMA, LMCache keeps the tensors to copy chunks in/out.
+        self._each(lambda c: c.register_kv_caches(kv_caches))
+
+    def register_cross_layers_kv_cache(self, kv_cache: torch.Tensor, attn_backend: type[AttentionBackend]) -> None:
+        self._each(lambda c: c.register_cross_layers_kv_cache(kv_cache, attn_backend))
+
+    def set_host_xfer_buffer_ops(self, copy_operation: CopyBlocksOp) -> None:
+        # Meant for NIXL's host buffer; LMCache's default is a no-op, so forwarding to both is harmless.
+        self._each(lambda c: c.set_host_xfer_buffer_ops(copy_operation))
+
+    def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
+        # Each child gets its own metadata object (NIXL asserts its type); the parent keeps the wrapper
+        # so has_connector_metadata() stays true.
+        assert isinstance(connector_metadata, PdConnectorMetadata)
+        for rid, names in connector_metadata.awaited_sends.items():
+            self._awaiting[rid] = set(names)
+        for name, child in self._children.items():
+            child.bind_connector_metadata(connector_metadata.children[name])
+        super().bind_connector_metadata(connector_metadata)
+
+    def clear_connector_metadata(self) -> None:
+        self._each(lambda c: c.clear_connector_metadata())
+        super().clear_connector_metadata()
+
+    def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
+        assert isinstance(kv_connector_metadata, PdConnectorMetadata)
+        for name, child in self._children.items():
+            child.handle_preemptions(kv_connector_metadata.children[name])
+
+    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        # NIXL first: it only posts async reads/notifications; LMCache's load is synchronous, so NIXL's
+        # transfers overlap with it instead of waiting behind it.
+        self._each(lambda c: c.start_load_kv(forward_context, **kwargs))
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        # Only LMCache's layerwise mode waits here; NIXL's is a no-op.
+        self._each(lambda c: c.wait_for_layer_load(layer_name))
+
+    def save_kv_layer(
+        self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: AttentionMetadata, **kwargs: Any
+    ) -> None:
+        # LMCache stores; NIXL's is a no-op (decode reads the paged blocks directly).
+        self._each(lambda c: c.save_kv_layer(layer_name, kv_layer, attn_metadata, **kwargs))
+
+    def wait_for_save(self) -> None:
+        # LMCache finishes its store; NIXL copies to its host buffer when it uses one.
+        self._each(lambda c: c.wait_for_save())
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        """Union of loads; a send/save is reported once, when the last child that delayed it is done."""
+        sending: set[str] = set()
+        recving: set[str] = set()
+        for name, child in self._children.items():
+            child_sending, child_recving = child.get_finished(finished_req_ids)
+            recving |= child_recving or set()
+            for rid in child_sending or ():
+                waiting = self._awaiting.get(rid)
+                if waiting is None:
+                    # Never announced as delayed: pass through like MultiConnector, unless already reported.
+                    if rid not in self._reported:
+                        sending.add(rid)
+                    continue
+                waiting.discard(name)
+                if not waiting:
+                    del self._awaiting[rid]
+                    sending.add(rid)
+        for rid in sending:
+            self._reported[rid] = None
+        while len(self._reported) > _REPORTED_MEMORY:
+            self._reported.popitem(last=False)
+        return sending or None, recving or None
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        # Union: vLLM recomputes (or fails, per kv_load_failure_policy) whichever child's load failed.
+        failed: set[int] = set()
+        for child in self._children.values():
+            failed |= child.get_block_ids_with_load_errors()
+        return failed
+
+    def get_kv_connector_stats(self) -> KVConnectorStats | None:
+        """Worker side: children's stats by class name; scheduler side also PdConnector's own counters."""
+        stats: MultiKVConnectorStats | None = None
+        for child in self._children.values():
+            child_stats = child.get_kv_connector_stats()
+            if child_stats is None or child_stats.is_empty():
+                continue
+            stats = stats or MultiKVConnectorStats()
+            stats[type(child).__name__] = child_stats
+        if not self._stats.is_empty():
+            stats = stats or MultiKVConnectorStats()
+            stats[PD_STATS_KEY] = self._stats.clone_and_reset()
+        return stats
+
+    def get_kv_connector_kv_cache_events(self) -> KVConnectorKVEvents | None:
+        # LMCache's stored-chunk events (NIXL has none); the scheduler side hands them to the LMCache
+        # child in update_connector_output, and take_events publishes them.
+        found: KVConnectorKVEvents | None = None
+        for child in self._children.values():
+            events = child.get_kv_connector_kv_cache_events()
+            if events is None:
+                continue
+            if found is None:
+                found = events
+            else:
+                found.add_events(events.get_all_events())
+        return found
+
+    def get_handshake_metadata(self) -> KVConnectorHandshakeMetadata | None:
+        # Only NIXL takes part in the P/D handshake.
+        nixl = self._children.get(NIXL)
+        return nixl.get_handshake_metadata() if nixl is not None else None
+
+    def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
+        metas = {name: child.build_connector_worker_meta() for name, child in self._children.items()}
+        if all(m is None for m in metas.values()):
+            return None
+        return PdWorkerMetadata(children=metas)
+
+    def get_finished_count(self) -> int | None:
+        return None
+
+    def shutdown(self) -> None:
+        error: Exception | None = None
+        for child in self._children.values():
+            try:
+                child.shutdown()
+            except Exception as exc:  # shut every child down, then re-raise the last failure
+                logger.exception("PdConnector: %s.shutdown failed", type(child).__name__)
+                error = exc
+        if error is not None:
+            raise error
+
+    # ------------------------------------------------------------------ scheduler side
+    def bind_gpu_block_pool(self, gpu_block_pool: BlockPool) -> None:
+        self._each(lambda c: c.bind_gpu_block_pool(gpu_block_pool))
+
+    def on_new_request(self, request: Request) -> None:
+        # NIXL starts lease heartbeats for do_remote_prefill requests here.
+        self._each(lambda c: c.on_new_request(request))
+
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
+        """NIXL first; LMCache only when NIXL has nothing to load and the request is not a remote prefill.
+
+        NIXL is always asked because its lookup also has prefill-side duties (Mamba prompt truncation).
+        A ``do_remote_prefill`` request belongs to NIXL even when it has 0 tokens to pull (full local
+        prefix hit): its prefill blocks must be released by NIXL's notification, and an LMCache load
+        would race the pull.  LMCache is otherwise asked on both roles.
+        """
+        self._loader.pop(request.request_id, None)
+        nixl = self._children.get(NIXL)
+        if nixl is not None:
+            tokens, load_async = nixl.get_num_new_matched_tokens(request, num_computed_tokens)
+            if tokens is None:
+                return None, False
+            if tokens > 0:
+                self._loader[request.request_id] = NIXL
+                return tokens, load_async
+            if _is_remote_prefill(request):
+                return 0, False
+        lmcache = self._children.get(LMCACHE)
+        if lmcache is not None:
+            tokens, load_async = lmcache.get_num_new_matched_tokens(request, num_computed_tokens)
+            if tokens is None:
+                return None, False
+            if tokens > 0:
+                self._loader[request.request_id] = LMCACHE
+                return tokens, load_async
+        return 0, False
+
+    def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
+        """The loading child gets the count; the other gets the real blocks and 0 (a plain request)."""
+        loader = self._loader.get(request.request_id)
+        if num_external_tokens > 0:
+            if loader is None:
+                logger.error("PdConnector: %d external tokens but no loader for %s", num_external_tokens,
+                             request.request_id)
+            else:
+                self._stats.add(f"{loader}_loads")
+                self._stats.add("lmcache_hit_tokens" if loader == LMCACHE else "nixl_load_tokens",
+                                num_external_tokens)
+        for name, child in self._children.items():
+            child.update_state_after_alloc(request, blocks, num_external_tokens if name == loader else 0)
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        meta = PdConnectorMetadata(
+            children={name: c.build_connector_meta(scheduler_output) for name, c in self._children.items()},
+            awaited_sends=self._awaited_out,
+        )
+        self._awaited_out = {}
+        return meta
+
+    def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        # Each child sees the output with its own worker metadata (LMCache also collects KV events here).
+        wrapped = connector_output.kv_connector_worker_meta
+        try:
+            for name, child in self._children.items():
+                if isinstance(wrapped, PdWorkerMetadata):
+                    connector_output.kv_connector_worker_meta = wrapped.children.get(name)
+                child.update_connector_output(connector_output)
+        finally:
+            connector_output.kv_connector_worker_meta = wrapped
+
+    def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        """Both children are told; blocks stay while any child delays; params merged (NIXL's on prefill)."""
+        delayed: list[str] = []
+        params: dict[str, dict[str, Any] | None] = {}
+        for name, child in self._children.items():
+            delay, child_params = child.request_finished(request, block_ids)
+            if delay:
+                delayed.append(name)
+            params[name] = child_params
+        self._loader.pop(request.request_id, None)
+        if delayed:
+            self._awaited_out[request.request_id] = tuple(delayed)
+        merged = merge_transfer_params(params)
+        if _is_remote_decode(request) and NIXL in self._children and not params.get(NIXL):
+            self._stats.add("prefill_without_params")
+            aborted = getattr(request.status, "name", "") == "FINISHED_ABORTED"
+            (logger.info if aborted else logger.warning)(
+                "PdConnector: prefill request %s finished with status %s and no NIXL params; the decode hop "
+                "cannot pull it (send the prefill hop with max_tokens=1, min_tokens=1 so it ends by length)",
+                request.request_id,
+                request.status,
+            )
+        return bool(delayed), merged
+
+    def take_events(self) -> Iterable[KVCacheEvent]:
+        for name, child in self._children.items():
+            events = child.take_events()
+            yield from (relabel_events(events) if name == LMCACHE else events)
+
+    def set_xfer_handshake_metadata(self, metadata: dict[int, KVConnectorHandshakeMetadata]) -> None:
+        # Starts NIXL's side-channel listener; LMCache has no handshake.
+        nixl = self._children.get(NIXL)
+        if nixl is not None:
+            nixl.set_xfer_handshake_metadata(metadata)
+
+    def set_xfer_handshake_metadata_pp_aware(
+        self, metadata: dict[tuple[int, int], KVConnectorHandshakeMetadata]
+    ) -> None:
+        nixl = self._children.get(NIXL)
+        if nixl is not None:
+            nixl.set_xfer_handshake_metadata_pp_aware(metadata)
+
+    def has_pending_push_work(self) -> bool:
+        return any(c.has_pending_push_work() for c in self._children.values())
+
+    def reset_cache(self) -> bool | None:
+        return all([c.reset_cache() is not False for c in self._children.values()])
+
+    # ------------------------------------------------------------------ class methods
+    @classmethod
+    def get_required_kvcache_layout(cls, vllm_config: VllmConfig) -> str | None:
+        layouts = {
+            layout
+            for child_cls, child_config in child_classes_and_configs(vllm_config).values()
+            if (layout := child_cls.get_required_kvcache_layout(child_config)) is not None
+        }
+        if len(layouts) > 1:
+            raise ValueError(f"PdConnector children require different KV cache layouts: {sorted(layouts)}")
+        return next(iter(layouts), None)
+
+    @classmethod
+    def requires_piecewise_for_cudagraph(cls, extra_config: dict[str, Any]) -> bool:
+        return any(
+            child_cls.requires_piecewise_for_cudagraph(sub)
+            for child_cls, sub in child_classes_from_extra(extra_config).values()
+        )
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVConnectorStats | None:
+        return rebuild_stats(data)
+
+    @classmethod
+    def build_prom_metrics(
+        cls,
+        vllm_config: VllmConfig,
+        metric_types: dict[type[PromMetric], type[PromMetricT]],
+        labelnames: list[str],
+        per_engine_labelvalues: dict[int, list[object]],
+    ) -> KVConnectorPromMetrics:
+        children: dict[str, KVConnectorPromMetrics] = {}
+        for child_cls, child_config in child_classes_and_configs(vllm_config).values():
+            prom = child_cls.build_prom_metrics(child_config, metric_types, labelnames, per_engine_labelvalues)
+            if prom is not None:
+                children[child_cls.__name__] = prom
+        return PdPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues, children)
+
+
+def _is_remote_prefill(request: Request) -> bool:
+    params = request.kv_transfer_params
+    return bool(params and params.get("do_remote_prefill"))
+
+
+def _is_remote_decode(request: Request) -> bool:
+    params = request.kv_transfer_params
+    return bool(params and params.get("do_remote_decode"))

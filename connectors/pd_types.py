@@ -1,0 +1,167 @@
+"""PdConnector's metadata, worker metadata, stats and Prometheus metrics.
+
+Children's objects travel inside these keyed by child slot (``"nixl"``/``"lmcache"``), never by
+position, so a child switched off (NIXL-only mode) cannot shift another child's metadata.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata, KVConnectorWorkerMetadata
+from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
+    KVConnectorPromMetrics,
+    KVConnectorStats,
+    PromMetric,
+    PromMetricT,
+)
+from vllm.distributed.kv_transfer.kv_connector.v1.multi_connector import MultiKVConnectorStats
+from vllm.logger import init_logger
+from vllm.v1.metrics.utils import create_metric_per_engine
+
+logger = init_logger(__name__)
+
+PD_STATS_KEY = "PdConnector"
+
+
+@dataclass
+class PdConnectorMetadata(KVConnectorMetadata):
+    """Scheduler → worker, once per step.
+
+    ``children``: each child's own metadata, bound to that child on the worker.
+    ``awaited_sends``: for every request whose blocks stay allocated after it finished, the children
+    whose async save/send must complete before the worker reports it in ``finished_sending``.
+    """
+
+    children: dict[str, KVConnectorMetadata]
+    awaited_sends: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+
+@dataclass
+class PdWorkerMetadata(KVConnectorWorkerMetadata):
+    """Worker → scheduler: each child's worker metadata (``None`` where a child sent none)."""
+
+    children: dict[str, KVConnectorWorkerMetadata | None]
+
+    def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
+        assert isinstance(other, PdWorkerMetadata)
+        merged: dict[str, KVConnectorWorkerMetadata | None] = dict(self.children)
+        for name, meta in other.children.items():
+            mine = merged.get(name)
+            if mine is None:
+                merged[name] = meta
+            elif meta is not None:
+                merged[name] = mine.aggregate(meta)
+        return PdWorkerMetadata(children=merged)
+
+
+PD_COUNTERS = (
+    "lmcache_loads",  # requests whose prefix LMCache loaded
+    "lmcache_hit_tokens",  # tokens LMCache loaded (scheduled loads, not lookups)
+    "nixl_loads",  # requests whose KV NIXL pulled
+    "nixl_load_tokens",
+    "prefill_without_params",  # prefill (do_remote_decode) requests that ended without NIXL params
+)
+
+
+@dataclass
+class PdConnectorStats(KVConnectorStats):
+    """Scheduler-side counters of PdConnector's own decisions (plain ints: serialisable)."""
+
+    def __post_init__(self) -> None:
+        if not self.data:
+            self.reset()
+
+    def reset(self) -> None:
+        self.data = dict.fromkeys(PD_COUNTERS, 0)
+
+    def add(self, key: str, value: int = 1) -> None:
+        self.data[key] = self.data.get(key, 0) + value
+
+    def aggregate(self, other: KVConnectorStats) -> KVConnectorStats:
+        for key, value in other.data.items():
+            self.add(key, int(value))
+        return self
+
+    def reduce(self) -> dict[str, int | float]:
+        return dict(self.data)
+
+    def is_empty(self) -> bool:
+        return not any(self.data.values())
+
+    def clone_and_reset(self) -> PdConnectorStats:
+        out = PdConnectorStats(data=dict(self.data))
+        self.reset()
+        return out
+
+
+def rebuild_stats(data: dict[str, Any] | None) -> MultiKVConnectorStats:
+    """``build_kv_connector_stats``: objects in-process, ``{"data": ...}`` dicts after serialisation.
+
+    Keys are connector class names (like MultiConnector) plus ``PdConnector`` for our counters; a class
+    vLLM's registry does not know is dropped with a warning rather than crashing the stats logger.
+    """
+    from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
+
+    if data is None:
+        return MultiKVConnectorStats()
+    rebuilt: dict[str, KVConnectorStats] = {}
+    for name, value in data.items():
+        if isinstance(value, KVConnectorStats):
+            rebuilt[name] = value
+            continue
+        inner = value.get("data", value) if isinstance(value, dict) else None
+        if inner is None:
+            continue
+        if name == PD_STATS_KEY:
+            rebuilt[name] = PdConnectorStats(data=dict(inner))
+            continue
+        try:
+            cls = KVConnectorFactory.get_connector_class_by_name(name)
+        except ValueError:
+            logger.warning_once("PdConnector: no registered connector %s to rebuild its stats", name)
+            continue
+        stats = cls.build_kv_connector_stats(data=inner)
+        if stats is not None:
+            rebuilt[name] = stats
+    return MultiKVConnectorStats(data=rebuilt)
+
+
+class PdPromMetrics(KVConnectorPromMetrics):
+    """``pdkit:*`` counters for PdConnector's decisions, and each child's own metrics, by stats key."""
+
+    def __init__(
+        self,
+        vllm_config: Any,
+        metric_types: dict[type[PromMetric], type[PromMetricT]],
+        labelnames: list[str],
+        per_engine_labelvalues: dict[int, list[object]],
+        children: dict[str, KVConnectorPromMetrics],
+    ):
+        super().__init__(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+        self._children = children
+        docs = {
+            "lmcache_loads": "Requests whose prompt prefix PdConnector loaded from LMCache.",
+            "lmcache_hit_tokens": "Prompt tokens PdConnector loaded from LMCache.",
+            "nixl_loads": "Requests whose KV PdConnector pulled over NIXL.",
+            "nixl_load_tokens": "Prompt tokens PdConnector pulled over NIXL.",
+            "prefill_without_params": "Prefill requests (do_remote_decode) that ended without NIXL transfer params.",
+        }
+        self._counters = {
+            key: create_metric_per_engine(
+                self._counter_cls(name=f"pdkit:{key}", documentation=doc, labelnames=labelnames),
+                per_engine_labelvalues,
+            )
+            for key, doc in docs.items()
+        }
+
+    def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
+        for name, value in transfer_stats_data.items():
+            inner = value.data if isinstance(value, KVConnectorStats) else value.get("data", value)
+            if name == PD_STATS_KEY:
+                for key, amount in inner.items():
+                    if key in self._counters and amount:
+                        self._counters[key][engine_idx].inc(amount)  # type: ignore[union-attr]
+            elif name in self._children:
+                self._children[name].observe(inner, engine_idx)
