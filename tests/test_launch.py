@@ -78,7 +78,9 @@ def wait_for(predicate, timeout: float = 30.0, what: str = "condition"):  # type
 
 
 def port_is_free(port: int) -> bool:
+    """Nobody listens on it (SO_REUSEADDR, as servers bind: closed connections in TIME_WAIT don't count)."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:

@@ -11,7 +11,7 @@ from pdkit.sim.settings import SimSettings, default_model_path
 
 
 def test_step_time_components() -> None:
-    m = LatencyModel()
+    m = LatencyModel(prefill_per_token_ms=0.06, prefill_batch_ms=8.0, decode_step_ms=7.0, decode_per_seq_ms=0.02)
     assert m.step_ms(0, 0, 0) == 0.0
     assert m.step_ms(1000, 0, 0) == pytest.approx(8.0 + 60.0)
     assert m.step_ms(0, 10, 10_000) == pytest.approx(7.0 + 0.2 + 0.27)

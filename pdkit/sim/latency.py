@@ -13,10 +13,12 @@ Step time (milliseconds)::
            + decode_per_seq_ms      * decoding sequences
            + decode_per_ctx_token_ms * total context tokens of the decoding sequences
 
-DEFAULTS ARE TO BE CALIBRATED ON H200 (issue 6, item 3).  They are estimates for the synthetic
-Llama-3-8B shape in bf16 on one H200: prefill ~0.06 ms/token + 8 ms per batch; a decode step ~7 ms +
-0.02 ms per sequence + reading the KV cache (128 KiB per token at ~4.8 TB/s -> ~0.000027 ms per context
-token).  KV transfer P->D: 2 ms + bytes at 10 GB/s (NIXL was measured between 5 and 20 GB/s on 2xH200).
+Defaults are calibrated on one H200 with pdkit's synthetic Llama-8B (bf16, vLLM 0.26.0, --enforce-eager;
+docs/gpu-results.md, ``scripts/gpu_check_pd.py --stage agg``): TTFT of a lone prompt was 24 ms at 400
+tokens and 188 ms at 6000 (-> 0.029 ms/token + 12.5 ms); a decode step took 15.4 ms at batch 1 and
+18.1 ms at batch 64 (-> 15.4 ms + 0.043 ms/sequence); the KV-read term is the bandwidth estimate
+(128 KiB per token at ~4.8 TB/s).  NIXL moved 394 MB in 3.5 ms and 789 MB in 3.4 ms between the two
+NVLinked H200s (-> ~2 ms + bytes at 400 GB/s).
 """
 
 from __future__ import annotations
@@ -28,13 +30,13 @@ from dataclasses import dataclass
 class LatencyModel:
     """Per-step cost coefficients (ms) of one simulated engine; see the module docstring."""
 
-    prefill_per_token_ms: float = 0.06
-    prefill_batch_ms: float = 8.0
-    decode_step_ms: float = 7.0
-    decode_per_seq_ms: float = 0.02
+    prefill_per_token_ms: float = 0.029
+    prefill_batch_ms: float = 12.5
+    decode_step_ms: float = 15.4
+    decode_per_seq_ms: float = 0.043
     decode_per_ctx_token_ms: float = 0.000027
     kv_transfer_fixed_ms: float = 2.0
-    kv_transfer_gb_per_s: float = 10.0
+    kv_transfer_gb_per_s: float = 400.0
 
     def step_ms(self, prefill_tokens: int, decode_seqs: int, decode_ctx_tokens: int) -> float:
         """Duration of one engine step that computes ``prefill_tokens`` and ``decode_seqs`` decodes."""
