@@ -290,6 +290,10 @@ def _register_optional_commands() -> None:
         pass
     else:
         app.command("sim-worker", help="Run one simulated vLLM engine (a stand-in, not vLLM).")(sim_worker)
+    from pdkit.bench.cli import bench, bench_compare
+
+    app.command("bench", help="Benchmark an OpenAI endpoint: rate sweeps, multi-turn, LMCache cold/warm.")(bench)
+    app.command("bench-compare", help="Merge bench result JSONs into comparison plots and a table.")(bench_compare)
 
 
 _register_optional_commands()

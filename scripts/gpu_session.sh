@@ -15,7 +15,7 @@ case "$step" in
     bash /tmp/acc/unpack.sh
     rm -rf /tmp/pdsite
     PYTHONPATH=/tmp/site python3 -m pip install -q --no-deps --no-index --target /tmp/pdsite "$repo"/.whl/pdkit-*.whl
-    PYTHONPATH=/tmp/pdsite:/tmp/site python3 -c "import pdkit.connectors.pd_connector, vllm; print('pdkit + vllm', vllm.__version__)"
+    cd /tmp && PYTHONPATH=/tmp/pdsite:/tmp/site python3 -c "import pdkit.connectors.pd_connector, vllm; print('pdkit + vllm', vllm.__version__)"
     nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader ;;
   run)
     export PYTHONPATH=/tmp/pdsite:/tmp/site
