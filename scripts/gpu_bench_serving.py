@@ -53,7 +53,8 @@ def part_agg() -> None:
 
 
 def part_disagg() -> None:
-    subprocess.run([sys.executable, str(Path(__file__).parent / "link_bandwidth.py"), "--out", str(g.OUT / "link.json")])
+    link = Path(__file__).parent / "link_bandwidth.py"
+    subprocess.run([sys.executable, str(link), "--out", str(g.OUT / "link.json")])
     config = {
         **g.common_config(),
         "mode": "disagg",
