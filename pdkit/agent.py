@@ -38,6 +38,16 @@ from pdkit.protocol import (
 
 EXIT_ENGINE_DIED = 3
 EXIT_STARTUP_TIMEOUT = 4
+EXIT_BAD_ENGINE_BUILD = 5
+
+# Engine log lines that mean "this start is broken even if it comes up": LMCache without its compiled
+# extension (torch ABI mismatch) silently falls back to slow torch code paths.
+FATAL_ENGINE_LINES = {
+    "compiled extension not found": (
+        "LMCache runs without its compiled extension (built for another torch); "
+        "install the lmcache build for this torch (lmcache 0.5.2/0.5.3 for torch 2.11)"
+    ),
+}
 
 _LOAD_METRICS = {
     "vllm:num_requests_running": "running",
@@ -86,6 +96,8 @@ class WorkerAgent:
         self._sock: zmq.asyncio.Socket | None = None
         self._seq = 0
         self._registered = False
+        self._forward: asyncio.Task[None] | None = None
+        self.fatal: str | None = None
 
     @property
     def worker_id(self) -> str:
@@ -101,11 +113,14 @@ class WorkerAgent:
         try:
             await self._start_engine()
             ready = await self._wait_healthy()
+            if self.fatal:
+                return EXIT_BAD_ENGINE_BUILD
             if ready != 0:
                 return ready
             self._connect()
             await self._register()
-            return await self._serve()
+            rc = await self._serve()
+            return EXIT_BAD_ENGINE_BUILD if self.fatal else rc
         finally:
             await self._shutdown()
 
@@ -117,7 +132,34 @@ class WorkerAgent:
             shutil.rmtree(prom_dir, ignore_errors=True)
             os.makedirs(prom_dir, exist_ok=True)
         self._log(f"starting engine: {' '.join(self.s.engine_argv[:6])} ...")
-        self.engine = await asyncio.create_subprocess_exec(*self.s.engine_argv, env=env)
+        self.engine = await asyncio.create_subprocess_exec(
+            *self.s.engine_argv,
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            limit=1 << 20,
+        )
+        self._forward = asyncio.create_task(self._forward_output(self.engine))
+
+    async def _forward_output(self, proc: asyncio.subprocess.Process) -> None:
+        """Pass the engine's output through, watching for lines that mean a broken start."""
+        assert proc.stdout is not None
+        out = sys.stdout.buffer
+        while True:
+            try:
+                raw = await proc.stdout.readline()
+            except (ValueError, asyncio.LimitOverrunError):
+                continue
+            if not raw:
+                return
+            out.write(raw)
+            out.flush()
+            line = raw.decode(errors="replace")
+            for needle, why in FATAL_ENGINE_LINES.items():
+                if needle in line:
+                    self._log(f"error: {why}; stopping the engine")
+                    self.fatal = why
+                    self._stop.set()
 
     async def _wait_healthy(self) -> int:
         assert self.engine is not None
@@ -215,6 +257,9 @@ class WorkerAgent:
                     await asyncio.sleep(0.05)
             self._sock.close()
         await stop_process(self.engine, self.s.stop_grace_s)
+        if self._forward is not None:
+            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(self._forward, timeout=2)
 
 
 async def stop_process(proc: asyncio.subprocess.Process | None, grace_s: float) -> None:
@@ -259,7 +304,7 @@ def run_agent_cli(ctx: Any, **opts: Any) -> int:
         nixl_side_channel=opts.get("nixl_side_channel"),
         kv_events_endpoint=None,
         kv_events_replay_endpoint=opts.get("kv_events_replay_endpoint"),
-        kv_events_topic=worker_id,
+        kv_events_topic=opts.get("kv_events_topic") or worker_id,
         block_size=opts.get("block_size") or 16,
         pid=os.getpid(),
     )
@@ -322,6 +367,7 @@ def _engine_from_config(opts: dict[str, Any]) -> tuple[list[str], dict[str, str]
         opts["nixl_side_channel"] = opts.get("nixl_side_channel") or f"{host}:{spec.ports['nixl_side_channel']}"
     events = spec.kv_events_config or {}
     opts["kv_events_replay_endpoint"] = opts.get("kv_events_replay_endpoint") or events.get("replay_endpoint")
+    opts["kv_events_topic"] = events.get("topic")  # the engine publishes under the plan's topic
     opts["served_model_name"] = dep.served_name
     return spec.engine_argv, spec.env, opts
 

@@ -1,0 +1,109 @@
+"""``pdkit frontend``: the plain function the lead registers as a Typer command.
+
+Why a plain function: ``pdkit/cli.py`` owns the Typer app; this module only declares the options
+(typer ``Annotated``) and runs :class:`~pdkit.frontend.server.Frontend` until SIGINT/SIGTERM, then
+drains in-flight requests for ``--stop-grace-s``.  Misuse ends as one line on stderr and exit 2.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from typing import Annotated
+
+import typer
+
+
+def frontend(
+    host: Annotated[str, typer.Option("--host", help="Bind address of HTTP and ZMQ (off loopback needs a token).")] = (
+        "127.0.0.1"
+    ),
+    port: Annotated[int, typer.Option("--port", help="HTTP port of the OpenAI API.")] = 8000,
+    zmq_port: Annotated[int, typer.Option("--zmq-port", help="ZMQ ROUTER port workers register with.")] = 8100,
+    mode: Annotated[str, typer.Option("--mode", help="agg (one hop) or disagg (prefill → decode).")] = "disagg",
+    policy: Annotated[str, typer.Option("--policy", help="round_robin | least_loaded (kv_aware later).")] = (
+        "least_loaded"
+    ),
+    token: Annotated[
+        str | None, typer.Option("--token", envvar="PDKIT_TOKEN", help="Shared registry token (env PDKIT_TOKEN).")
+    ] = None,
+    disagg_min_prompt_tokens: Annotated[
+        int, typer.Option("--disagg-min-prompt-tokens", help="Shorter prompts skip the prefill hop (0 = never).")
+    ] = 0,
+    prefill_timeout_s: Annotated[
+        float, typer.Option("--prefill-timeout-s", help="Prefill hop timeout before trying elsewhere.")
+    ] = 60.0,
+    heartbeat_interval_s: Annotated[
+        float, typer.Option("--heartbeat-interval-s", help="Heartbeat pace told to agents.")
+    ] = 1.0,
+    liveness_timeout_s: Annotated[
+        float | None, typer.Option("--liveness-timeout-s", help="Drop a silent worker after this (default 3 beats).")
+    ] = None,
+    max_inflight_per_worker: Annotated[
+        int, typer.Option("--max-inflight-per-worker", help="Above this per worker: 503 + Retry-After.")
+    ] = 256,
+    tokenizer: Annotated[
+        str | None, typer.Option("--tokenizer", help="tokenizer.json for exact prompt lengths (default chars/4).")
+    ] = None,
+    stop_grace_s: Annotated[float, typer.Option("--stop-grace-s", help="Drain time on SIGTERM.")] = 30.0,
+    log_level: Annotated[str, typer.Option("--log-level", help="debug | info | warning.")] = "info",
+) -> None:
+    """Serve the OpenAI API, route to registered workers, orchestrate prefill → decode."""
+    from pdkit.frontend.settings import FrontendSettings
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    settings = FrontendSettings(
+        host=host,
+        port=port,
+        zmq_port=zmq_port,
+        mode=mode,  # type: ignore[arg-type]
+        policy=policy,
+        token=token or None,
+        disagg_min_prompt_tokens=disagg_min_prompt_tokens,
+        prefill_timeout_s=prefill_timeout_s,
+        heartbeat_interval_s=heartbeat_interval_s,
+        liveness_timeout_s=liveness_timeout_s,
+        max_inflight_per_worker=max_inflight_per_worker,
+        tokenizer=tokenizer,
+    )
+    try:
+        settings.validate()
+        from pdkit.frontend.policies import make_policy
+
+        make_policy(policy)
+    except ValueError as exc:
+        print(f"pdkit frontend: {exc}", file=sys.stderr)
+        raise typer.Exit(2) from None
+    try:
+        import uvloop  # optional: a faster event loop when installed
+    except ImportError:
+        uvloop = None  # type: ignore[assignment]
+    main = serve(settings, stop_grace_s)
+    raise typer.Exit(uvloop.run(main) if uvloop is not None else asyncio.run(main))
+
+
+async def serve(settings: object, stop_grace_s: float = 30.0) -> int:
+    """Run a frontend until SIGINT/SIGTERM; returns the exit code (2 when a port is taken)."""
+    from pdkit.frontend.server import Frontend
+    from pdkit.frontend.settings import FrontendSettings
+
+    assert isinstance(settings, FrontendSettings)
+    fe = Frontend(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    import zmq
+
+    try:
+        await fe.start()
+    except (OSError, zmq.ZMQError) as exc:
+        print(f"pdkit frontend: cannot bind ({exc}); choose free --port/--zmq-port", file=sys.stderr)
+        await fe.stop(0)
+        return 2
+    print(f"pdkit frontend ({settings.mode}) serving at {fe.url}/v1, registry at {fe.zmq_endpoint}", file=sys.stderr)
+    await stop.wait()
+    await fe.stop(stop_grace_s)
+    return 0

@@ -1,0 +1,64 @@
+"""Prometheus metrics of the frontend (``pdkit_`` prefix), one registry per :class:`Frontend`.
+
+A private ``CollectorRegistry`` (not the global default) lets tests and the launcher run several
+frontends in one process without duplicate-metric errors.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+# Latency buckets from sub-millisecond (router overhead, ITL) to minutes (long generations).
+_LAT = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 0.6, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0)
+_ITL = (0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0)
+
+
+class FrontendMetrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "pdkit_requests", "Client requests by routing mode and HTTP status", ["mode", "status"], registry=r
+        )
+        self.ttft = Histogram(
+            "pdkit_time_to_first_token_seconds", "Streamed requests: arrival to first token byte", ["mode"],
+            buckets=_LAT, registry=r,
+        )  # fmt: skip
+        self.itl = Histogram(
+            "pdkit_inter_token_latency_seconds", "Streamed requests: gap between SSE events", ["mode"],
+            buckets=_ITL, registry=r,
+        )  # fmt: skip
+        self.e2e = Histogram(
+            "pdkit_e2e_request_latency_seconds", "Arrival to last byte", ["mode"], buckets=_LAT, registry=r
+        )
+        self.prefill_hop = Histogram(
+            "pdkit_prefill_hop_seconds", "Prefill hop (max_tokens=1) duration, successful hops", buckets=_LAT,
+            registry=r,
+        )  # fmt: skip
+        self.decode_hop = Histogram(
+            "pdkit_decode_hop_seconds", "Decode (or single) hop duration, request sent to last byte", ["mode"],
+            buckets=_LAT, registry=r,
+        )  # fmt: skip
+        self.retries = Counter(
+            "pdkit_retries", "Hops retried on another worker of the same role", ["role", "reason"], registry=r
+        )
+        self.fallbacks = Counter(
+            "pdkit_fallbacks", "Disagg requests prefilled on the decode worker instead", ["reason"], registry=r
+        )
+        self.stream_errors = Counter(
+            "pdkit_stream_errors", "Streams ended with an SSE error event after the first byte", registry=r
+        )
+        self.client_disconnects = Counter(
+            "pdkit_client_disconnects", "Requests whose client went away (upstream aborted)", registry=r
+        )
+        self.inflight = Gauge(
+            "pdkit_worker_inflight", "Requests this frontend has on each worker", ["worker_id", "role"], registry=r
+        )
+        self.workers = Gauge("pdkit_registry_workers", "Registered live workers", ["role"], registry=r)
+        self.registry_messages = Counter(
+            "pdkit_registry_messages", "Agent messages by type and result", ["type", "result"], registry=r
+        )
+        for role in ("prefill", "decode", "agg"):
+            self.workers.labels(role=role).set(0)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,72 @@
+"""Settings of one frontend (what ``pdkit frontend`` options map to)."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from typing import Literal
+
+Mode = Literal["agg", "disagg"]
+
+
+def is_loopback(host: str) -> bool:
+    """True for addresses only this machine can reach (the registry needs no token there)."""
+    if host in ("localhost", "ip6-localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass
+class FrontendSettings:
+    """Everything one frontend needs.  Port 0 binds a free port (tests); :meth:`validate` explains misuse.
+
+    ``disagg_min_prompt_tokens``: in disagg mode, prompts estimated below this many tokens skip the
+    prefill hop and go straight to a decode worker (which prefills them itself); 0 disaggregates all.
+    ``liveness_timeout_s``: a worker silent this long is dropped (None = 3 heartbeat intervals).
+    ``max_inflight_per_worker``: requests this frontend keeps on one worker at most; when every worker
+    of a role is full the client gets 503 + Retry-After instead of an unbounded queue.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    zmq_port: int = 8100
+    mode: Mode = "disagg"
+    policy: str = "least_loaded"
+    token: str | None = None
+    disagg_min_prompt_tokens: int = 0
+    prefill_timeout_s: float = 60.0
+    connect_timeout_s: float = 5.0
+    heartbeat_interval_s: float = 1.0
+    liveness_timeout_s: float | None = None
+    max_inflight_per_worker: int = 256
+    max_prefill_attempts: int = 2
+    max_decode_attempts: int = 2
+    retry_after_s: int = 1
+    tokenizer: str | None = None
+
+    @property
+    def liveness_s(self) -> float:
+        return self.liveness_timeout_s if self.liveness_timeout_s is not None else 3 * self.heartbeat_interval_s
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the bad setting and the fix."""
+        if self.mode not in ("agg", "disagg"):
+            raise ValueError(f"mode must be agg or disagg, got {self.mode!r}")
+        if not is_loopback(self.host) and not self.token:
+            raise ValueError(
+                f"the frontend binds {self.host} (off loopback) without a shared token; "
+                "pass --token or set PDKIT_TOKEN (the same value on every worker)"
+            )
+        if self.heartbeat_interval_s <= 0 or self.liveness_s <= 0:
+            raise ValueError("heartbeat interval and liveness timeout must be positive")
+        if self.max_inflight_per_worker < 1:
+            raise ValueError("max_inflight_per_worker must be at least 1")
+        if self.prefill_timeout_s <= 0 or self.connect_timeout_s <= 0:
+            raise ValueError("timeouts must be positive")
+        if self.disagg_min_prompt_tokens < 0:
+            raise ValueError("disagg_min_prompt_tokens must be >= 0")
+        if self.max_prefill_attempts < 1 or self.max_decode_attempts < 1:
+            raise ValueError("attempt counts must be at least 1")

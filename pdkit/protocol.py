@@ -1,0 +1,149 @@
+"""ZMQ registry messages between worker agents and the frontend (protocol version 1).
+
+Why its own module: the agent and the frontend are separate processes, possibly on separate hosts and
+of separate pdkit versions during a rolling upgrade, so the wire format must be explicit, versioned and
+safe to parse from an untrusted peer.  Every message is one ZMQ frame of JSON (never pickle: a pickle
+from the network is remote code execution), validated by pydantic and discriminated by ``type``.
+
+Transport: the frontend binds a ROUTER socket, each agent connects a DEALER.  Agents send
+``register`` / ``heartbeat`` / ``deregister``; the frontend answers every one with an ``ack``.  A
+heartbeat for a worker the frontend does not know gets ``ok=false`` with an error that mentions
+"register", which tells the agent to register again (the frontend restarted).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+
+PROTOCOL_VERSION = 1
+
+Role = Literal["prefill", "decode", "agg"]
+Engine = Literal["vllm", "sim"]
+
+
+class _Model(BaseModel):
+    # Unknown fields are ignored rather than rejected so a newer agent with an extra optional field
+    # can still talk to an older frontend of the same protocol version.
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class WorkerInfo(_Model):
+    """What the frontend needs to route to one engine, sent once at registration."""
+
+    worker_id: str = Field(min_length=1, max_length=256)
+    role: Role
+    url: str = Field(pattern=r"^https?://[^/\s]+$", description="engine base URL, http://host:port, no path")
+    model: str = Field(min_length=1, description="served model name")
+    engine: Engine = "vllm"
+    nixl_side_channel: str | None = None
+    kv_events_endpoint: str | None = None
+    kv_events_replay_endpoint: str | None = None
+    kv_events_topic: str | None = None
+    block_size: int = Field(default=16, ge=1)
+    pid: int | None = None
+
+    @field_validator("url", mode="before")
+    @classmethod
+    def _strip_slash(cls, v: object) -> object:
+        # "http://h:p/" and "http://h:p" name the same engine; the frontend appends paths itself.
+        return v.rstrip("/") if isinstance(v, str) else v
+
+
+class Load(_Model):
+    """Engine load scraped by the agent from the engine's ``/metrics`` (vLLM metric names)."""
+
+    running: int = Field(default=0, ge=0)
+    waiting: int = Field(default=0, ge=0)
+    kv_usage: float = Field(default=0.0, ge=0.0)
+
+
+class Register(_Model):
+    type: Literal["register"] = "register"
+    version: int = PROTOCOL_VERSION
+    token: str | None = None
+    worker: WorkerInfo
+
+
+class Heartbeat(_Model):
+    type: Literal["heartbeat"] = "heartbeat"
+    version: int = PROTOCOL_VERSION
+    token: str | None = None
+    worker_id: str = Field(min_length=1, max_length=256)
+    seq: int = Field(default=0, ge=0)
+    load: Load = Field(default_factory=Load)
+
+
+class Deregister(_Model):
+    type: Literal["deregister"] = "deregister"
+    version: int = PROTOCOL_VERSION
+    token: str | None = None
+    worker_id: str = Field(min_length=1, max_length=256)
+    reason: str = ""
+
+
+class Ack(_Model):
+    """The frontend's reply to every agent message; ``heartbeat_interval_s`` tells the agent the pace."""
+
+    type: Literal["ack"] = "ack"
+    version: int = PROTOCOL_VERSION
+    ok: bool = True
+    error: str | None = None
+    heartbeat_interval_s: float | None = None
+
+
+Message = Annotated[Register | Heartbeat | Deregister | Ack, Field(discriminator="type")]
+_ADAPTER: TypeAdapter[Register | Heartbeat | Deregister | Ack] = TypeAdapter(Message)
+
+# Upper bound on one frame: a registration is a few hundred bytes; refusing large frames before JSON
+# parsing keeps a misbehaving peer from making the frontend allocate and parse megabytes.
+MAX_MESSAGE_BYTES = 64 * 1024
+
+
+class ProtocolError(ValueError):
+    """A frame that is not a valid version-1 message; the text says what is wrong, for the ack."""
+
+
+def parse_message(raw: bytes) -> Register | Heartbeat | Deregister | Ack:
+    """Decode one frame; raises :class:`ProtocolError` (a ``ValueError``) on anything invalid.
+
+    The version is checked explicitly so an agent of another protocol version gets a message that
+    names the mismatch instead of a pydantic field error.
+    """
+    if len(raw) > MAX_MESSAGE_BYTES:
+        raise ProtocolError(f"message of {len(raw)} bytes exceeds {MAX_MESSAGE_BYTES}")
+    try:
+        msg = _ADAPTER.validate_json(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": str(exc)}
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        raise ProtocolError(f"invalid message: {where}: {first.get('msg')}".replace(": :", ":")) from None
+    if msg.version != PROTOCOL_VERSION:
+        raise ProtocolError(
+            f"protocol version {msg.version} not supported (frontend speaks {PROTOCOL_VERSION}); "
+            "run the same pdkit version on agents and frontend"
+        )
+    return msg
+
+
+def encode(msg: Register | Heartbeat | Deregister | Ack) -> bytes:
+    """One JSON frame; ``None`` fields are kept so the wire shape matches docs/architecture.md."""
+    return msg.model_dump_json().encode()
+
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "Ack",
+    "Deregister",
+    "Engine",
+    "Heartbeat",
+    "Load",
+    "Message",
+    "ProtocolError",
+    "Register",
+    "Role",
+    "WorkerInfo",
+    "encode",
+    "parse_message",
+]
