@@ -5,7 +5,8 @@ PdConnector's own ``kv_connector_extra_config`` (the contract produced by ``pdki
     {
       "lmcache": {"lmcache.<field>": ...} | {} | null,   # null or absent: no LMCache child (NIXL only)
       "nixl": {"backends": ["UCX"], ...},                 # NixlConnector's own extra-config keys
-      "verify_transfers": false,                          # issue 9 (transfer fingerprints)
+      "verify_transfers": false,                          # issue 9 (transfer fingerprints, pd_verify.py)
+      "lmcache_events": "vllm" | "raw" | "both" | "off",  # LMCache tiers as KV events (lmcache_tiers.py)
       # optional, rarely needed: which class each child is
       "lmcache_connector": "LMCacheConnectorV1" | {"kv_connector": ..., "kv_connector_module_path": ...},
       "nixl_connector": "NixlConnector" | "NixlPushConnector" | {"kv_connector": ..., ...}

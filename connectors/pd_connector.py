@@ -45,11 +45,13 @@ from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.outputs import KVConnectorOutput
 
 from pdkit.connectors.lmcache_events import relabel_events
+from pdkit.connectors.lmcache_tiers import LMCacheTierEvents, LMCacheTierSettings
 from pdkit.connectors.pd_children import (
     LMCACHE,
     NIXL,
     child_classes_and_configs,
     child_classes_from_extra,
+    child_extra,
 )
 from pdkit.connectors.pd_types import (
     PD_STATS_KEY,
@@ -58,6 +60,14 @@ from pdkit.connectors.pd_types import (
     PdPromMetrics,
     PdWorkerMetadata,
     rebuild_stats,
+)
+from pdkit.connectors.pd_verify import (
+    FINGERPRINTS_KEY,
+    ProducerFingerprints,
+    VerifySpec,
+    WorkerFingerprints,
+    expected_for_pull,
+    rank_key,
 )
 
 if TYPE_CHECKING:
@@ -73,6 +83,10 @@ logger = init_logger(__name__)
 
 # How many reported request ids a worker remembers to drop duplicates (ids are unique per request).
 _REPORTED_MEMORY = 65536
+# "lmcache_events": what PdConnector publishes for LMCache's tiers.  "vllm": vLLM block hashes of the
+# prefixes LMCache holds (connectors/lmcache_tiers.py; the router can use these), "raw": LMCache's own
+# chunk events (medium normalised), "both", or "off".
+LMCACHE_EVENT_MODES = ("vllm", "raw", "both", "off")
 
 __all__ = ["PdConnector", "PdConnectorMetadata", "PdWorkerMetadata", "PdConnectorStats", "merge_transfer_params"]
 
@@ -104,8 +118,7 @@ class PdConnector(KVConnectorBase_V1):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         extra = self._kv_transfer_config.kv_connector_extra_config or {}
         self.verify_transfers = bool(extra.get("verify_transfers", False))
-        if self.verify_transfers:
-            logger.warning("PdConnector: verify_transfers is accepted but not implemented yet (issue 9)")
+        self._block_size = vllm_config.cache_config.block_size
         self._children: dict[str, KVConnectorBase_V1] = {
             name: cls(child_config, role, kv_cache_config)
             for name, (cls, child_config) in child_classes_and_configs(vllm_config).items()
@@ -120,6 +133,24 @@ class PdConnector(KVConnectorBase_V1):
         # (vLLM's scheduler frees the blocks of a reported request; a second report would crash it).
         self._reported: OrderedDict[str, None] = OrderedDict()
         self._stats = PdConnectorStats()
+        # LMCache tiers as vLLM-hash KV events (scheduler side).
+        self._lmcache_events = str(extra.get("lmcache_events", "vllm"))
+        if self._lmcache_events not in LMCACHE_EVENT_MODES:
+            raise ValueError(f"lmcache_events must be one of {LMCACHE_EVENT_MODES}, got {self._lmcache_events!r}")
+        self._tiers: LMCacheTierEvents | None = None
+        if role == KVConnectorRole.SCHEDULER and LMCACHE in self._children and self._lmcache_events in ("vllm", "both"):
+            settings = LMCacheTierSettings.from_config(child_extra(extra, LMCACHE) or {})
+            self._tiers = LMCacheTierEvents(self._block_size, settings)
+        self._tiers_after_save: dict[str, Request] = {}
+        # verify_transfers (connectors/pd_verify.py).
+        ktc = self._kv_transfer_config
+        self._producer_fps: ProducerFingerprints | None = None
+        is_sched = role == KVConnectorRole.SCHEDULER
+        if self.verify_transfers and is_sched and ktc.is_kv_producer and NIXL in self._children:
+            self._producer_fps = ProducerFingerprints(self._block_size)
+        self._verify_pending: dict[str, Any] = {}  # decode scheduler: request -> fingerprint payload
+        self._worker_fps: WorkerFingerprints | None = None  # built in register_kv_caches
+        self._fingerprint_due: dict[str, list[int]] = {}
         logger.info(
             "PdConnector (%s, role %s): children %s",
             role.name,
@@ -139,13 +170,36 @@ class PdConnector(KVConnectorBase_V1):
 
     @property
     def prefer_cross_layer_blocks(self) -> bool:
-        # One KV layout serves both children, so only when both can use it.
+        # One KV layout serves both children, so only when both can use it; verification fingerprints
+        # per-layer tensors (register_kv_caches), so it keeps vLLM's per-layer layout.
+        if self.verify_transfers:
+            return False
         return bool(self._children) and all(c.prefer_cross_layer_blocks for c in self._children.values())
 
     # ------------------------------------------------------------------ worker side
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         # Both: NIXL registers the memory for RDMA, LMCache keeps the tensors to copy chunks in/out.
         self._each(lambda c: c.register_kv_caches(kv_caches))
+        if self.verify_transfers and NIXL in self._children:
+            self._worker_fps = self._make_worker_fingerprints(kv_caches)
+
+    def _make_worker_fingerprints(self, kv_caches: dict[str, torch.Tensor]) -> WorkerFingerprints | None:
+        from pdkit.kernels.fingerprint import KVFingerprinter, geometry
+
+        try:
+            tokens = geometry(next(iter(kv_caches.values()))).tokens
+            per_id = self._block_size // tokens if tokens < self._block_size and self._block_size % tokens == 0 else 1
+            fingerprinter = KVFingerprinter(kv_caches, blocks_per_id=per_id)
+            fingerprinter([0])  # compile/warm the kernel at start-up, not in the first request's step
+        except (TypeError, ValueError, IndexError, StopIteration) as exc:
+            logger.warning("PdConnector: verify_transfers off, cannot fingerprint this KV cache: %s", exc)
+            return None
+        rank = rank_key()
+        logger.info("PdConnector: verify_transfers on (rank %s, %s backend, layouts %s, %d kernel blocks per id)",
+                    rank, fingerprinter.backend, sorted(fingerprinter.layouts), per_id)  # fmt: skip
+        # Fault injection (GPU check) only ever corrupts *received* blocks: decode workers only.
+        inject = None if self._kv_transfer_config.is_kv_consumer else ""
+        return WorkerFingerprints(fingerprinter, rank, inject_faults=inject)
 
     def register_cross_layers_kv_cache(self, kv_cache: torch.Tensor, attn_backend: type[AttentionBackend]) -> None:
         self._each(lambda c: c.register_cross_layers_kv_cache(kv_cache, attn_backend))
@@ -160,6 +214,9 @@ class PdConnector(KVConnectorBase_V1):
         assert isinstance(connector_metadata, PdConnectorMetadata)
         for rid, names in connector_metadata.awaited_sends.items():
             self._awaiting[rid] = set(names)
+        if self._worker_fps is not None:
+            self._worker_fps.expect(connector_metadata.verify)
+            self._fingerprint_due = dict(connector_metadata.fingerprint_blocks)
         for name, child in self._children.items():
             child.bind_connector_metadata(connector_metadata.children[name])
         super().bind_connector_metadata(connector_metadata)
@@ -214,13 +271,28 @@ class PdConnector(KVConnectorBase_V1):
             self._reported[rid] = None
         while len(self._reported) > _REPORTED_MEMORY:
             self._reported.popitem(last=False)
+        if self._worker_fps is not None and recving:
+            self._verify_received(recving)
         return sending or None, recving or None
+
+    def _verify_received(self, recving: set[str]) -> None:
+        """Decode: NIXL says these pulls are done; check their fingerprints (bad blocks → load errors)."""
+        fps = self._worker_fps
+        assert fps is not None
+        checked, mismatched = fps.checked_blocks, fps.mismatch_blocks
+        for rid, bad in fps.check(recving):
+            logger.warning("PdConnector: request %s: %d received KV block(s) fail their fingerprint (rank %s): "
+                           "%s; reporting them as load errors", rid, len(bad), fps.rank, bad[:16])  # fmt: skip
+        self._stats.add("kv_verify_checked_blocks", fps.checked_blocks - checked)
+        self._stats.add("kv_verify_mismatch_blocks", fps.mismatch_blocks - mismatched)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         # Union: vLLM recomputes (or fails, per kv_load_failure_policy) whichever child's load failed.
         failed: set[int] = set()
         for child in self._children.values():
             failed |= child.get_block_ids_with_load_errors()
+        if self._worker_fps is not None:
+            failed |= self._worker_fps.take_bad_blocks()
         return failed
 
     def get_kv_connector_stats(self) -> KVConnectorStats | None:
@@ -258,9 +330,15 @@ class PdConnector(KVConnectorBase_V1):
 
     def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
         metas = {name: child.build_connector_worker_meta() for name, child in self._children.items()}
-        if all(m is None for m in metas.values()):
+        fingerprints: dict[str, dict[str, Any]] = {}
+        if self._worker_fps is not None and self._fingerprint_due:
+            # After this step's forward (stream order), so the blocks hold the prompt's final KV.
+            self._worker_fps.compute(self._fingerprint_due)
+            self._fingerprint_due = {}
+            fingerprints = self._worker_fps.take_computed()
+        if all(m is None for m in metas.values()) and not fingerprints:
             return None
-        return PdWorkerMetadata(children=metas)
+        return PdWorkerMetadata(children=metas, fingerprints=fingerprints)
 
     def get_finished_count(self) -> int | None:
         return None
@@ -324,6 +402,13 @@ class PdConnector(KVConnectorBase_V1):
                 self._stats.add(f"{loader}_loads")
                 self._stats.add("lmcache_hit_tokens" if loader == LMCACHE else "nixl_load_tokens",
                                 num_external_tokens)
+        if self._producer_fps is not None and _is_remote_decode(request):
+            self._producer_fps.track(request)
+        if self.verify_transfers and loader == NIXL and num_external_tokens > 0 and _is_remote_prefill(request):
+            # Read before NIXL's own update_state_after_alloc marks the params processed.
+            payload = (request.kv_transfer_params or {}).get(FINGERPRINTS_KEY)
+            if payload is not None:
+                self._verify_pending[request.request_id] = payload
         for name, child in self._children.items():
             child.update_state_after_alloc(request, blocks, num_external_tokens if name == loader else 0)
 
@@ -333,7 +418,29 @@ class PdConnector(KVConnectorBase_V1):
             awaited_sends=self._awaited_out,
         )
         self._awaited_out = {}
+        if self._producer_fps is not None:
+            meta.fingerprint_blocks = self._producer_fps.due(scheduler_output)
+        if self._verify_pending:
+            meta.verify = self._verify_specs(meta.children.get(NIXL))
         return meta
+
+    def _verify_specs(self, nixl_meta: KVConnectorMetadata | None) -> dict[str, Any]:
+        """Decode: the blocks NIXL pulls this step for each request with fingerprints, and their values."""
+        recv = getattr(nixl_meta, "reqs_to_recv", None) or {}
+        specs: dict[str, Any] = {}
+        for rid, payload in self._verify_pending.items():
+            req_meta = recv.get(rid)
+            if req_meta is None or not req_meta.local_block_ids:
+                continue
+            local = list(req_meta.local_block_ids[0])
+            expected = expected_for_pull(payload, local, self._block_size)
+            if expected is None:
+                logger.warning_once("PdConnector: received fingerprints cannot be checked here (block size, "
+                                    "payload version or length differ); request %s not verified", rid)  # fmt: skip
+                continue
+            specs[rid] = VerifySpec(local_block_ids=local, expected=expected)
+        self._verify_pending = {}
+        return specs
 
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
         # Each child sees the output with its own worker metadata (LMCache also collects KV events here).
@@ -345,6 +452,20 @@ class PdConnector(KVConnectorBase_V1):
                 child.update_connector_output(connector_output)
         finally:
             connector_output.kv_connector_worker_meta = wrapped
+        if self._producer_fps is not None:
+            # Same Scheduler.update_from_output call as this step's request_finished: the params dicts
+            # it returned are not serialised yet, so the fingerprints still reach them (pd_verify.py).
+            if isinstance(wrapped, PdWorkerMetadata) and wrapped.fingerprints:
+                self._producer_fps.on_worker_fingerprints(wrapped.fingerprints)
+            missed = self._producer_fps.end_of_update()
+            if missed:
+                self._stats.add("kv_verify_unsent", len(missed))
+                logger.warning("PdConnector: fingerprints for %s were not ready; sent unverified", missed[:8])
+        if self._tiers is not None:
+            for rid in connector_output.finished_sending or ():
+                request = self._tiers_after_save.pop(rid, None)
+                if request is not None:
+                    self._tiers.on_stored(request)
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         """Both children are told; blocks stay while any child delays; params merged (NIXL's on prefill)."""
@@ -359,6 +480,13 @@ class PdConnector(KVConnectorBase_V1):
         if delayed:
             self._awaited_out[request.request_id] = tuple(delayed)
         merged = merge_transfer_params(params)
+        if self._tiers is not None:
+            if LMCACHE in delayed:  # LMCache's async save: announce once it reports the save done
+                self._tiers_after_save[request.request_id] = request
+            else:
+                self._tiers.on_stored(request)
+        if self._producer_fps is not None:
+            self._producer_fps.on_request_finished(request, merged if _is_remote_decode(request) else None)
         if _is_remote_decode(request) and NIXL in self._children and not params.get(NIXL):
             self._stats.add("prefill_without_params")
             aborted = getattr(request.status, "name", "") == "FINISHED_ABORTED"
@@ -371,9 +499,22 @@ class PdConnector(KVConnectorBase_V1):
         return bool(delayed), merged
 
     def take_events(self) -> Iterable[KVCacheEvent]:
+        """Consumed by vLLM 0.26.0's Scheduler.update_from_output and published next to its GPU events.
+
+        LMCache's tiers go out in vLLM's block-hash space (``lmcache_events="vllm"``, the default; see
+        connectors/lmcache_tiers.py), LMCache's own chunk events are only used to map evictions back,
+        unless ``"raw"``/``"both"`` asks for them too.
+        """
         for name, child in self._children.items():
-            events = child.take_events()
-            yield from (relabel_events(events) if name == LMCACHE else events)
+            if name != LMCACHE:
+                yield from child.take_events()
+                continue
+            raw = list(relabel_events(child.take_events()))
+            if self._tiers is not None:
+                self._tiers.on_lmcache_events(raw)
+                yield from self._tiers.take()
+            if self._lmcache_events in ("raw", "both"):
+                yield from raw
 
     def set_xfer_handshake_metadata(self, metadata: dict[int, KVConnectorHandshakeMetadata]) -> None:
         # Starts NIXL's side-channel listener; LMCache has no handshake.

@@ -36,13 +36,22 @@ class PdConnectorMetadata(KVConnectorMetadata):
 
     children: dict[str, KVConnectorMetadata]
     awaited_sends: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # verify_transfers (connectors/pd_verify.py): prefill workers fingerprint these blocks after this
+    # step's forward; decode workers check these requests (VerifySpec) once NIXL has received them.
+    fingerprint_blocks: dict[str, list[int]] = field(default_factory=dict)
+    verify: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class PdWorkerMetadata(KVConnectorWorkerMetadata):
-    """Worker → scheduler: each child's worker metadata (``None`` where a child sent none)."""
+    """Worker → scheduler: each child's worker metadata (``None`` where a child sent none).
+
+    ``fingerprints``: ``{request_id: {"block_ids": [...], "ranks": {rank: [int64, ...]}}}`` from prefill
+    workers with ``verify_transfers``; ranks of a TP group are merged by :meth:`aggregate`.
+    """
 
     children: dict[str, KVConnectorWorkerMetadata | None]
+    fingerprints: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
         assert isinstance(other, PdWorkerMetadata)
@@ -53,7 +62,13 @@ class PdWorkerMetadata(KVConnectorWorkerMetadata):
                 merged[name] = meta
             elif meta is not None:
                 merged[name] = mine.aggregate(meta)
-        return PdWorkerMetadata(children=merged)
+        fps = {rid: {"block_ids": e["block_ids"], "ranks": dict(e["ranks"])} for rid, e in self.fingerprints.items()}
+        for rid, entry in other.fingerprints.items():
+            if rid in fps:
+                fps[rid]["ranks"].update(entry["ranks"])
+            else:
+                fps[rid] = {"block_ids": entry["block_ids"], "ranks": dict(entry["ranks"])}
+        return PdWorkerMetadata(children=merged, fingerprints=fps)
 
 
 PD_COUNTERS = (
@@ -62,6 +77,9 @@ PD_COUNTERS = (
     "nixl_loads",  # requests whose KV NIXL pulled
     "nixl_load_tokens",
     "prefill_without_params",  # prefill (do_remote_decode) requests that ended without NIXL params
+    "kv_verify_checked_blocks",  # decode workers: received blocks whose fingerprint was checked (per rank)
+    "kv_verify_mismatch_blocks",  # decode workers: of those, mismatching (reported as load errors)
+    "kv_verify_unsent",  # prefill: NIXL params sent without fingerprints (values not ready in time)
 )
 
 
@@ -147,6 +165,9 @@ class PdPromMetrics(KVConnectorPromMetrics):
             "nixl_loads": "Requests whose KV PdConnector pulled over NIXL.",
             "nixl_load_tokens": "Prompt tokens PdConnector pulled over NIXL.",
             "prefill_without_params": "Prefill requests (do_remote_decode) that ended without NIXL transfer params.",
+            "kv_verify_checked_blocks": "Received KV blocks decode checked (verify_transfers; per TP rank).",
+            "kv_verify_mismatch_blocks": "Received KV blocks failing their fingerprint (reported as load errors).",
+            "kv_verify_unsent": "Prefill requests whose NIXL params went out without fingerprints.",
         }
         self._counters = {
             key: create_metric_per_engine(

@@ -100,6 +100,9 @@ class NixlConfig(_Strict):
     extra_config: dict[str, Any] = Field(default_factory=dict)
     env: dict[str, str] = Field(default_factory=dict)
     kv_load_failure_policy: Literal["recompute", "fail"] = "recompute"
+    # Issue 9: prefill sends KV block fingerprints, decode (PdConnector, NIXL-only) checks them and
+    # reports mismatching blocks as load errors (recomputed with kv_load_failure_policy=recompute).
+    verify_transfers: bool = False
 
 
 # Per-role defaults: distinct port ranges so the roles never collide on one host.
@@ -132,6 +135,7 @@ class Deployment(_Strict):
     block_size: int | None = Field(default=None, gt=0)
     kv_cache_dtype: str = "auto"
     hash_seed: int = 0
+    share_gpus: bool = False
     run_dir: Path | None = None
     frontend: FrontendConfig = Field(default_factory=FrontendConfig)
     agg: WorkerGroupConfig = Field(default_factory=lambda: _default_group("agg"))
@@ -317,6 +321,15 @@ def _check_group(dep: Deployment, role: Role) -> None:
 
 def _check_gpus(dep: Deployment) -> None:
     if dep.engine == "sim":
+        return
+    if dep.share_gpus:
+        # Several vLLM instances on one GPU (tests, small models): each may take only its share.
+        if dep.gpu_memory_utilization is None or dep.gpu_memory_utilization > 0.5:
+            raise ConfigError(
+                "gpu_memory_utilization",
+                "share_gpus is on but each worker may take up to 90% of a GPU",
+                "set gpu_memory_utilization to at most 1/(workers per GPU), e.g. 0.4",
+            )
         return
     owner: dict[tuple[str, int], str] = {}
     for role in dep.roles():

@@ -85,20 +85,34 @@ def kv_transfer_dict(
             return None
         return {"kv_connector": "LMCacheConnectorV1", "kv_role": "kv_both"}
     if role == "prefill":
-        if not lmcache.enabled:
+        if not lmcache.enabled and not nixl.verify_transfers:
             return {"kv_connector": nixl_connector, "kv_role": "kv_producer", "kv_connector_extra_config": nixl_extra}
         return {
             "kv_connector": PD_CONNECTOR,
             "kv_connector_module_path": PD_CONNECTOR_MODULE,
             "kv_role": "kv_producer",
             "kv_connector_extra_config": {
-                "lmcache": {},
+                "lmcache": {} if lmcache.enabled else None,
                 "nixl": nixl_extra,
                 "nixl_connector": nixl_connector,
-                "verify_transfers": False,
+                "verify_transfers": nixl.verify_transfers,
             },
         }
     if role == "decode":
+        if nixl.verify_transfers:
+            # PdConnector in NIXL-only mode: it wraps NIXL to check what NIXL delivered.
+            return {
+                "kv_connector": PD_CONNECTOR,
+                "kv_connector_module_path": PD_CONNECTOR_MODULE,
+                "kv_role": "kv_consumer",
+                "kv_load_failure_policy": nixl.kv_load_failure_policy,
+                "kv_connector_extra_config": {
+                    "lmcache": None,
+                    "nixl": nixl_extra,
+                    "nixl_connector": nixl_connector,
+                    "verify_transfers": True,
+                },
+            }
         return {
             "kv_connector": nixl_connector,
             "kv_role": "kv_consumer",
@@ -140,7 +154,7 @@ def kv_transfer_config(
     if role in ("prefill", "decode"):
         # Both sides state it: the NIXL handshake hashes the HMA setting (see module docstring), and vLLM
         # turns HMA off by itself for PdConnector but not for plain NIXL.
-        if lmcache.enabled:
+        if lmcache.enabled or nixl.verify_transfers:
             serve_args.append(DISABLE_HMA_FLAG)
         env.update(nixl.env)
         if side_channel_port is not None:

@@ -80,3 +80,10 @@ def test_partial_group_keeps_role_default_ports() -> None:
     dep = load_deployment(None, {"prefill.gpus": [[3]]})
     assert dep.prefill.http_port_base == 8300
     assert dep.prefill.gpus == [[3]]
+
+
+def test_share_gpus_needs_a_memory_share() -> None:
+    with pytest.raises(ConfigError, match="gpu_memory_utilization"):
+        load_deployment(None, {"prefill.gpus": [[0]], "share_gpus": True})
+    dep = load_deployment(None, {"prefill.gpus": [[0]], "share_gpus": True, "gpu_memory_utilization": 0.4})
+    assert dep.prefill.gpus == dep.decode.gpus == [[0]]

@@ -106,3 +106,14 @@ def test_import_pdkit_and_kv_transfer_config_without_vllm() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+def test_verify_transfers_puts_pdconnector_on_both_roles() -> None:
+    nixl = NixlConfig(verify_transfers=True)
+    p, p_args, _ = kv_transfer_config("prefill", nixl=nixl)
+    d, d_args, _ = kv_transfer_config("decode", nixl=nixl)
+    assert p.kv_connector == d.kv_connector == PD_CONNECTOR
+    assert p.kv_connector_extra_config["verify_transfers"] is True
+    assert d.kv_role == "kv_consumer" and d.kv_connector_extra_config["lmcache"] is None
+    assert d.kv_connector_extra_config["verify_transfers"] is True
+    assert DISABLE_HMA_FLAG in p_args and DISABLE_HMA_FLAG in d_args

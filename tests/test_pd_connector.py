@@ -107,6 +107,9 @@ class FakeNixlWorker:
         self.use_host_buffer = False
         self.copy_blocks = None
 
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        self.kv_caches = kv_caches
+
     def get_finished(self) -> tuple[set[str], set[str]]:
         out = (self.sending, self.recving)
         self.sending, self.recving = set(), set()
@@ -494,8 +497,9 @@ def test_prom_metrics_include_pdkit_counters_and_nixl() -> None:
 
 # ---------------------------------------------------------------- KV events
 def test_lmcache_chunks_surface_as_cpu_kv_events() -> None:
-    """Worker collects LMCache's stored chunks; the scheduler side publishes them with medium CPU/DISK."""
-    worker = make_connector(KVConnectorRole.WORKER)
+    """``lmcache_events: raw``: worker collects LMCache's stored chunks; the scheduler side publishes them
+    with medium CPU/DISK (the default, ``vllm``, is in tests/test_pd_connector_tiers.py)."""
+    worker = make_connector(KVConnectorRole.WORKER, pd_transfer_config(lmcache_events="raw"))
     stored = [
         BlockStored(block_hashes=[11], parent_block_hash=None, token_ids=list(range(256)), block_size=256,
                     lora_id=None, medium="cpu", lora_name=None),
@@ -506,7 +510,7 @@ def test_lmcache_chunks_surface_as_cpu_kv_events() -> None:
     events = worker.get_kv_connector_kv_cache_events()
     assert isinstance(events, LMCacheKVEvents)
 
-    sched = make_connector(KVConnectorRole.SCHEDULER)
+    sched = make_connector(KVConnectorRole.SCHEDULER, pd_transfer_config(lmcache_events="raw"))
     sched.update_connector_output(KVConnectorOutput(kv_cache_events=events))
     published = list(sched.take_events())
     assert [(e.block_hashes, e.medium) for e in published] == [([11], "CPU"), ([12], "DISK")]
