@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import torch
 import triton
 import triton.language as tl
+
 from pdkit.kernels.fingerprint import LayerGeometry, as_words
 
 

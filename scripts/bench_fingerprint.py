@@ -29,6 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
 from pdkit.kernels.fingerprint import KVFingerprinter, finalize, geometry, reference_fingerprints
 
 LAYERS, HEADS, TOKENS, HEAD_SIZE = 32, 8, 16, 128
@@ -154,6 +155,7 @@ def main() -> int:
         print("no CUDA device", file=sys.stderr)
         return 2
     import triton
+
     from pdkit.kernels._fingerprint_triton import TritonPlan
 
     t_start = time.perf_counter()

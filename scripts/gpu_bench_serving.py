@@ -36,8 +36,8 @@ def bench(args: list[str]) -> int:
     return rc
 
 
-def sweep(label: str, extra: list[str]) -> None:
-    bench(["--label", label, "--shape", SHAPE, "--rate", RATES, "--num-requests", "32", "--max-duration", "40",
+def sweep(label: str, extra: list[str], rates: str = RATES) -> None:
+    bench(["--label", label, "--shape", SHAPE, "--rate", rates, "--num-requests", "32", "--max-duration", "40",
            "--warmup", "2", "--output", str(g.OUT / f"bench-{label}-8k.json"), *extra])  # fmt: skip
 
 
@@ -52,9 +52,10 @@ def part_agg() -> None:
         g.log("stop", g.stop(proc, run_dir))
 
 
-def part_disagg() -> None:
+def part_disagg(block_size: int | None, rates: str, full: bool) -> None:
     link = Path(__file__).parent / "link_bandwidth.py"
-    subprocess.run([sys.executable, str(link), "--out", str(g.OUT / "link.json")])
+    if full:
+        subprocess.run([sys.executable, str(link), "--out", str(g.OUT / "link.json")])
     config = {
         **g.common_config(),
         "mode": "disagg",
@@ -62,11 +63,17 @@ def part_disagg() -> None:
         "prefill": {"gpus": [[1]], "extra_args": ["--no-enable-prefix-caching"]},
         "decode": {"gpus": [[0]]},
     }
+    label = "disagg"
+    if block_size:
+        config["block_size"] = block_size
+        label = f"disagg-block{block_size}"
     run_dir = g.STATE / "bench-disagg"
     proc, ready_s = g.launch(["disagg", "--prefill-gpu", "1", "--decode-gpu", "0"], config, run_dir)
     try:
         g.log(f"disagg ready in {ready_s:.1f} s")
-        sweep("disagg", ["--link-json", str(g.OUT / "link.json")])
+        sweep(label, ["--link-json", str(g.OUT / "link.json")] if full else [], rates)
+        if not full:
+            return
         bench(["--label", "lmcache-disagg", "--workload", "repeat", "--num-prefixes", "8", "--repeats", "2",
                "--repeat-input-len", "8192", "--repeat-output-len", "16",
                "--output", str(g.OUT / "bench-lmcache-disagg.json")])  # fmt: skip
@@ -74,12 +81,47 @@ def part_disagg() -> None:
         g.log("stop", g.stop(proc, run_dir))
 
 
+def part_one_gpu(block_sizes: list[int], rates: str) -> None:
+    """Disagg with prefill and decode sharing one GPU (nvidia-h200 kind): NIXL still moves the KV
+    between the two processes (cuda_ipc), so descriptor counts, post times and their effect on decode
+    ITL show, per KV block size."""
+    for bs in block_sizes:
+        config = {
+            **g.common_config(),
+            "mode": "disagg",
+            "max_model_len": 16384,
+            "share_gpus": True,
+            "gpu_memory_utilization": 0.4,
+            "block_size": bs,
+            "prefill": {"gpus": [[0]]},
+            "decode": {"gpus": [[0]]},
+        }
+        run_dir = g.STATE / f"bench-1gpu-block{bs}"
+        proc, ready_s = g.launch(["disagg"], config, run_dir)
+        try:
+            g.log(f"1-GPU disagg (block {bs}) ready in {ready_s:.1f} s")
+            bench(["--label", f"disagg1gpu-block{bs}", "--shape", SHAPE, "--rate", rates, "--num-requests", "24",
+                   "--max-duration", "30", "--warmup", "2",
+                   "--output", str(g.OUT / f"bench-1gpu-block{bs}.json"), "--no-plots"])  # fmt: skip
+        finally:
+            g.log("stop", g.stop(proc, run_dir))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--part", choices=["agg", "disagg"], required=True)
+    parser.add_argument("--part", choices=["agg", "disagg", "one-gpu"], required=True)
+    parser.add_argument("--block-sizes", default="16,128", help="one-gpu: block sizes to compare")
+    parser.add_argument("--block-size", type=int, default=None, help="disagg: KV block size on both roles")
+    parser.add_argument("--rates", default=RATES)
+    parser.add_argument("--quick", action="store_true", help="disagg: sweep only (no link, no LMCache repeat)")
     args = parser.parse_args()
     g.OUT.mkdir(parents=True, exist_ok=True)
-    part_agg() if args.part == "agg" else part_disagg()
+    if args.part == "agg":
+        part_agg()
+    elif args.part == "one-gpu":
+        part_one_gpu([int(b) for b in args.block_sizes.split(",")], args.rates)
+    else:
+        part_disagg(args.block_size, args.rates, not args.quick)
     return 0
 
 

@@ -6,6 +6,7 @@ import random
 
 import pytest
 import torch
+
 from pdkit.kernels.fingerprint import (
     FMIX_C1,
     GOLDEN,
