@@ -50,6 +50,7 @@ def part_agg() -> None:
         sweep("agg2", [])
     finally:
         g.log("stop", g.stop(proc, run_dir))
+        g.save_logs(run_dir, "bench-agg")
 
 
 def part_disagg(block_size: int | None, rates: str, full: bool) -> None:
@@ -79,6 +80,7 @@ def part_disagg(block_size: int | None, rates: str, full: bool) -> None:
                "--output", str(g.OUT / "bench-lmcache-disagg.json")])  # fmt: skip
     finally:
         g.log("stop", g.stop(proc, run_dir))
+        g.save_logs(run_dir, "bench-disagg")
 
 
 def part_one_gpu(block_sizes: list[int], rates: str) -> None:
