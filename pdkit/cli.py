@@ -220,7 +220,7 @@ def config_show(
     from pdkit.kv_config import kv_transfer_config
 
     role_kv = kv_transfer_config(
-        role,  # type: ignore[arg-type]
+        role,
         lmcache=dep.lmcache,
         nixl=dep.nixl,
         hash_seed=dep.hash_seed,

@@ -153,7 +153,7 @@ def worker_spec(dep: Deployment, role: Role, index: int, run_dir: Path) -> Proce
     side_port = group.nixl_side_channel_port_base + index
     gpus = group.gpus[index] if index < len(group.gpus) else []
     fe = dep.frontend
-    events = {
+    events: dict[str, Any] = {
         "enable_kv_cache_events": True,
         "publisher": "zmq",
         # The frontend binds one SUB socket; each worker's PUB connects to it and publishes under its
