@@ -56,10 +56,25 @@ _LOAD_METRICS = {
 }
 
 
+# Counter families (names without ``_total``) -> optional Load fields; summed over engines / label sets.
+_CACHE_COUNTERS = {
+    "vllm:prefix_cache_hits": "prefix_cache_hits",
+    "vllm:prefix_cache_queries": "prefix_cache_queries",
+    "pdkit:lmcache_hit_tokens": "lmcache_hit_tokens",
+}
+
+
 def parse_load(metrics_text: str) -> Load:
-    """Load from a vLLM ``/metrics`` page: running/waiting summed over engines, KV usage the max."""
+    """Load from a vLLM ``/metrics`` page: running/waiting summed over engines, KV usage the max, and
+    the prefix-cache counters when the page has them (absent families stay None)."""
     values: dict[str, float] = {"running": 0.0, "waiting": 0.0, "kv_usage": 0.0}
+    counters: dict[str, float] = {}
     for family in text_string_to_metric_families(metrics_text):
+        field = _CACHE_COUNTERS.get(family.name)
+        if field is not None:
+            total = sum(s.value for s in family.samples if s.name.endswith("_total"))
+            counters[field] = counters.get(field, 0.0) + total
+            continue
         key = _LOAD_METRICS.get(family.name)
         if key is None:
             continue
@@ -68,7 +83,9 @@ def parse_load(metrics_text: str) -> Load:
                 values[key] = max(values[key], sample.value)
             else:
                 values[key] += sample.value
-    return Load(running=int(values["running"]), waiting=int(values["waiting"]), kv_usage=values["kv_usage"])
+    return Load(
+        running=int(values["running"]), waiting=int(values["waiting"]), kv_usage=values["kv_usage"], **counters
+    )
 
 
 @dataclass

@@ -50,6 +50,9 @@ class FrontendConfig(_Strict):
     disagg_min_prompt_tokens: int = Field(default=0, ge=0)
     max_inflight_per_worker: int = Field(default=256, gt=0)
     prefill_timeout_s: float = Field(default=60.0, gt=0)
+    # KV-aware routing tokenizes prompts as the workers do: a local folder with the served model's
+    # tokenizer.json / tokenizer_config.json.  None: the deployment's model folder (or the embedded one).
+    model_dir: str | None = None
 
 
 class WorkerGroupConfig(_Strict):

@@ -71,6 +71,11 @@ def _pdkit_cli() -> list[str]:
 
 
 def frontend_spec(dep: Deployment, run_dir: Path) -> ProcessSpec:
+    """The frontend process.  It always binds the KV-event SUB socket every worker publishes to (so
+    ``/workers`` and ``pdkit_kv_*`` show index sizes under any policy) and hashes prompts as the workers
+    do: same ``PYTHONHASHSEED`` (``hash_seed``), block size and tokenizer folder.  When the tokenizer
+    folder is not local (a hub model name without ``frontend.model_dir``), KV events stay off, and
+    ``kv_aware`` is refused: its predictions would be made with the wrong tokenizer."""
     fe = dep.frontend
     argv = _pdkit_cli() + [
         "frontend",
@@ -83,6 +88,23 @@ def frontend_spec(dep: Deployment, run_dir: Path) -> ProcessSpec:
         "--max-inflight-per-worker", str(fe.max_inflight_per_worker),
         "--prefill-timeout-s", str(fe.prefill_timeout_s),
     ]  # fmt: skip
+    model_dir = fe.model_dir or dep.model_path
+    if (Path(model_dir).expanduser() / "tokenizer.json").is_file():
+        argv += [
+            "--kv-events-port", str(fe.kv_events_port),
+            "--hash-seed", str(dep.hash_seed),
+            "--block-size", str(dep.block_size or 16),
+            "--model-dir", model_dir,
+        ]  # fmt: skip
+    elif fe.policy == "kv_aware":
+        raise ConfigError(
+            "frontend.model_dir",
+            f"kv_aware routing needs the served model's tokenizer files but {model_dir} is not a local folder "
+            "with tokenizer.json",
+            "set frontend.model_dir to a local copy of the model folder (tokenizer.json, tokenizer_config.json)",
+        )
+    else:
+        argv.append("--no-kv-events")
     env = {"PDKIT_TOKEN": fe.token} if fe.token else {}
     return ProcessSpec(
         name="frontend",

@@ -57,6 +57,13 @@ class Load(_Model):
     running: int = Field(default=0, ge=0)
     waiting: int = Field(default=0, ge=0)
     kv_usage: float = Field(default=0.0, ge=0.0)
+    # Cumulative cache counters (tokens) from the same scrape, for predicted-vs-actual prefix hits
+    # (pdkit_kv_actual_*): vllm:prefix_cache_hits / vllm:prefix_cache_queries and PdConnector's
+    # pdkit:lmcache_hit_tokens.  Optional: None = not reported (older agents; still protocol version 1,
+    # older frontends ignore unknown fields).
+    prefix_cache_hits: float | None = Field(default=None, ge=0.0)
+    prefix_cache_queries: float | None = Field(default=None, ge=0.0)
+    lmcache_hit_tokens: float | None = Field(default=None, ge=0.0)
 
 
 class Register(_Model):

@@ -59,7 +59,9 @@ def test_wire_shape_matches_architecture_doc() -> None:
     assert data["worker"]["url"] == "http://127.0.0.1:8200"  # trailing slash dropped
     hb = json.loads(encode(Heartbeat(worker_id="w", seq=1)))
     assert set(hb) == {"type", "version", "token", "worker_id", "seq", "load"}
-    assert set(hb["load"]) == {"running", "waiting", "kv_usage"}
+    assert set(hb["load"]) == {
+        "running", "waiting", "kv_usage", "prefix_cache_hits", "prefix_cache_queries", "lmcache_hit_tokens",
+    }  # fmt: skip
     ack = json.loads(encode(Ack()))
     assert set(ack) == {"type", "version", "ok", "error", "heartbeat_interval_s"}
 

@@ -23,9 +23,7 @@ def frontend(
     port: Annotated[int, typer.Option("--port", help="HTTP port of the OpenAI API.")] = 8000,
     zmq_port: Annotated[int, typer.Option("--zmq-port", help="ZMQ ROUTER port workers register with.")] = 8100,
     mode: Annotated[str, typer.Option("--mode", help="agg (one hop) or disagg (prefill → decode).")] = "disagg",
-    policy: Annotated[str, typer.Option("--policy", help="round_robin | least_loaded (kv_aware later).")] = (
-        "least_loaded"
-    ),
+    policy: Annotated[str, typer.Option("--policy", help="round_robin | least_loaded | kv_aware.")] = ("least_loaded"),
     token: Annotated[
         str | None, typer.Option("--token", envvar="PDKIT_TOKEN", help="Shared registry token (env PDKIT_TOKEN).")
     ] = None,
@@ -47,6 +45,21 @@ def frontend(
     tokenizer: Annotated[
         str | None, typer.Option("--tokenizer", help="tokenizer.json for exact prompt lengths (default chars/4).")
     ] = None,
+    kv_events_port: Annotated[
+        int, typer.Option("--kv-events-port", help="ZMQ SUB port workers' KV-event publishers connect to.")
+    ] = 8101,
+    kv_events: Annotated[
+        bool,
+        typer.Option("--kv-events/--no-kv-events", help="Keep a KV index (required by kv_aware; off: no SUB socket)."),
+    ] = True,
+    hash_seed: Annotated[
+        str, typer.Option("--hash-seed", help="The workers' PYTHONHASHSEED (the deployment's hash_seed).")
+    ] = "0",
+    model_dir: Annotated[
+        str | None,
+        typer.Option("--model-dir", help="Served model folder: tokenizer + chat template (default: embedded model)."),
+    ] = None,
+    block_size: Annotated[int, typer.Option("--block-size", help="The workers' KV block size.")] = 16,
     stop_grace_s: Annotated[float, typer.Option("--stop-grace-s", help="Drain time on SIGTERM.")] = 30.0,
     log_level: Annotated[str, typer.Option("--log-level", help="debug | info | warning.")] = "info",
 ) -> None:
@@ -67,12 +80,20 @@ def frontend(
         liveness_timeout_s=liveness_timeout_s,
         max_inflight_per_worker=max_inflight_per_worker,
         tokenizer=tokenizer,
+        kv_events_port=kv_events_port if kv_events else None,
+        hash_seed=hash_seed,
+        model_dir=model_dir,
+        block_size=block_size,
     )
     try:
         settings.validate()
-        from pdkit.frontend.policies import make_policy
+        if not kv_events and policy == "kv_aware":
+            raise ValueError("policy kv_aware needs the KV-event socket; drop --no-kv-events")
+        if model_dir is not None and settings.kv_events_enabled:
+            from pathlib import Path
 
-        make_policy(policy)
+            if not (Path(model_dir) / "tokenizer.json").is_file():
+                raise ValueError(f"--model-dir {model_dir} has no tokenizer.json (KV routing tokenizes as the workers)")
     except ValueError as exc:
         print(f"pdkit frontend: {exc}", file=sys.stderr)
         raise typer.Exit(2) from None
@@ -100,7 +121,7 @@ async def serve(settings: object, stop_grace_s: float = 30.0) -> int:
     try:
         await fe.start()
     except (OSError, zmq.ZMQError) as exc:
-        print(f"pdkit frontend: cannot bind ({exc}); choose free --port/--zmq-port", file=sys.stderr)
+        print(f"pdkit frontend: cannot bind ({exc}); choose free --port/--zmq-port/--kv-events-port", file=sys.stderr)
         await fe.stop(0)
         return 2
     print(f"pdkit frontend ({settings.mode}) serving at {fe.url}/v1, registry at {fe.zmq_endpoint}", file=sys.stderr)

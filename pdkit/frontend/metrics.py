@@ -6,6 +6,9 @@ frontends in one process without duplicate-metric errors.
 
 from __future__ import annotations
 
+from collections.abc import Container
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 # Latency buckets from sub-millisecond (router overhead, ITL) to minutes (long generations).
@@ -57,8 +60,70 @@ class FrontendMetrics:
         self.registry_messages = Counter(
             "pdkit_registry_messages", "Agent messages by type and result", ["type", "result"], registry=r
         )
+        self.actual_hit_tokens = Counter(
+            "pdkit_kv_actual_hit_tokens",
+            "Prompt tokens the workers report as cache hits (heartbeat deltas of vllm:prefix_cache_hits = "
+            "source prefix_cache, pdkit:lmcache_hit_tokens = source lmcache)",
+            ["worker", "source"],
+            registry=r,
+        )
+        self.actual_query_tokens = Counter(
+            "pdkit_kv_actual_query_tokens",
+            "Prompt tokens the workers looked up in their prefix cache (heartbeat deltas of vllm:prefix_cache_queries)",
+            ["worker"],
+            registry=r,
+        )
         for role in ("prefill", "decode", "agg"):
             self.workers.labels(role=role).set(0)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+# Load field -> (counter, source label); the fields are optional in the heartbeat (see ActualHits).
+_HIT_FIELDS = (
+    ("prefix_cache_hits", "prefix_cache"),
+    ("lmcache_hit_tokens", "lmcache"),
+    ("prefix_cache_queries", None),
+)
+
+
+class ActualHits:
+    """Turns the cumulative cache counters a heartbeat may carry into ``pdkit_kv_actual_*`` counters.
+
+    Why deltas of heartbeats: the agent already scrapes the engine's ``/metrics`` every heartbeat, so the
+    frontend learns the *actual* prefix hits (to set beside ``pdkit_kv_predicted_hit_tokens_total``)
+    without scraping anything itself.  The first value seen for a worker is a baseline (what it hit
+    before this frontend knew it is not ours to count); a value lower than the last one means the
+    engine restarted, so the new value is all new.  Fields absent from the heartbeat (older agents,
+    ``None``) are skipped, so this works with and without the optional protocol fields.
+    """
+
+    def __init__(self, metrics: FrontendMetrics) -> None:
+        self.metrics = metrics
+        self._last: dict[str, dict[str, float]] = {}
+
+    def observe(self, worker: Any, load: Any) -> None:
+        wid = str(worker.worker_id)
+        last = self._last.setdefault(wid, {})
+        for field, source in _HIT_FIELDS:
+            value = getattr(load, field, None)
+            if value is None:
+                continue
+            value = float(value)
+            prev = last.get(field)
+            last[field] = value
+            if prev is None:
+                continue
+            delta = value - prev if value >= prev else value
+            if delta <= 0:
+                continue
+            if source is None:
+                self.metrics.actual_query_tokens.labels(wid).inc(delta)
+            else:
+                self.metrics.actual_hit_tokens.labels(wid, source).inc(delta)
+
+    def retain(self, worker_ids: Container[str]) -> None:
+        """Forget baselines of workers that left (a returning worker starts a new baseline)."""
+        for wid in [w for w in self._last if w not in worker_ids]:
+            del self._last[wid]

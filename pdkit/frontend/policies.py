@@ -92,14 +92,24 @@ def register_policy(name: str, factory: Callable[[], Policy]) -> None:
     _FACTORIES[name] = factory
 
 
+KV_AWARE = "kv_aware"
+
+
 def make_policy(name: str) -> Policy:
-    if name == "kv_aware" and name not in _FACTORIES:
-        raise ValueError("policy kv_aware is not available in this build; use least_loaded or round_robin")
+    """A stateless-by-construction policy by name.  ``kv_aware`` is not built here: it needs the
+    frontend's KV index and SUB socket, so :class:`~pdkit.frontend.server.Frontend` builds it (with
+    :class:`~pdkit.routing.kv_aware.KvRouting`) when ``FrontendSettings.policy`` is ``kv_aware``."""
+    if name == KV_AWARE and name not in _FACTORIES:
+        raise ValueError(
+            "policy kv_aware needs the frontend's KV index: use Frontend(FrontendSettings(policy='kv_aware')) "
+            "or `pdkit frontend --policy kv_aware`, which build it"
+        )
     try:
         return _FACTORIES[name]()
     except KeyError:
-        raise ValueError(f"unknown policy {name!r}; choose one of {sorted(_FACTORIES)}") from None
+        raise ValueError(f"unknown policy {name!r}; choose one of {policy_names()}") from None
 
 
 def policy_names() -> list[str]:
-    return sorted(_FACTORIES)
+    """Every name ``--policy`` accepts (the registered factories plus ``kv_aware``)."""
+    return sorted({*_FACTORIES, KV_AWARE})

@@ -51,7 +51,7 @@ class WorkerState:
     def as_json(self, now: float) -> dict[str, object]:
         return {
             **self.info.model_dump(),
-            "load": self.load.model_dump(),
+            "load": self.load.model_dump(exclude_none=True),
             "inflight": self.inflight,
             "seq": self.seq,
             "last_seen_s_ago": round(now - self.last_seen, 3),
@@ -61,10 +61,16 @@ class WorkerState:
 class Registry:
     """Workers by id.  All mutation happens on the event loop thread, so no locks are needed."""
 
-    def __init__(self, liveness_s: float, on_change: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        liveness_s: float,
+        on_change: Callable[[], None] | None = None,
+        on_heartbeat: Callable[[WorkerState, Load], None] | None = None,
+    ) -> None:
         self.liveness_s = liveness_s
         self.workers: dict[str, WorkerState] = {}
         self._on_change = on_change
+        self._on_heartbeat = on_heartbeat  # (worker, its new load): counters carried in heartbeats
 
     def _changed(self) -> None:
         if self._on_change is not None:
@@ -92,6 +98,8 @@ class Registry:
         state.last_seen = time.monotonic()
         state.seq = seq
         state.load = load
+        if self._on_heartbeat is not None:
+            self._on_heartbeat(state, load)
         return True
 
     def remove(self, worker_id: str, reason: str) -> bool:

@@ -4,7 +4,13 @@ Request path (disagg): parse the body once, pick a prefill worker, send it the b
 ``max_tokens=1, min_tokens=1, stream=false`` and ``kv_transfer_params={"do_remote_decode": true, ...}``
 (NIXL returns params only for a request that ended by its length limit), then send the client's
 original body plus the returned params to a decode worker and pass its bytes through (SSE or JSON).
-Agg mode, and disagg prompts shorter than ``disagg_min_prompt_tokens``, take one hop.
+Agg mode, and disagg prompts shorter than ``disagg_min_prompt_tokens``, take one hop.  With a KV-aware
+policy a disagg request also takes one hop when a decode worker already caches all but fewer than
+``disagg_min_prompt_tokens`` of its prompt tokens (conditional disaggregation, mode ``direct_cached``).
+
+KV routing (docs/kv_routing.md): when ``FrontendSettings.kv_events_enabled`` the frontend owns a
+:class:`~pdkit.routing.kv_aware.KvRouting` (SUB socket, index, ``pdkit_kv_*`` metrics) that follows the
+registry; its policy is the frontend's policy when ``policy="kv_aware"``.
 
 Failure rules (docs/frontend.md): prefill error/timeout → next prefill worker, then prefill on the
 decode worker (no params); decode failure before the first byte → next decode worker (prefilling
@@ -28,8 +34,8 @@ import aiohttp
 import msgspec
 from aiohttp import web
 
-from pdkit.frontend.metrics import FrontendMetrics
-from pdkit.frontend.policies import Policy, RequestContext, make_policy
+from pdkit.frontend.metrics import ActualHits, FrontendMetrics
+from pdkit.frontend.policies import KV_AWARE, Policy, RequestContext, make_policy
 from pdkit.frontend.registry import Registry, RegistryServer, WorkerState
 from pdkit.frontend.requests import RequestError, TokenEstimator, error_body, error_obj, extract_prompt, parse_body
 from pdkit.frontend.settings import FrontendSettings
@@ -80,9 +86,28 @@ class Frontend:
     def __init__(self, settings: FrontendSettings, policy: Policy | None = None) -> None:
         settings.validate()
         self.s = settings
-        self.policy: Policy = policy if policy is not None else make_policy(settings.policy)
         self.metrics = FrontendMetrics()
-        self.registry = Registry(settings.liveness_s, on_change=self._registry_changed)
+        self.kv: Any = None  # KvRouting when KV events are on (imported lazily: tokenizers, jinja2)
+        if settings.kv_events_enabled:
+            from pdkit.model_files import default_model_dir
+            from pdkit.routing.kv_aware import KvRouting
+
+            self.kv = KvRouting(
+                settings.model_dir or default_model_dir(),
+                hash_seed=settings.hash_seed,
+                registry=self.metrics.registry,
+                host=settings.host,
+                port=settings.kv_events_port or 0,
+                block_size=settings.block_size,
+            )
+        if policy is None:
+            policy = self.kv.policy if settings.policy == KV_AWARE else make_policy(settings.policy)
+        self.policy: Policy = policy
+        self._kv_closed = False
+        self.actual_hits = ActualHits(self.metrics)
+        self.registry = Registry(
+            settings.liveness_s, on_change=self._registry_changed, on_heartbeat=self.actual_hits.observe
+        )
         self._zmq = RegistryServer(
             self.registry,
             settings.host,
@@ -111,8 +136,15 @@ class Frontend:
     def zmq_endpoint(self) -> str:
         return f"tcp://{self.s.host}:{self.zmq_port}"
 
+    @property
+    def kv_events_endpoint(self) -> str | None:
+        """Where workers' KV-event publishers connect (``tcp://host:port``), or None when off."""
+        return self.kv.endpoint if self.kv is not None else None
+
     async def start(self) -> tuple[int, int]:
         """Bind ZMQ and HTTP (port 0 = any free port) and serve; returns the bound ports."""
+        if self.kv is not None:
+            self.kv.start()  # bind the KV-event SUB first: workers publish as soon as they run
         self.zmq_port = self._zmq.bind()
         self._zmq.start()
         # vLLM's uvicorn closes idle keep-alive connections after 5 s; reusing one it already closed fails
@@ -141,7 +173,8 @@ class Frontend:
         site = web.TCPSite(self._runner, self.s.host, self.s.port, backlog=4096)
         await site.start()
         self.http_port = int(self._runner.addresses[0][1])
-        log.info("frontend (%s, %s) at %s, registry at %s", self.s.mode, self.policy.name, self.url, self.zmq_endpoint)
+        log.info("frontend (%s, %s) at %s, registry at %s, KV events at %s", self.s.mode, self.policy.name, self.url,
+                 self.zmq_endpoint, self.kv_events_endpoint or "off")  # fmt: skip
         return self.http_port, self.zmq_port
 
     async def stop(self, grace_s: float = 30.0) -> None:
@@ -155,6 +188,9 @@ class Frontend:
             await self._runner.cleanup()
             self._runner = None
         await self._zmq.close()
+        if self.kv is not None and not self._kv_closed:
+            self._kv_closed = True
+            await self.kv.close()
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -178,11 +214,15 @@ class Frontend:
 
     async def _workers(self, request: web.Request) -> web.Response:
         now = time.monotonic()
-        data = {
-            "mode": self.s.mode,
-            "policy": self.policy.name,
-            "workers": [w.as_json(now) for w in sorted(self.registry.workers.values(), key=lambda w: w.worker_id)],
-        }
+        workers = []
+        for w in sorted(self.registry.workers.values(), key=lambda w: w.worker_id):
+            entry = w.as_json(now)
+            if self.kv is not None:
+                entry["kv_index_blocks"] = self.kv.index.size(w.worker_id)
+            workers.append(entry)
+        data: dict[str, Any] = {"mode": self.s.mode, "policy": self.policy.name, "workers": workers}
+        if self.kv is not None:
+            data["kv_events_endpoint"] = self.kv.endpoint
         return web.json_response(data)
 
     async def _models(self, request: web.Request) -> web.Response:
@@ -203,6 +243,9 @@ class Frontend:
         for wid, role in live - self._gauge_ids:
             self.metrics.inflight.labels(wid, role).set(0)
         self._gauge_ids = live
+        self.actual_hits.retain(self.registry.workers)
+        if self.kv is not None:
+            self.kv.sync_workers(self.registry.workers.values())
 
     # ------------------------------------------------------------------------------ request path
 
@@ -220,6 +263,9 @@ class Frontend:
             elif ctx.prompt_tokens < self.s.disagg_min_prompt_tokens:
                 mode = "direct"
                 resp, status = await self._decode(request, ctx, "decode", None, mode, t0)
+            elif (local := self._local_prefill_worker(ctx)) is not None:
+                mode = "direct_cached"
+                resp, status = await self._decode(request, ctx, "decode", None, mode, t0, first=local)
             else:
                 self._check_role(ctx, "decode")  # refuse before spending a prefill on a request with no decoder
                 params = await self._prefill(ctx)
@@ -277,6 +323,19 @@ class Frontend:
             if value is not None:
                 headers[name] = value
         return headers
+
+    def _local_prefill_worker(self, ctx: RequestContext) -> WorkerState | None:
+        """Conditional disaggregation: a decode worker whose cached prefix leaves fewer than
+        ``disagg_min_prompt_tokens`` prompt tokens to compute prefills the request itself (one hop, no
+        transfer).  Only with a policy that knows the caches (``local_prefill_worker``, KV-aware)."""
+        pick = getattr(self.policy, "local_prefill_worker", None)
+        if pick is None or self.s.disagg_min_prompt_tokens <= 0:
+            return None
+        usable, _ = self._candidates(ctx, "decode", set())
+        if not usable:
+            return None
+        chosen: WorkerState | None = pick(usable, ctx, self.s.disagg_min_prompt_tokens - 1)
+        return chosen
 
     def _candidates(self, ctx: RequestContext, role: str, exclude: set[str]) -> tuple[list[WorkerState], int]:
         """(usable workers, registered workers) of ``role`` serving the requested model."""
@@ -404,7 +463,9 @@ class Frontend:
         params: dict[str, Any] | None,
         mode: str,
         t0: float,
+        first: WorkerState | None = None,
     ) -> tuple[web.StreamResponse, str]:
+        """The decode (or only) hop; ``first``: the worker already chosen for the first attempt."""
         tried: set[str] = set()
         last: _HopFailed | None = None
         for _ in range(self.s.max_decode_attempts):
@@ -415,7 +476,8 @@ class Frontend:
                 break
             if last is not None:
                 self.metrics.retries.labels(role, last.reason).inc()
-            w = self.policy.choose(role, usable, ctx)
+            w = first if first is not None and first in usable else self.policy.choose(role, usable, ctx)
+            first = None
             tried.add(w.worker_id)
             if params is None:
                 payload = ctx.extra["raw"]  # one hop: the client's bytes, untouched

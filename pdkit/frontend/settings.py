@@ -28,6 +28,16 @@ class FrontendSettings:
     ``liveness_timeout_s``: a worker silent this long is dropped (None = 3 heartbeat intervals).
     ``max_inflight_per_worker``: requests this frontend keeps on one worker at most; when every worker
     of a role is full the client gets 503 + Retry-After instead of an unbounded queue.
+
+    KV events (docs/kv_routing.md): ``kv_events_port`` is where the frontend binds the SUB socket every
+    worker's KV-event publisher connects to.  None (the in-process default) binds it only when the
+    policy is ``kv_aware``, then on a free port; ``pdkit frontend`` always passes a port, so the index
+    (and its sizes in ``/workers`` and ``pdkit_kv_*``) exists under every policy.  ``hash_seed`` must
+    equal the workers' ``PYTHONHASHSEED`` (the deployment's ``hash_seed``), ``model_dir`` is the served
+    model folder (tokenizer + chat template; None: the embedded model) and ``block_size`` the workers'
+    ``--block-size`` (each worker's registered block size wins).  In disagg mode with a KV-aware
+    policy, ``disagg_min_prompt_tokens`` also decides *conditional disaggregation*: a decode worker
+    whose cached prefix leaves fewer than that many prompt tokens to compute prefills locally.
     """
 
     host: str = "127.0.0.1"
@@ -46,6 +56,15 @@ class FrontendSettings:
     max_decode_attempts: int = 2
     retry_after_s: int = 1
     tokenizer: str | None = None
+    kv_events_port: int | None = None
+    hash_seed: str | int | None = 0
+    model_dir: str | None = None
+    block_size: int = 16
+
+    @property
+    def kv_events_enabled(self) -> bool:
+        """Whether the frontend binds the KV-event SUB socket and keeps a KV index."""
+        return self.kv_events_port is not None or self.policy == "kv_aware"
 
     @property
     def liveness_s(self) -> float:
@@ -70,3 +89,11 @@ class FrontendSettings:
             raise ValueError("disagg_min_prompt_tokens must be >= 0")
         if self.max_prefill_attempts < 1 or self.max_decode_attempts < 1:
             raise ValueError("attempt counts must be at least 1")
+        if self.block_size < 1:
+            raise ValueError("block_size must be at least 1 (the workers' --block-size)")
+        if self.kv_events_port is not None and not 0 <= self.kv_events_port <= 65535:
+            raise ValueError(f"kv_events_port {self.kv_events_port} is not a port (0 = any free port)")
+        from pdkit.frontend.policies import policy_names
+
+        if self.policy not in policy_names():
+            raise ValueError(f"unknown policy {self.policy!r}; choose one of {policy_names()}")

@@ -97,9 +97,14 @@ async def announce(
     token: str | None = None,
     interval_s: float = 0.2,
     heartbeats: bool = True,
+    **info_fields: Any,
 ) -> RegistryClient:
-    """Register the engine at ``url`` as ``role`` and keep it alive; raises if the frontend refuses."""
-    info = WorkerInfo(worker_id=worker_id, role=role, url=url, model=model, engine="sim")  # type: ignore[arg-type]
+    """Register the engine at ``url`` as ``role`` and keep it alive; raises if the frontend refuses.
+
+    ``info_fields``: further :class:`~pdkit.protocol.WorkerInfo` fields (``kv_events_replay_endpoint``,
+    ``kv_events_topic``, ``block_size`` for KV-aware routing)."""
+    fields = {"worker_id": worker_id, "role": role, "url": url, "model": model, "engine": "sim", **info_fields}
+    info = WorkerInfo.model_validate(fields)
     client = RegistryClient(endpoint, info, token=token, interval_s=interval_s)
     ack = await client.register()
     if not ack.ok:
