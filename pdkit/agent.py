@@ -25,6 +25,7 @@ import zmq
 import zmq.asyncio
 from prometheus_client.parser import text_string_to_metric_families
 
+from pdkit.errors import ConfigError
 from pdkit.protocol import (
     Ack,
     Deregister,
@@ -302,15 +303,15 @@ def run_agent_cli(ctx: Any, **opts: Any) -> int:
     engine_argv: list[str] = list(ctx.args)
     if engine_argv and engine_argv[0] == "--":
         engine_argv = engine_argv[1:]
+    role = opts["role"]
+    if role not in ("prefill", "decode", "agg"):
+        raise ConfigError("--role", f"unknown role {role!r}", "use prefill, decode or agg")
     env: dict[str, str] = {}
     if not engine_argv:
         engine_argv, env, opts = _engine_from_config(opts)
-    role = opts["role"]
-    if role not in ("prefill", "decode", "agg"):
-        from pdkit.errors import ConfigError
-
-        raise ConfigError("--role", f"unknown role {role!r}", "use prefill, decode or agg")
-    url = opts.get("url") or "http://127.0.0.1:8000"
+    url = opts.get("url")
+    if not url:
+        raise ConfigError("--url", "an engine command is given but not its URL", "pass --url http://HOST:PORT")
     worker_id = opts.get("worker_id") or f"{role}-{url.split('//', 1)[-1].replace(':', '-')}"
     info = WorkerInfo(
         worker_id=worker_id,
@@ -345,7 +346,7 @@ def _engine_from_config(opts: dict[str, Any]) -> tuple[list[str], dict[str, str]
     from urllib.parse import urlparse
 
     from pdkit.config import load_deployment
-    from pdkit.plan import worker_spec
+    from pdkit.plan import DEFAULT_RUN_DIR, worker_spec
 
     role = opts["role"]
     fe = urlparse(opts["frontend"])
@@ -376,7 +377,7 @@ def _engine_from_config(opts: dict[str, Any]) -> tuple[list[str], dict[str, str]
         }
     )
     dep = load_deployment(opts.get("config"), overrides, check=False)
-    spec = worker_spec(dep, role, 0, (dep.run_dir or _default_run_dir()).resolve())
+    spec = worker_spec(dep, role, 0, (dep.run_dir or DEFAULT_RUN_DIR).resolve())
     host = dep.group(role).host
     opts = {**opts, "url": opts.get("url") or spec.url}
     opts["worker_id"] = opts.get("worker_id") or f"{role}@{host}:{spec.ports['http']}"
@@ -387,11 +388,5 @@ def _engine_from_config(opts: dict[str, Any]) -> tuple[list[str], dict[str, str]
     opts["kv_events_topic"] = events.get("topic")  # the engine publishes under the plan's topic
     opts["served_model_name"] = dep.served_name
     return spec.engine_argv, spec.env, opts
-
-
-def _default_run_dir() -> Any:
-    from pdkit.plan import DEFAULT_RUN_DIR
-
-    return DEFAULT_RUN_DIR
 
 

@@ -276,27 +276,19 @@ def worker(
     raise typer.Exit(run_agent_cli(**locals()))
 
 
-def _register_optional_commands() -> None:
-    """Mount the frontend and simulator commands (their modules own their options)."""
-    try:
-        from pdkit.frontend.cli import frontend
-    except ImportError:  # pragma: no cover - during development only
-        pass
-    else:
-        app.command("frontend", help="Run the OpenAI-compatible P/D frontend.")(frontend)
-    try:
-        from pdkit.sim.cli import sim_worker
-    except ImportError:  # pragma: no cover
-        pass
-    else:
-        app.command("sim-worker", help="Run one simulated vLLM engine (a stand-in, not vLLM).")(sim_worker)
+def _register_component_commands() -> None:
+    """Mount the commands whose modules own their options (frontend, simulator, benchmark)."""
     from pdkit.bench.cli import bench, bench_compare
+    from pdkit.frontend.cli import frontend
+    from pdkit.sim.cli import sim_worker
 
+    app.command("frontend", help="Run the OpenAI-compatible P/D frontend.")(frontend)
+    app.command("sim-worker", help="Run one simulated vLLM engine (a stand-in, not vLLM).")(sim_worker)
     app.command("bench", help="Benchmark an OpenAI endpoint: rate sweeps, multi-turn, LMCache cold/warm.")(bench)
     app.command("bench-compare", help="Merge bench result JSONs into comparison plots and a table.")(bench_compare)
 
 
-_register_optional_commands()
+_register_component_commands()
 
 
 def main() -> None:

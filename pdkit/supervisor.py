@@ -265,18 +265,9 @@ def _signal_group(m: Managed, sig: int) -> None:
 
 
 def registered_ids(workers_json: object) -> set[str]:
-    """Worker ids in the frontend's ``/workers`` answer (a list, or ``{"workers": [...]}``)."""
-    items = workers_json.get("workers", []) if isinstance(workers_json, dict) else workers_json
-    ids: set[str] = set()
-    if isinstance(items, list):
-        for item in items:
-            if isinstance(item, dict):
-                wid = item.get("worker_id") or (item.get("info") or {}).get("worker_id")
-                if wid:
-                    ids.add(str(wid))
-    elif isinstance(items, dict):
-        ids.update(str(k) for k in items)
-    return ids
+    """Worker ids in the frontend's ``/workers`` answer (``{"workers": [{"worker_id": ...}, ...]}``)."""
+    items = workers_json.get("workers", []) if isinstance(workers_json, dict) else []
+    return {str(item["worker_id"]) for item in items if isinstance(item, dict) and "worker_id" in item}
 
 
 # -------------------------------------------------------------------------------------------- entry

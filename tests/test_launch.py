@@ -202,16 +202,20 @@ def _plan_with_standin_engine(tmp_path: Path, engine_code: str, startup_timeout_
     return plan
 
 
-async def test_startup_timeout_names_the_worker_and_quotes_its_log(tmp_path: Path) -> None:
-    code = "import time; print('stand-in engine: loading weights...', flush=True); time.sleep(120)"
-    plan = _plan_with_standin_engine(tmp_path, code, startup_timeout_s=4)
+async def _failed_start(plan: LaunchPlan) -> str:
+    """Start ``plan`` expecting a StartupError; stop whatever started; return the error message."""
     sup = Supervisor(plan, console=False)
     try:
         with pytest.raises(StartupError) as exc:
             await sup.start()
     finally:
         await sup.stop()
-    message = str(exc.value)
+    return str(exc.value)
+
+
+async def test_startup_timeout_names_the_worker_and_quotes_its_log(tmp_path: Path) -> None:
+    code = "import time; print('stand-in engine: loading weights...', flush=True); time.sleep(120)"
+    message = await _failed_start(_plan_with_standin_engine(tmp_path, code, startup_timeout_s=4))
     assert "agg-0 not ready after 4 s" in message
     assert "loading weights" in message
     assert "startup_timeout_s" in message
@@ -219,15 +223,9 @@ async def test_startup_timeout_names_the_worker_and_quotes_its_log(tmp_path: Pat
 
 async def test_engine_dying_at_startup_ends_launch_with_its_last_lines(tmp_path: Path) -> None:
     code = "print('stand-in engine: CUDA out of memory', flush=True); raise SystemExit(1)"
-    plan = _plan_with_standin_engine(tmp_path, code, startup_timeout_s=60)
-    sup = Supervisor(plan, console=False)
-    try:
-        with pytest.raises(StartupError) as exc:
-            await sup.start()
-    finally:
-        await sup.stop()
-    assert "agg-0 exited during start-up" in str(exc.value)
-    assert "CUDA out of memory" in str(exc.value)
+    message = await _failed_start(_plan_with_standin_engine(tmp_path, code, startup_timeout_s=60))
+    assert "agg-0 exited during start-up" in message
+    assert "CUDA out of memory" in message
 
 
 def test_standalone_worker_registers_and_deregisters(tmp_path: Path) -> None:
