@@ -324,6 +324,7 @@ def run_agent_cli(ctx: Any, **opts: Any) -> int:
         kv_events_replay_endpoint=opts.get("kv_events_replay_endpoint"),
         kv_events_topic=opts.get("kv_events_topic") or worker_id,
         block_size=opts.get("block_size") or 16,
+        prefix_caching=prefix_caching_enabled(engine_argv),
         pid=os.getpid(),
     )
     settings = AgentSettings(
@@ -336,6 +337,19 @@ def run_agent_cli(ctx: Any, **opts: Any) -> int:
         heartbeat_interval_s=float(opts.get("heartbeat_interval_s") or 1.0),
     )
     return asyncio.run(WorkerAgent(settings).run())
+
+
+def prefix_caching_enabled(engine_argv: list[str]) -> bool:
+    """Whether ``vllm serve ENGINE_ARGV`` keeps vLLM's prefix cache on (its default; the last flag wins)."""
+    enabled = True
+    for arg in engine_argv:
+        if arg == "--no-enable-prefix-caching":
+            enabled = False
+        elif arg == "--enable-prefix-caching":
+            enabled = True
+        elif arg.startswith("--enable-prefix-caching="):
+            enabled = arg.split("=", 1)[1].strip().lower() not in ("false", "0", "no")
+    return enabled
 
 
 def _engine_from_config(opts: dict[str, Any]) -> tuple[list[str], dict[str, str], dict[str, Any]]:

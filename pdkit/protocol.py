@@ -42,6 +42,9 @@ class WorkerInfo(_Model):
     kv_events_replay_endpoint: str | None = None
     kv_events_topic: str | None = None
     block_size: int = Field(default=16, ge=1)
+    # False when the engine runs with --no-enable-prefix-caching: it caches nothing a later request could
+    # hit, so KV-aware routing must not expect the blocks it sends there to be reused (optional field).
+    prefix_caching: bool = True
     pid: int | None = None
 
     @field_validator("url", mode="before")

@@ -5,6 +5,8 @@ Parts (one device call each, ~4-5 min):
     python3 scripts/gpu_bench_serving.py --part agg      # pdkit launch agg --gpus 0,1 (2 workers) + sweep
     python3 scripts/gpu_bench_serving.py --part disagg   # pdkit launch disagg --prefill-gpu 1 --decode-gpu 0
                                                           # + the same sweep + LMCache repeat workload
+    python3 scripts/gpu_bench_serving.py --part disagg --quick --block-size 128 [--nixl-mode push]
+                                                          # the descriptor-count fixes, sweep only
 Both use --enforce-eager (same for both sides; CUDA graphs would lower ITL on both) and
 --max-model-len 16384.  The disagg prefill runs with vLLM's prefix cache off, so repeated prefixes
 can only come back through LMCache (the sweep's prompts are random, so the sweep is unaffected).
@@ -53,7 +55,7 @@ def part_agg() -> None:
         g.save_logs(run_dir, "bench-agg")
 
 
-def part_disagg(block_size: int | None, rates: str, full: bool) -> None:
+def part_disagg(block_size: int | None, rates: str, full: bool, nixl_mode: str = "pull") -> None:
     link = Path(__file__).parent / "link_bandwidth.py"
     if full:
         subprocess.run([sys.executable, str(link), "--out", str(g.OUT / "link.json")])
@@ -68,7 +70,10 @@ def part_disagg(block_size: int | None, rates: str, full: bool) -> None:
     if block_size:
         config["block_size"] = block_size
         label = f"disagg-block{block_size}"
-    run_dir = g.STATE / "bench-disagg"
+    if nixl_mode != "pull":
+        config["nixl"] = {"mode": nixl_mode}
+        label += f"-{nixl_mode}"
+    run_dir = g.STATE / f"bench-{label}"
     proc, ready_s = g.launch(["disagg", "--prefill-gpu", "1", "--decode-gpu", "0"], config, run_dir)
     try:
         g.log(f"disagg ready in {ready_s:.1f} s")
@@ -80,7 +85,7 @@ def part_disagg(block_size: int | None, rates: str, full: bool) -> None:
                "--output", str(g.OUT / "bench-lmcache-disagg.json")])  # fmt: skip
     finally:
         g.log("stop", g.stop(proc, run_dir))
-        g.save_logs(run_dir, "bench-disagg")
+        g.save_logs(run_dir, f"bench-{label}")
 
 
 def part_one_gpu(block_sizes: list[int], rates: str) -> None:
@@ -116,6 +121,7 @@ def main() -> int:
     parser.add_argument("--block-size", type=int, default=None, help="disagg: KV block size on both roles")
     parser.add_argument("--rates", default=RATES)
     parser.add_argument("--quick", action="store_true", help="disagg: sweep only (no link, no LMCache repeat)")
+    parser.add_argument("--nixl-mode", choices=["pull", "push"], default="pull", help="disagg: NIXL transfer mode")
     args = parser.parse_args()
     g.OUT.mkdir(parents=True, exist_ok=True)
     if args.part == "agg":
@@ -123,7 +129,7 @@ def main() -> int:
     elif args.part == "one-gpu":
         part_one_gpu([int(b) for b in args.block_sizes.split(",")], args.rates)
     else:
-        part_disagg(args.block_size, args.rates, not args.quick)
+        part_disagg(args.block_size, args.rates, not args.quick, args.nixl_mode)
     return 0
 
 

@@ -194,6 +194,16 @@ def state_of(w: SimWorker, wid: str) -> WorkerState:
     return WorkerState(info=info, last_seen=time.monotonic())
 
 
+def predicted_tokens(kv: KvRouting) -> float:
+    """Sum of ``pdkit_kv_predicted_hit_tokens`` over workers and roles."""
+    return sum(
+        s.value
+        for fam in kv.metrics.predicted_hit_tokens.collect()
+        for s in fam.samples
+        if s.name.endswith("_total")
+    )
+
+
 async def test_predicted_hits_equal_the_simulators_hits() -> None:
     """Route with KvRouting over real ZMQ; after each request the prediction for the next one equals the
     prefix-cache hits the chosen worker then reports (vllm:prefix_cache_hits_total, tokens)."""
@@ -237,11 +247,13 @@ async def test_predicted_hits_equal_the_simulators_hits() -> None:
             predicted_total = 0
             for turn, (path, body) in enumerate(requests):
                 c = ctx(body, path)
+                p0 = predicted_tokens(kv)
                 chosen = kv.policy.choose("agg", list(states.values()), c)
+                predicted = predicted_tokens(kv) - p0  # what the choice booked (its own blocks not counted)
                 s = by_id[chosen.worker_id]
-                predicted = kv.policy.score(chosen, c).hit_blocks * 16
                 before = await prefix_hits(http, s)
                 out = await post(http, s, path, body)
+                kv.policy.hop_done(chosen, c)
                 assert await prefix_hits(http, s) - before == predicted, (turn, path)
                 predicted_total += predicted
                 if path.endswith("chat/completions"):  # multi-turn: the next turn extends this conversation
@@ -249,8 +261,9 @@ async def test_predicted_hits_equal_the_simulators_hits() -> None:
                              {"role": "user", "content": f"Follow-up number {turn}?"}]  # fmt: skip
                 await synced(kv, s, chosen.worker_id)
             c = ctx({"messages": convo, "max_tokens": 2}, "/v1/chat/completions")
+            p0 = predicted_tokens(kv)
             chosen = kv.policy.choose("agg", list(states.values()), c)
-            predicted = kv.policy.score(chosen, c).hit_blocks * 16
+            predicted = predicted_tokens(kv) - p0
             before = await prefix_hits(http, by_id[chosen.worker_id])
             await post(http, by_id[chosen.worker_id], "/v1/chat/completions", {"messages": convo, "max_tokens": 2})
             assert await prefix_hits(http, by_id[chosen.worker_id]) - before == predicted > 0

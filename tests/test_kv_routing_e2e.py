@@ -162,6 +162,8 @@ async def test_multi_turn_sticks_to_the_prefix_holders_and_predictions_equal_hit
         async with f.http.get(f.fe.url + "/workers") as r:
             workers = (await r.json())["workers"]
         assert all(sum(w["kv_index_blocks"].values()) > 0 for w in workers)
+        # every hop ended, so no request still holds "about to be cached" marks on any worker
+        assert all(f.fe.kv.pending.held(wid) == 0 for wid in f.sims)
         # a worker that leaves stops counting at once
         await f.clients[0].deregister()
         await wait_until(lambda: not f.fe.kv.index.has_worker("p0"))

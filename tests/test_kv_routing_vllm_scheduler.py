@@ -77,7 +77,7 @@ class VllmWorker:
     removed_blocks: int = 0
 
 
-def build_worker(wid: str, sub_endpoint: str) -> VllmWorker:
+def build_worker(wid: str, sub_endpoint: str, num_blocks: int = NUM_BLOCKS) -> VllmWorker:
     replay = f"tcp://*:{free_port()}"
     config = VllmConfig(
         model_config=ModelConfig(model=str(default_model_dir()), max_model_len=1024, dtype="float16",
@@ -89,10 +89,10 @@ def build_worker(wid: str, sub_endpoint: str) -> VllmWorker:
                                         replay_endpoint=replay, topic=wid),
         device_config=DeviceConfig(device="cpu"),
     )  # fmt: skip
-    config.cache_config.num_gpu_blocks = NUM_BLOCKS
+    config.cache_config.num_gpu_blocks = num_blocks
     spec = FullAttentionSpec(block_size=BLOCK, num_kv_heads=2, head_size=8, dtype=torch.bfloat16)
     kv_config = KVCacheConfig(
-        num_blocks=NUM_BLOCKS,
+        num_blocks=num_blocks,
         kv_cache_tensors=[],
         kv_cache_groups=[KVCacheGroupSpec(["model.layers.0.self_attn.attn"], spec)],
     )
@@ -138,6 +138,28 @@ def run_to_completion(w: VllmWorker, rid: str, token_ids: list[int]) -> tuple[in
     raise AssertionError(f"{rid} did not finish")
 
 
+def run_together(w: VllmWorker, requests: list[tuple[str, list[int]]]) -> tuple[int, int]:
+    """Add several requests at once and step the scheduler until all finish; (hit, queried) tokens."""
+    for rid, ids in requests:
+        w.scheduler.add_request(Request(request_id=rid, prompt_token_ids=ids,
+                                        sampling_params=SamplingParams(max_tokens=MAX_TOKENS), pooling_params=None,
+                                        block_hasher=kcu.get_request_block_hasher(BLOCK, sha256)))  # fmt: skip
+    hits = queries = 0
+    for step in range(4 * (MAX_TOKENS + 2)):
+        so = w.scheduler.schedule()
+        rids = list(so.num_scheduled_tokens)
+        if not rids:
+            return hits, queries
+        mro = ModelRunnerOutput(req_ids=rids, req_id_to_index={r: i for i, r in enumerate(rids)},
+                                sampled_token_ids=[[100 + step] for _ in rids])  # fmt: skip
+        for out in w.scheduler.update_from_output(so, mro).values():
+            stats = out.scheduler_stats
+            if stats is not None and stats.prefix_cache_stats is not None:
+                hits += stats.prefix_cache_stats.hits
+                queries += stats.prefix_cache_stats.queries
+    raise AssertionError("requests did not finish")
+
+
 async def link_up(kv: KvRouting, w: VllmWorker, timeout: float = 20.0) -> None:
     """Publish empty batches through the worker's real publisher until one reaches the index.
 
@@ -164,6 +186,18 @@ async def synced(kv: KvRouting, workers: list[VllmWorker], timeout: float = 20.0
             return
         assert time.monotonic() < deadline, "KV events did not reach the index"
         await asyncio.sleep(0.01)
+
+
+def chat_ctx(messages: list[dict[str, str]], rid: str) -> RequestContext:
+    body = {"model": "synth", "messages": messages, "max_tokens": MAX_TOKENS}
+    return RequestContext(path="/v1/chat/completions", model="synth", body=body, prompt_text=None,
+                          prompt_token_ids=None, prompt_tokens=0, request_id=rid)  # fmt: skip
+
+
+def predicted_tokens(kv: KvRouting) -> float:
+    """What the policy booked as predicted hits so far (``pdkit_kv_predicted_hit_tokens``, all labels)."""
+    return sum(s.value for fam in kv.metrics.predicted_hit_tokens.collect() for s in fam.samples
+               if s.name.endswith("_total"))  # fmt: skip
 
 
 def conversations(n: int) -> list[list[dict[str, str]]]:
@@ -203,22 +237,20 @@ def test_predicted_hits_equal_vllm_scheduler_hits_under_eviction(monkeypatch: py
             chosen: dict[str, int] = {"w0": 0, "w1": 0}
             for i, messages in enumerate(order):
                 await synced(kv, workers)
-                body = {"model": "synth", "messages": messages, "max_tokens": MAX_TOKENS}
-                ctx = RequestContext(path="/v1/chat/completions", model="synth", body=body, prompt_text=None,
-                                     prompt_token_ids=None, prompt_tokens=0, request_id=f"r{i}")  # fmt: skip
+                ctx = chat_ctx(messages, f"r{i}")
+                p0 = predicted_tokens(kv)
                 w = kv.policy.choose("agg", workers, ctx)
-                score = kv.policy.score(w, ctx)
+                predicted = predicted_tokens(kv) - p0
                 blocks = kv.policy.prompt_blocks(ctx, BLOCK)
                 assert blocks is not None
                 hit, queried = run_to_completion(w, f"r{i}", blocks.token_ids)
+                kv.policy.hop_done(w, ctx)
                 assert queried == len(blocks.token_ids)
-                assert score.hit_blocks * BLOCK == hit, f"request {i} on {w.worker_id}"
-                predicted_total += score.hit_blocks * BLOCK
+                assert predicted == hit, f"request {i} on {w.worker_id}"
+                predicted_total += predicted
                 actual_total += hit
                 chosen[w.worker_id] += 1
             await synced(kv, workers)
-            metric = kv.metrics.predicted_hit_tokens
-            assert sum(metric.labels(w.worker_id, "agg")._value.get() for w in workers) == predicted_total
             assert predicted_total == actual_total and actual_total > 0
             assert all(n > 0 for n in chosen.values()), chosen  # both workers served
             assert all(w.removed_blocks > 0 for w in workers), "the workload must make vLLM evict"
@@ -229,6 +261,71 @@ def test_predicted_hits_equal_vllm_scheduler_hits_under_eviction(monkeypatch: py
             await kv.close()
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("track_pending", [True, False])
+def test_bursts_sharing_a_new_prefix_stick_together_and_are_predicted(
+    monkeypatch: pytest.MonkeyPatch, track_pending: bool
+) -> None:
+    """Each turn of six chats is routed as one burst, before any of it runs (the events of a burst can
+    only arrive after vLLM scheduled it), then every worker schedules its share together.
+
+    vLLM caches a prompt's blocks when it schedules it, so a later request of the same step hits them.
+    With pending blocks (the default) the policy knows that at routing time: the chats sharing a system
+    prompt go to one worker and the predicted hits equal vLLM's per burst.  Without it (the control
+    case) the first burst spreads over both workers and its hits are under-predicted.
+    """
+    monkeypatch.setenv("PYTHONHASHSEED", SEED)
+    kcu.init_none_hash(sha256)
+
+    async def scenario() -> tuple[list[tuple[float, int]], list[dict[str, str]]]:
+        kv = KvRouting(default_model_dir(), hash_seed=SEED, registry=CollectorRegistry(), block_size=BLOCK,
+                       track_pending=track_pending)  # fmt: skip
+        kv.start()
+        workers = [build_worker(wid, kv.endpoint, num_blocks=400) for wid in ("w0", "w1")]
+        by_id = {w.worker_id: w for w in workers}
+        per_turn = conversations(6)
+        bursts: list[tuple[float, int]] = []
+        placements: list[dict[str, str]] = []
+        try:
+            for w in workers:
+                kv.add_worker(w)
+                await link_up(kv, w)
+            for t in range(4):
+                await synced(kv, workers)
+                p0 = predicted_tokens(kv)
+                share: dict[str, list[tuple[str, list[int]]]] = {"w0": [], "w1": []}
+                routed = []
+                placement = {}
+                for c in range(6):
+                    ctx = chat_ctx(per_turn[c * 4 + t], f"c{c}t{t}")
+                    w = kv.policy.choose("agg", workers, ctx)
+                    blocks = kv.policy.prompt_blocks(ctx, BLOCK)
+                    assert blocks is not None
+                    share[w.worker_id].append((ctx.request_id, blocks.token_ids))
+                    routed.append((w, ctx))
+                    placement[f"c{c}"] = w.worker_id
+                predicted = predicted_tokens(kv) - p0
+                actual = sum(run_together(by_id[wid], reqs)[0] for wid, reqs in share.items() if reqs)
+                for w, ctx in routed:
+                    kv.policy.hop_done(w, ctx)
+                bursts.append((predicted, actual))
+                placements.append(placement)
+        finally:
+            for w in workers:
+                w.scheduler.shutdown()
+            await kv.close()
+        return bursts, placements
+
+    bursts, placements = asyncio.run(scenario())
+    first = placements[0]
+    if track_pending:
+        assert all(p == a for p, a in bursts), bursts
+        # chats 0, 2, 4 share one system prompt, chats 1, 3, 5 the other: each group on one worker
+        assert first["c0"] == first["c2"] == first["c4"] and first["c1"] == first["c3"] == first["c5"]
+        assert all(p == placements[0] for p in placements)  # and every later turn follows its chat
+    else:
+        assert bursts[0][0] < bursts[0][1], bursts  # the blind window: hits vLLM had but nobody predicted
 
 
 def test_stored_events_carry_the_hashes_the_frontend_computes(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -37,7 +37,12 @@ class RequestContext:
 
 
 class Policy(Protocol):
-    """``choose`` returns one of ``candidates`` (never empty when called) for ``role``."""
+    """``choose`` returns one of ``candidates`` (never empty when called) for ``role``.
+
+    A policy may also define ``hop_done(worker, ctx)``: the frontend calls it when its hop to the chosen
+    worker ends, whatever the outcome (KV-aware routing uses it to stop counting the request's prompt
+    as "about to be cached" there).
+    """
 
     name: str
 

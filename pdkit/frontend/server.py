@@ -27,7 +27,7 @@ import logging
 import sys
 import time
 import uuid
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 import aiohttp
@@ -103,6 +103,8 @@ class Frontend:
         if policy is None:
             policy = self.kv.policy if settings.policy == KV_AWARE else make_policy(settings.policy)
         self.policy: Policy = policy
+        # optional policy hook, called when a hop to a worker ends (KvAwarePolicy releases pending blocks)
+        self._hop_done: Callable[[WorkerState, RequestContext], None] | None = getattr(policy, "hop_done", None)
         self._kv_closed = False
         self.actual_hits = ActualHits(self.metrics)
         self.registry = Registry(
@@ -368,10 +370,12 @@ class Frontend:
         w.inflight += 1
         self.metrics.inflight.labels(w.worker_id, w.role).set(w.inflight)
 
-    def _release(self, w: WorkerState) -> None:
+    def _release(self, w: WorkerState, ctx: RequestContext) -> None:
         w.inflight -= 1
         if (w.worker_id, w.role) in self._gauge_ids:
             self.metrics.inflight.labels(w.worker_id, w.role).set(w.inflight)
+        if self._hop_done is not None:
+            self._hop_done(w, ctx)  # KV-aware routing: the request's blocks are no longer "about to be cached"
 
     # ---------------------------------------------------------------------------------- prefill
 
@@ -412,7 +416,7 @@ class Frontend:
                 log.warning("prefill on %s failed: %s", w.worker_id, exc.reason)
                 continue
             finally:
-                self._release(w)
+                self._release(w, ctx)
             self.metrics.prefill_hop.observe(time.perf_counter() - t0)
             return params
         self.metrics.fallbacks.labels(reason).inc()
@@ -530,7 +534,7 @@ class Frontend:
                 raise _HopFailed("stream_error_event", True, 500, _sse_error_payload(first))
             return await self._relay_stream(request, resp, first, mode, t0, hop0, ctx)
         finally:
-            self._release(w)
+            self._release(w, ctx)
             if resp is not None:
                 resp.close()
 

@@ -15,6 +15,10 @@ Why these rules:
   ``load_weight`` unset it is half the request's prompt blocks: one queued request ahead costs about
   as much as recomputing half of this prompt, so a worker holding most of the prefix wins over an idle
   one until its queue is two deep.  Ties go to the less loaded worker, then rotate.
+* **Pending blocks** (:mod:`pdkit.routing.pending`): a prompt routed to a worker counts as cached there
+  (at GPU weight, tier ``pending`` in the metrics) until its hop ends, because vLLM caches a prompt's
+  blocks when it schedules it, well before the events announcing them reach the frontend.  Without it,
+  a burst of requests sharing a new prefix would spread over the workers and each recompute it.
 
 Requests whose token ids cannot be reproduced (unsupported chat features, no tokenizer) fall back to
 least-loaded choice.  :class:`KvRouting` bundles index, subscriber, policy and metrics for a frontend.
@@ -35,6 +39,7 @@ from prometheus_client import CollectorRegistry
 from pdkit.routing.block_hash import DEFAULT_HASH_ALGO, BlockHasher
 from pdkit.routing.kv_index import CPU, DISK, GPU, KvIndex
 from pdkit.routing.kv_metrics import KvRoutingMetrics
+from pdkit.routing.pending import PendingBlocks
 from pdkit.routing.prompt_tokens import PromptError, PromptTokenizer, load_prompt_tokenizer
 from pdkit.routing.subscriber import KvEventSubscriber
 
@@ -42,6 +47,8 @@ log = logging.getLogger("pdkit.routing.kv_aware")
 
 DEFAULT_TIER_WEIGHTS: dict[str, float] = {"GPU": 1.0, "CPU": 0.8, "DISK": 0.5}
 _CTX_KEY = "pdkit_kv_prompt"
+_PENDING_KEY = "pdkit_kv_pending"  # ctx.extra: worker id -> the hashes this request marked pending there
+PENDING = "pending"
 
 C = TypeVar("C")
 
@@ -83,6 +90,11 @@ def load_of(w: Any) -> float:
     return float(max(getattr(w, "inflight", 0), engine))
 
 
+def _caches_prefixes(w: Any) -> bool:
+    """False for a worker whose engine runs without prefix caching (nothing it computes is reused)."""
+    return bool(getattr(getattr(w, "info", None), "prefix_caching", True))
+
+
 def _kv_usage(w: Any) -> float:
     load = getattr(w, "load", None)
     return float(getattr(load, "kv_usage", 0.0)) if load is not None else 0.0
@@ -110,6 +122,7 @@ class KvAwarePolicy:
         tier_weights: Mapping[str, float] | None = None,
         load_weight: float | None = None,
         metrics: KvRoutingMetrics | None = None,
+        pending: PendingBlocks | None = None,
     ) -> None:
         if hash_seed is None:
             log.warning("KV-aware routing without a hash seed: predictions only match workers by chance")
@@ -127,6 +140,7 @@ class KvAwarePolicy:
         ]
         self.load_weight = load_weight
         self.metrics = metrics
+        self.pending = pending
         self._hashers: dict[int, BlockHasher] = {}
         self._rr = itertools.count()
 
@@ -187,14 +201,31 @@ class KvAwarePolicy:
         load = load_of(w)
         if blocks is None:
             return WorkerScore(w, 0, {}, 0.0, load, -load)
-        prefix = self.index.prefix_tiers(str(w.worker_id), blocks.hashes[: blocks.max_hit_blocks])
+        wid = str(w.worker_id)
+        hashes = blocks.hashes[: blocks.max_hit_blocks]
+        prefix = self.index.prefix_tiers(wid, hashes)
         tier_blocks = {"GPU": 0, "CPU": 0, "DISK": 0}
         weighted = 0.0
         for bits in prefix:
             weighted += self._bits_weight[bits]
             tier_blocks["GPU" if bits & GPU else "CPU" if bits & CPU else "DISK"] += 1
+        hit = len(prefix)
+        if self.pending is not None and hit < len(hashes) and _caches_prefixes(w):
+            # continue the walk where the events end: blocks of requests routed there, not announced yet
+            now = self.pending.now()
+            for h in hashes[hit:]:
+                bits = self.index.tiers(wid, h)
+                if bits:
+                    weighted += self._bits_weight[bits]
+                    tier_blocks["GPU" if bits & GPU else "CPU" if bits & CPU else "DISK"] += 1
+                elif self.pending.has(wid, h, now):
+                    weighted += self._bits_weight[GPU]
+                    tier_blocks[PENDING] = tier_blocks.get(PENDING, 0) + 1
+                else:
+                    break
+                hit += 1
         lw = self.load_weight if self.load_weight is not None else max(1.0, 0.5 * len(blocks.hashes))
-        return WorkerScore(w, len(prefix), tier_blocks, weighted, load, weighted - lw * load)
+        return WorkerScore(w, hit, tier_blocks, weighted, load, weighted - lw * load)
 
     def scores(self, candidates: Sequence[Any], ctx: Any) -> list[WorkerScore]:
         return [self.score(w, ctx) for w in candidates]
@@ -206,7 +237,7 @@ class KvAwarePolicy:
         rotated = ordered[offset:] + ordered[:offset]
         scored = self.scores(rotated, ctx)
         best = max(scored, key=lambda s: (s.score, -s.load, -_kv_usage(s.worker)))
-        self._record(role, best, ctx)
+        self._chosen(role, best, ctx)
         return best.worker
 
     def local_prefill_worker(self, candidates: Sequence[C], ctx: Any, max_uncached_tokens: int) -> C | None:
@@ -229,16 +260,34 @@ class KvAwarePolicy:
         if not qualified:
             return None
         best = max(qualified, key=lambda s: (s.score, -s.load))
-        self._record("decode", best, ctx)
+        self._chosen("decode", best, ctx)
         return best.worker
 
-    def _record(self, role: str, s: WorkerScore, ctx: Any) -> None:
-        if self.metrics is None:
+    def hop_done(self, worker: Any, ctx: Any) -> None:
+        """The frontend's hop to ``worker`` for this request ended (any outcome): release its pending marks."""
+        extra = getattr(ctx, "extra", None)
+        marks = extra.get(_PENDING_KEY) if isinstance(extra, dict) else None
+        if self.pending is None or not marks:
             return
+        hashes = marks.pop(str(worker.worker_id), None)
+        if hashes:
+            self.pending.done(str(worker.worker_id), hashes)
+
+    def _chosen(self, role: str, s: WorkerScore, ctx: Any) -> None:
+        """Book the choice: the request's blocks become pending on the worker; predicted-hit metrics."""
         blocks = self.prompt_blocks(ctx, self._block_size_of(s.worker))
         if blocks is None:
             return
         wid = s.worker_id
+        extra = getattr(ctx, "extra", None)
+        if self.pending is not None and isinstance(extra, dict) and blocks.hashes and _caches_prefixes(s.worker):
+            marks = extra.setdefault(_PENDING_KEY, {})
+            if wid in marks:  # chosen again for the same request: release the earlier mark first
+                self.pending.done(wid, marks.pop(wid))
+            self.pending.add(wid, blocks.hashes)
+            marks[wid] = blocks.hashes
+        if self.metrics is None:
+            return
         m = self.metrics
         m.prompt_blocks.labels(wid, role).inc(len(blocks.hashes))
         for tier, n in s.tier_blocks.items():
@@ -274,9 +323,14 @@ class KvRouting:
         load_weight: float | None = None,
         max_blocks_per_worker: int = 1_000_000,
         replay_timeout_ms: int = 2000,
+        track_pending: bool = True,
+        pending_grace_s: float = 1.0,
     ) -> None:
         self.metrics = KvRoutingMetrics(registry)
+        self.pending = PendingBlocks(grace_s=pending_grace_s) if track_pending else None
         self.index = KvIndex(max_blocks_per_worker=max_blocks_per_worker, metrics=self.metrics)
+        if self.pending is not None:
+            self.index.on_gpu_blocks = self.pending.settle
         tokenizer = load_prompt_tokenizer(str(Path(model_dir).resolve())) if model_dir is not None else None
         self.policy = KvAwarePolicy(
             self.index,
@@ -287,6 +341,7 @@ class KvRouting:
             tier_weights=tier_weights,
             load_weight=load_weight,
             metrics=self.metrics,
+            pending=self.pending,
         )
         self.subscriber = KvEventSubscriber(self.index, host, port, replay_timeout_ms=replay_timeout_ms)
 
@@ -320,6 +375,8 @@ class KvRouting:
 
     def remove_worker(self, worker_id: str) -> None:
         self.subscriber.remove_worker(worker_id)
+        if self.pending is not None:
+            self.pending.remove_worker(worker_id)
 
     def sync_workers(self, workers: Iterable[Any]) -> None:
         """Make the tracked set equal to ``workers`` (call it from the registry's change hook)."""

@@ -103,6 +103,9 @@ class KvIndex:
         self.metrics = metrics
         self._clock = clock
         self._workers: dict[str, WorkerBlocks] = {}
+        # Called with (worker, hashes) for every GPU-tier BlockStored / BlockRemoved applied: from then
+        # on the events speak for those blocks (KvRouting settles its pending-block overlay with it).
+        self.on_gpu_blocks: Callable[[str, Sequence[BlockKey]], None] | None = None
 
     # -- workers ---------------------------------------------------------------------------------
 
@@ -175,15 +178,21 @@ class KvIndex:
         """Apply one batch's events to a worker, ignoring sequence numbers (replay, tests)."""
         w = self.add_worker(worker_id)
         for ev in batch.events:
-            if isinstance(ev, BlockStored):
-                self._store(w, ev.block_hashes, TIER_BITS[tier_of(ev.medium)])
-            elif isinstance(ev, BlockRemoved):
-                self._remove(w, ev.block_hashes, TIER_BITS[tier_of(ev.medium)])
-            elif isinstance(ev, AllBlocksCleared):
+            if isinstance(ev, AllBlocksCleared):
                 w.blocks.clear()
                 w.counts = {GPU: 0, CPU: 0, DISK: 0}
                 if self.metrics is not None:
                     self.metrics.resets.labels(worker_id, "cleared").inc()
+                continue
+            if not isinstance(ev, (BlockStored, BlockRemoved)):
+                continue
+            bit = TIER_BITS[tier_of(ev.medium)]
+            if isinstance(ev, BlockStored):
+                self._store(w, ev.block_hashes, bit)
+            else:
+                self._remove(w, ev.block_hashes, bit)
+            if bit == GPU and self.on_gpu_blocks is not None:
+                self.on_gpu_blocks(worker_id, ev.block_hashes)
         w.last_ts = batch.ts
         self._publish_size(w)
 
