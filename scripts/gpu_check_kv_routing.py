@@ -19,7 +19,7 @@ Goal (issue 7): predicted within 5 % of actual.  Stages:
   the prefill choice and the decode choice are both predicted.
 
 Usage on the device (after the bundle is unpacked and pdkit installed, see scripts/gpu_session.sh):
-    python3 scripts/gpu_check_kv_routing.py                 # both stages, ~5 min on a warm machine
+    python3 scripts/gpu_check_kv_routing.py                 # both stages, ~7 min (~4 on a warm machine)
     python3 scripts/gpu_check_kv_routing.py --engine sim    # rehearsal on CPU (simulated engines)
 Writes ``$OUT/gpu_check_kv_routing.json``, the bench JSON files and ``$OUT/logs_kvr_<stage>.tar.gz``.
 """

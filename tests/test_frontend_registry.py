@@ -84,6 +84,35 @@ async def test_worker_that_stops_heartbeating_disappears(fe: Frontend) -> None:
         await c.close()
 
 
+def test_reaped_workers_are_remembered_then_forgotten(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker dropped for silence stays in ``reaped`` (its cache knowledge is kept) until it registers
+    again or ``remember_reaped_s`` runs out -- then the change hook fires once more."""
+    import pdkit.frontend.registry as reg
+
+    now = [1000.0]
+    monkeypatch.setattr(reg.time, "monotonic", lambda: now[0])
+    changes: list[int] = []
+    r = reg.Registry(1.0, on_change=lambda: changes.append(1), remember_reaped_s=10.0)
+    r.register(info("a"))
+    r.register(info("b"))
+    now[0] += 2
+    r.heartbeat("b", 1, Load())
+    assert r.reap() == ["a"] and r.reaped == {"a": 1002.0} and "a" not in r.workers
+    r.register(info("a"))  # back: no longer "reaped"
+    assert r.reaped == {}
+    now[0] += 2
+    assert sorted(r.reap()) == ["a", "b"]
+    n = len(changes)
+    now[0] += 9
+    r.reap()
+    assert set(r.reaped) == {"a", "b"} and len(changes) == n  # still remembered, nothing changed
+    now[0] += 1
+    r.reap()
+    assert r.reaped == {} and len(changes) == n + 1  # forgotten: listeners hear of it
+    r.register(info("c"))
+    assert r.remove("c", "deregistered") and "c" not in r.reaped  # a deregistered worker is not "reaped"
+
+
 async def test_token_required_and_checked() -> None:
     async with Frontend(FrontendSettings(port=0, zmq_port=0, token="s3cret")) as fe:
         bad = RegistryClient(fe.zmq_endpoint, info("d0"), token="wrong")

@@ -273,3 +273,30 @@ async def test_predicted_hits_equal_the_simulators_hits() -> None:
             assert kv.policy.score(states["w1"], c).hit_blocks == 0 and not kv.index.has_worker("w1")
     finally:
         await kv.close()
+
+
+async def test_prepare_tokenizes_off_the_event_loop(tok: PromptTokenizer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``prepare`` fills the request's prompt cache from a worker thread; ``choose`` then reuses it, and a
+    failure inside ``prepare`` never fails the request (``choose`` falls back as before)."""
+    import threading
+
+    policy = KvAwarePolicy(KvIndex(), tok, hash_seed=SEED)
+    threads: list[int] = []
+    real = tok.request_ids
+
+    def spy(body: dict[str, Any], chat: bool) -> list[int]:
+        threads.append(threading.get_ident())
+        return real(body, chat)
+
+    monkeypatch.setattr(tok, "request_ids", spy)
+    c = ctx({"prompt": PROMPT})
+    await policy.prepare(c)
+    assert threads and threads[0] != threading.get_ident()
+    policy.choose("agg", [worker("w0"), worker("w1")], c)
+    assert len(threads) == 1  # choose found the prepared prompt
+
+    def broken(ctx: Any, block_size: int | None = None) -> None:
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(policy, "prompt_blocks", broken)
+    await policy.prepare(ctx({"prompt": PROMPT}))  # logged, not raised

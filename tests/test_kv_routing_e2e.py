@@ -51,6 +51,9 @@ def sim_counter(w: SimWorker, name: str) -> float:
 
 @contextlib.asynccontextmanager
 async def fleet(**settings: Any) -> AsyncIterator[Fleet]:
+    # Fast heartbeats, but a liveness timeout that a busy 2-core CI machine cannot trip by accident
+    # (a reaped worker is not routed to, which the routing assertions would misread).
+    settings.setdefault("liveness_timeout_s", 5.0)
     fe = Frontend(FrontendSettings(port=0, zmq_port=0, mode="disagg", policy="kv_aware", hash_seed=SEED,
                                    heartbeat_interval_s=0.2, **settings))  # fmt: skip
     await fe.start()
@@ -191,6 +194,30 @@ async def test_conditional_disaggregation_prefills_on_the_decode_worker_holding_
         for wid, w in f.sims.items():
             predicted = metric(text, "pdkit_kv_predicted_hit_tokens_total", worker=wid)
             assert predicted == sim_counter(w, "vllm:prefix_cache_hits_total") - hits0[wid], wid
+
+
+async def test_a_worker_that_misses_heartbeats_keeps_its_index() -> None:
+    """A loaded host can miss heartbeats: the worker is reaped (not routed to) but its KV index and its
+    event stream are kept, so when it registers again routing sees what it really caches.  A
+    deregistered worker's index goes at once."""
+    async with fleet(liveness_timeout_s=0.6) as f:
+        msgs = [{"role": "system", "content": SYSTEM["b"]}, {"role": "user", "content": "A question?"}]
+        await chat(f, msgs, stream=False)
+        await synced(f)
+        holders = {wid for wid in f.sims if sum(f.fe.kv.index.size(wid).values()) > 0}
+        flapping = next(c for c in f.clients if c.info.worker_id in holders)
+        wid = flapping.info.worker_id
+        blocks = f.fe.kv.index.size(wid)
+        await flapping.stop_heartbeats()
+        await wait_until(lambda: wid not in f.fe.registry.workers)
+        assert wid in f.fe.registry.reaped and f.fe.kv.index.size(wid) == blocks  # kept while away
+        assert (await flapping.register()).ok
+        flapping.start_heartbeats()
+        await wait_until(lambda: wid in f.fe.registry.workers)
+        assert f.fe.kv.index.size(wid) == blocks and wid not in f.fe.registry.reaped
+        await flapping.stop_heartbeats()
+        await flapping.deregister()
+        await wait_until(lambda: not f.fe.kv.index.has_worker(wid))  # deregistered: forgotten at once
 
 
 async def test_index_under_another_policy_and_kv_events_off() -> None:

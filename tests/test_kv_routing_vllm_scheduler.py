@@ -113,33 +113,13 @@ def build_worker(wid: str, sub_endpoint: str, num_blocks: int = NUM_BLOCKS) -> V
     return w
 
 
-def run_to_completion(w: VllmWorker, rid: str, token_ids: list[int]) -> tuple[int, int]:
-    """Schedule one request on the real scheduler and step it until it finishes (greedy stand-in).
-
-    Returns (hit tokens, queried tokens) from the ``SchedulerStats`` the steps emitted: the deltas that
-    vLLM's ``vllm:prefix_cache_hits`` / ``_queries`` counters receive.
-    """
-    hits = queries = 0
-    w.scheduler.add_request(Request(request_id=rid, prompt_token_ids=token_ids,
-                                    sampling_params=SamplingParams(max_tokens=MAX_TOKENS), pooling_params=None,
-                                    block_hasher=kcu.get_request_block_hasher(BLOCK, sha256)))  # fmt: skip
-    for step in range(MAX_TOKENS + 2):
-        so = w.scheduler.schedule()
-        rids = list(so.num_scheduled_tokens)
-        if not rids:
-            return hits, queries
-        mro = ModelRunnerOutput(req_ids=rids, req_id_to_index={r: i for i, r in enumerate(rids)},
-                                sampled_token_ids=[[100 + step] for _ in rids])  # fmt: skip
-        for out in w.scheduler.update_from_output(so, mro).values():
-            stats = out.scheduler_stats
-            if stats is not None and stats.prefix_cache_stats is not None:
-                hits += stats.prefix_cache_stats.hits
-                queries += stats.prefix_cache_stats.queries
-    raise AssertionError(f"{rid} did not finish")
-
-
 def run_together(w: VllmWorker, requests: list[tuple[str, list[int]]]) -> tuple[int, int]:
-    """Add several requests at once and step the scheduler until all finish; (hit, queried) tokens."""
+    """Add requests at once and step the real scheduler until all finish (a hand-built model output of
+    one sampled token per request and step stands in for the GPU).
+
+    Returns (hit tokens, queried tokens) summed from the ``SchedulerStats`` the steps emitted: the
+    deltas that vLLM's ``vllm:prefix_cache_hits`` / ``_queries`` counters receive.
+    """
     for rid, ids in requests:
         w.scheduler.add_request(Request(request_id=rid, prompt_token_ids=ids,
                                         sampling_params=SamplingParams(max_tokens=MAX_TOKENS), pooling_params=None,
@@ -158,6 +138,11 @@ def run_together(w: VllmWorker, requests: list[tuple[str, list[int]]]) -> tuple[
                 hits += stats.prefix_cache_stats.hits
                 queries += stats.prefix_cache_stats.queries
     raise AssertionError("requests did not finish")
+
+
+def run_to_completion(w: VllmWorker, rid: str, token_ids: list[int]) -> tuple[int, int]:
+    """One request, scheduled alone, stepped until it finishes; (hit, queried) tokens as vLLM counts them."""
+    return run_together(w, [(rid, token_ids)])
 
 
 async def link_up(kv: KvRouting, w: VllmWorker, timeout: float = 20.0) -> None:

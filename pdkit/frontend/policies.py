@@ -41,7 +41,8 @@ class Policy(Protocol):
 
     A policy may also define ``hop_done(worker, ctx)``: the frontend calls it when its hop to the chosen
     worker ends, whatever the outcome (KV-aware routing uses it to stop counting the request's prompt
-    as "about to be cached" there).
+    as "about to be cached" there), and ``async prepare(ctx)``: awaited before routing, for work that
+    should not run on the event loop (KV-aware routing tokenizes the prompt in a thread there).
     """
 
     name: str

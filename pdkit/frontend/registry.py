@@ -66,11 +66,16 @@ class Registry:
         liveness_s: float,
         on_change: Callable[[], None] | None = None,
         on_heartbeat: Callable[[WorkerState, Load], None] | None = None,
+        remember_reaped_s: float = 60.0,
     ) -> None:
         self.liveness_s = liveness_s
         self.workers: dict[str, WorkerState] = {}
         self._on_change = on_change
         self._on_heartbeat = on_heartbeat  # (worker, its new load): counters carried in heartbeats
+        # Workers dropped for silence (not deregistered), by id -> when: a loaded host can miss a few
+        # heartbeats and come back; what the frontend knows of such a worker's cache is kept this long.
+        self.remember_reaped_s = remember_reaped_s
+        self.reaped: dict[str, float] = {}
 
     def _changed(self) -> None:
         if self._on_change is not None:
@@ -87,6 +92,7 @@ class Registry:
         else:
             state = WorkerState(info=info, last_seen=now)
             self.workers[info.worker_id] = state
+        self.reaped.pop(info.worker_id, None)
         log.info("worker %s registered: %s at %s (%s)", info.worker_id, info.role, info.url, info.model)
         self._changed()
         return state
@@ -111,11 +117,22 @@ class Registry:
         return True
 
     def reap(self) -> list[str]:
-        """Drop workers silent for longer than the liveness timeout; returns their ids."""
-        cutoff = time.monotonic() - self.liveness_s
+        """Drop workers silent for longer than the liveness timeout; returns their ids.
+
+        They are remembered in :attr:`reaped` for ``remember_reaped_s``; when that runs out the change
+        hook fires again so that listeners (the KV index) can forget them for good.
+        """
+        now = time.monotonic()
+        cutoff = now - self.liveness_s
         dead = [wid for wid, w in self.workers.items() if w.last_seen < cutoff]
         for wid in dead:
+            self.reaped[wid] = now
             self.remove(wid, f"no heartbeat for {self.liveness_s:g} s")
+        expired = [wid for wid, t in self.reaped.items() if now - t >= self.remember_reaped_s]
+        for wid in expired:
+            del self.reaped[wid]
+        if expired:
+            self._changed()
         return dead
 
     def of_role(self, role: str) -> list[WorkerState]:

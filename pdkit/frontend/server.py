@@ -105,6 +105,8 @@ class Frontend:
         self.policy: Policy = policy
         # optional policy hook, called when a hop to a worker ends (KvAwarePolicy releases pending blocks)
         self._hop_done: Callable[[WorkerState, RequestContext], None] | None = getattr(policy, "hop_done", None)
+        # optional async policy hook run before routing (KvAwarePolicy tokenizes the prompt off the loop)
+        self._prepare: Callable[[RequestContext], Coroutine[Any, Any, None]] | None = getattr(policy, "prepare", None)
         self._kv_closed = False
         self.actual_hits = ActualHits(self.metrics)
         self.registry = Registry(
@@ -247,7 +249,7 @@ class Frontend:
         self._gauge_ids = live
         self.actual_hits.retain(self.registry.workers)
         if self.kv is not None:
-            self.kv.sync_workers(self.registry.workers.values())
+            self.kv.sync_workers(self.registry.workers.values(), keep=self.registry.reaped)
 
     # ------------------------------------------------------------------------------ request path
 
@@ -260,6 +262,8 @@ class Frontend:
             if self._draining:
                 raise RequestError(503, "frontend is shutting down; retry on another frontend", retry_after=1)
             ctx = self._context(request, await request.read())
+            if self._prepare is not None:
+                await self._prepare(ctx)
             if self.s.mode == "agg":
                 resp, status = await self._decode(request, ctx, "agg", None, mode, t0)
             elif ctx.prompt_tokens < self.s.disagg_min_prompt_tokens:

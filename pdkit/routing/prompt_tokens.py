@@ -74,7 +74,9 @@ class PromptTokenizer:
     # -- completions -----------------------------------------------------------------------------
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids)
+        # encode_batch, not encode: the same ids, but the Rust side releases the GIL, so a prompt
+        # tokenized in a worker thread (KvAwarePolicy.prepare) leaves the frontend's event loop free.
+        return list(self.tokenizer.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids)
 
     def completion_ids(self, prompt: str | list[int], add_special_tokens: bool = True) -> list[int]:
         if isinstance(prompt, str):
