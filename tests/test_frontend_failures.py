@@ -173,6 +173,55 @@ async def test_failed_kv_load_retried_with_local_prefill(http: aiohttp.ClientSes
         assert metric(m, "pdkit_fallbacks_total", reason=f"decode_{reason}") == 1
 
 
+@pytest.mark.parametrize("stream", [False, True])
+async def test_failed_kv_load_on_the_only_decode_worker_retried_there_with_local_prefill(
+    http: aiohttp.ClientSession, stream: bool
+) -> None:
+    """1P1D: the decode worker fails the request because the prefill's KV lease expired; there is no
+    other decode worker, so the same one serves it again with a local prefill -- no 502 for the client."""
+    async with AsyncExitStack() as st:
+        p = await sim(st, "prefill", kv_lease_s=1e-6)
+        d, ref = await sim(st, "decode"), await sim(st, "agg")
+        fe = await frontend(st, {"p": ("prefill", p.url), "d": ("decode", d.url)})
+        req = {"prompt": LONG, "max_tokens": 6, "stream": stream}
+        status, _, body = await post(http, fe.url + "/v1/completions", req)
+        assert status == 200, body
+        _, _, want = await post(http, ref.url + "/v1/completions", req)
+        if stream:
+            assert sse_text(body) == sse_text(want) and '"error"' not in body
+        else:
+            assert json.loads(body)["choices"][0]["text"] == json.loads(want)["choices"][0]["text"]
+        m = fe.metrics.render().decode()
+        reason = "stream_error_event" if stream else "status_500"
+        assert metric(m, "pdkit_retries_total", role="decode", reason=reason) == 1
+        assert metric(m, "pdkit_fallbacks_total", reason=f"decode_{reason}") == 1
+        assert fe.registry.workers["d"].inflight == 0
+
+
+async def test_only_decode_worker_failing_twice_gives_one_clear_502(http: aiohttp.ClientSession) -> None:
+    """The same-worker retry happens once: an upstream that keeps failing ends in a 502 naming the cause."""
+    async with AsyncExitStack() as st:
+        p = await sim(st, "prefill")
+        calls: list[int] = []
+
+        async def handler(request: web.Request) -> web.Response:
+            calls.append(1)
+            return web.Response(status=503, text='{"error": {"message": "engine overloaded"}}')
+
+        app = web.Application()
+        app.router.add_post("/v1/completions", handler)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        st.push_async_callback(runner.cleanup)
+        url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+        fe = await frontend(st, {"p": ("prefill", p.url), "d": ("decode", url)})
+        status, _, body = await post(http, fe.url + "/v1/completions", {"prompt": LONG, "max_tokens": 3})
+        assert status == 503 and "engine overloaded" in body  # the worker's own error, passed through
+        assert len(calls) == 2  # with the prefill's KV, then once more prefilling locally; not more
+
+
 async def test_client_disconnect_aborts_upstream(http: aiohttp.ClientSession) -> None:
     async with AsyncExitStack() as st:
         p = await sim(st, "prefill")

@@ -473,11 +473,21 @@ class Frontend:
         t0: float,
         first: WorkerState | None = None,
     ) -> tuple[web.StreamResponse, str]:
-        """The decode (or only) hop; ``first``: the worker already chosen for the first attempt."""
+        """The decode (or only) hop; ``first``: the worker already chosen for the first attempt.
+
+        A failed attempt moves on to another worker of the role.  When the failure came after the worker
+        had the request *with* the prefill's KV (a failed or expired transfer, a reset connection) and no
+        other worker is left -- the common 1P1D case -- the same worker gets one more try with a local
+        prefill (no KV to fetch), instead of the client getting a 502 for a transient transfer problem.
+        """
         tried: set[str] = set()
         last: _HopFailed | None = None
+        again: WorkerState | None = None  # the worker that may be retried with a local prefill
         for _ in range(self.s.max_decode_attempts):
             usable, total = self._candidates(ctx, role, tried)
+            if not usable and again is not None:
+                usable = [w for w in self._candidates(ctx, role, set())[0] if w is again]
+            again = None
             if not usable:
                 if last is None:
                     raise self._unavailable(role, total)
@@ -499,6 +509,7 @@ class Frontend:
                 if exc.reached and params is not None:
                     # The failed decode may have read (and released) the prefill's blocks: prefill locally.
                     params = None
+                    again = w
                     self.metrics.fallbacks.labels(f"decode_{exc.reason}").inc()
         assert last is not None
         if last.status is not None and last.body:
