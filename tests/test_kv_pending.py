@@ -156,3 +156,14 @@ def test_agent_reads_prefix_caching_from_the_engine_command(argv: list[str], exp
 def test_worker_info_defaults_prefix_caching_on_for_older_agents() -> None:
     raw: dict[str, Any] = {"worker_id": "a", "role": "agg", "url": "http://h:1", "model": "m"}
     assert WorkerInfo.model_validate(raw).prefix_caching is True
+
+
+def test_launched_prefill_without_prefix_caching_registers_as_such(tmp_path: Any) -> None:
+    """What the agent reads is the engine command the plan gives it (after ``--``)."""
+    from pdkit.config import load_deployment
+    from pdkit.plan import worker_spec
+
+    dep = load_deployment(overrides={"mode": "disagg", "prefill.extra_args": ["--no-enable-prefix-caching"]})
+    for role, expected in (("prefill", False), ("decode", True)):
+        argv = worker_spec(dep, role, 0, tmp_path).argv
+        assert prefix_caching_enabled(argv[argv.index("--") + 1 :]) is expected, role
