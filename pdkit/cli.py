@@ -276,6 +276,17 @@ def worker(
     raise typer.Exit(run_agent_cli(**locals()))
 
 
+@app.command("status", help="Show a running deployment: workers, load, KV caches, hits, failures.")
+def status(
+    endpoint: Annotated[str, typer.Option("--endpoint", help="The frontend's URL.")] = "http://127.0.0.1:8000",
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    from pdkit.status import fetch_status, render_status
+
+    st = fetch_status(endpoint)
+    typer.echo(json.dumps(st.to_json(), indent=1) if as_json else render_status(st))
+
+
 def _register_component_commands() -> None:
     """Mount the commands whose modules own their options (frontend, simulator, benchmark)."""
     from pdkit.bench.cli import bench, bench_compare
