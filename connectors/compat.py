@@ -86,12 +86,17 @@ def check_nixl_compat(prefill: Mapping[str, Any], decode: Mapping[str, Any]) -> 
 
     p_hma, d_hma = hma_enabled(prefill), hma_enabled(decode)
     if p_hma != d_hma:
-        out.append(Mismatch(
-            "hybrid_kv_cache_manager", p_hma, d_hma, "error",
-            "NIXL hashes whether the hybrid KV-cache manager is on; vLLM turns it off by itself for "
-            f"{prefill.get('kv_connector') if not p_hma else decode.get('kv_connector')} only. Pass "
-            "--disable-hybrid-kv-cache-manager to both prefill and decode.",
-        ))
+        out.append(
+            Mismatch(
+                "hybrid_kv_cache_manager",
+                p_hma,
+                d_hma,
+                "error",
+                "NIXL hashes whether the hybrid KV-cache manager is on; vLLM turns it off by itself for "
+                f"{prefill.get('kv_connector') if not p_hma else decode.get('kv_connector')} only. Pass "
+                "--disable-hybrid-kv-cache-manager to both prefill and decode.",
+            )
+        )
     for key, what in (("model", "the model string passed to vllm serve"), ("vllm_version", "the vLLM version")):
         p, d = both(key)
         if p is not None and d is not None and str(p) != str(d):
@@ -99,46 +104,84 @@ def check_nixl_compat(prefill: Mapping[str, Any], decode: Mapping[str, Any]) -> 
     p, d = both("dtype", "auto")
     if _dtype(p) != _dtype(d):
         auto = "auto" in (str(p).lower(), str(d).lower())
-        out.append(Mismatch(
-            "dtype", p, d, "warning" if auto else "error",
-            "NIXL hashes the resolved model dtype; " + (
-                "'auto' resolves from the model config, so state the same --dtype on both sides."
-                if auto else "use the same --dtype on both sides."),
-        ))
+        out.append(
+            Mismatch(
+                "dtype",
+                p,
+                d,
+                "warning" if auto else "error",
+                "NIXL hashes the resolved model dtype; "
+                + (
+                    "'auto' resolves from the model config, so state the same --dtype on both sides."
+                    if auto
+                    else "use the same --dtype on both sides."
+                ),
+            )
+        )
     p, d = both("kv_cache_dtype", "auto")
     if str(p) != str(d):
-        out.append(Mismatch(
-            "kv_cache_dtype", p, d, "error",
-            "NIXL hashes the --kv-cache-dtype string itself ('auto' and its resolved dtype differ); "
-            "pass the identical value on both sides.",
-        ))
+        out.append(
+            Mismatch(
+                "kv_cache_dtype",
+                p,
+                d,
+                "error",
+                "NIXL hashes the --kv-cache-dtype string itself ('auto' and its resolved dtype differ); "
+                "pass the identical value on both sides.",
+            )
+        )
     p, d = both("attention_backend")
     if p != d:
         explicit = p is not None and d is not None
-        out.append(Mismatch(
-            "attention_backend", p, d, "error" if explicit else "warning",
-            "NIXL hashes the attention backend name; " + (
-                "use the same --attention-backend on both sides." if explicit else
-                "one side lets vLLM choose: pass the same --attention-backend on both sides."),
-        ))
+        out.append(
+            Mismatch(
+                "attention_backend",
+                p,
+                d,
+                "error" if explicit else "warning",
+                "NIXL hashes the attention backend name; "
+                + (
+                    "use the same --attention-backend on both sides."
+                    if explicit
+                    else "one side lets vLLM choose: pass the same --attention-backend on both sides."
+                ),
+            )
+        )
     p, d = both("enable_cross_layers_blocks", False)
     if bool(p) != bool(d):
-        out.append(Mismatch("enable_cross_layers_blocks", p, d, "error",
-                            "NIXL hashes cross-layer blocks; set the NIXL extra-config key the same on both sides."))
+        out.append(
+            Mismatch(
+                "enable_cross_layers_blocks",
+                p,
+                d,
+                "error",
+                "NIXL hashes cross-layer blocks; set the NIXL extra-config key the same on both sides.",
+            )
+        )
     p, d = both("kv_cache_layout")
     if (p or "HND") != (d or "HND"):
-        out.append(Mismatch(
-            "kv_cache_layout", p, d, "error",
-            "NIXL's handshake refuses different KV-cache layouts (NIXL asks for HND); set "
-            "VLLM_KV_CACHE_LAYOUT the same on both sides or leave it unset.",
-        ))
+        out.append(
+            Mismatch(
+                "kv_cache_layout",
+                p,
+                d,
+                "error",
+                "NIXL's handshake refuses different KV-cache layouts (NIXL asks for HND); set "
+                "VLLM_KV_CACHE_LAYOUT the same on both sides or leave it unset.",
+            )
+        )
     p, d = both("block_size")
     if p is not None and d is not None and int(p) != int(d):
-        out.append(Mismatch(
-            "block_size", p, d, "error" if (p_hma or d_hma) else "warning",
-            "with the hybrid KV-cache manager NIXL refuses different block sizes; without it NIXL "
-            "re-maps blocks (slower, many more descriptors): use the same --block-size.",
-        ))
+        out.append(
+            Mismatch(
+                "block_size",
+                p,
+                d,
+                "error" if (p_hma or d_hma) else "warning",
+                "with the hybrid KV-cache manager NIXL refuses different block sizes; without it NIXL "
+                "re-maps blocks (slower, many more descriptors): use the same --block-size.",
+            )
+        )
     return out
 
 
@@ -157,8 +200,9 @@ _FLAG_KEYS = {
 }
 
 
-def settings_from_serve(argv: Sequence[str], env: Mapping[str, str] | None = None,
-                        kv_connector: str | None = None) -> dict[str, Any]:
+def settings_from_serve(
+    argv: Sequence[str], env: Mapping[str, str] | None = None, kv_connector: str | None = None
+) -> dict[str, Any]:
     """The settings dict of one ``vllm serve`` command line (``argv`` after ``serve``) and its env.
 
     Understands ``--flag value`` and ``--flag=value``, a positional model, the HMA flags and the

@@ -396,12 +396,12 @@ class PdConnector(KVConnectorBase_V1):
         loader = self._loader.get(request.request_id)
         if num_external_tokens > 0:
             if loader is None:
-                logger.error("PdConnector: %d external tokens but no loader for %s", num_external_tokens,
-                             request.request_id)
+                logger.error(
+                    "PdConnector: %d external tokens but no loader for %s", num_external_tokens, request.request_id
+                )
             else:
                 self._stats.add(f"{loader}_loads")
-                self._stats.add("lmcache_hit_tokens" if loader == LMCACHE else "nixl_load_tokens",
-                                num_external_tokens)
+                self._stats.add("lmcache_hit_tokens" if loader == LMCACHE else "nixl_load_tokens", num_external_tokens)
         if self._producer_fps is not None and _is_remote_decode(request):
             self._producer_fps.track(request)
         if self.verify_transfers and loader == NIXL and num_external_tokens > 0 and _is_remote_prefill(request):

@@ -84,9 +84,7 @@ def parse_load(metrics_text: str) -> Load:
                 values[key] = max(values[key], sample.value)
             else:
                 values[key] += sample.value
-    return Load(
-        running=int(values["running"]), waiting=int(values["waiting"]), kv_usage=values["kv_usage"], **counters
-    )
+    return Load(running=int(values["running"]), waiting=int(values["waiting"]), kv_usage=values["kv_usage"], **counters)
 
 
 @dataclass
@@ -402,5 +400,3 @@ def _engine_from_config(opts: dict[str, Any]) -> tuple[list[str], dict[str, str]
     opts["kv_events_topic"] = events.get("topic")  # the engine publishes under the plan's topic
     opts["served_model_name"] = dep.served_name
     return spec.engine_argv, spec.env, opts
-
-

@@ -129,6 +129,7 @@ def calibrate(prompts_by_len: dict[int, str]) -> dict:
         prefill[n] = round(min(times), 4)
     decode = {}
     for batch in (1, 8, 32, 64):
+
         def one(i: int, batch: int = batch) -> dict:
             body = {"model": "synth", "prompt": f"request {i} of batch {batch}: hello", "max_tokens": 64,
                     "temperature": 0, "ignore_eos": True}  # fmt: skip
@@ -286,7 +287,7 @@ def main() -> int:
 
     prompts = build_prompts(default_model_dir())
     rc = 0
-    for stage in (["agg", "disagg"] if args.stage == "all" else [args.stage]):
+    for stage in ["agg", "disagg"] if args.stage == "all" else [args.stage]:
         try:
             result = stage_agg(prompts) if stage == "agg" else stage_disagg(prompts)
         except Exception as exc:  # report, keep the logs

@@ -160,25 +160,38 @@ def stage_verify_on(prompts: list[str], ref: list[dict], long_prompts: list[str]
         return {k: b[k] - a[k] for k in a}
 
     fault_rows, clean_rows = compare(fault_pass, ref), compare(clean_pass, ref)
-    d_fault, d_clean, d_ttft = delta(before, after_faults), delta(after_faults, after_clean), delta(after_clean,
-                                                                                                   after_ttft)
+    d_fault, d_clean, d_ttft = (
+        delta(before, after_faults),
+        delta(after_faults, after_clean),
+        delta(after_clean, after_ttft),
+    )
     warnings = count_in_log(run_dir, "decode-0.log", r"fail their fingerprint")
     recovered = count_in_log(run_dir, "decode-0.log", r"Recovered from KV load failure")
     return {
         "ready_s": round(ready_s, 1),
-        "fault_pass": {"rows": fault_rows, "all_equal_agg": all(r["equals_agg"] for r in fault_rows),
-                       "counters": d_fault, "mismatch_warnings_in_log": warnings,
-                       "recovered_lines_in_log": recovered,
-                       "ok": all(r["equals_agg"] for r in fault_rows)
-                       and d_fault["pdkit:kv_verify_mismatch_blocks_total"] == N_FAULTS
-                       and warnings == N_FAULTS and recovered >= N_FAULTS},  # fmt: skip
-        "clean_pass": {"rows": clean_rows, "all_equal_agg": all(r["equals_agg"] for r in clean_rows),
-                       "counters": d_clean,
-                       "ok": all(r["equals_agg"] for r in clean_rows)
-                       and d_clean["pdkit:kv_verify_mismatch_blocks_total"] == 0},  # fmt: skip
-        "ttft_8k": {**ttft, "counters": d_ttft,
-                    "all_checked": d_ttft["pdkit:kv_verify_checked_blocks_total"] >= TTFT_RUNS * (TTFT_TOKENS // 16),
-                    "none_unsent": after_ttft["pdkit:kv_verify_unsent_total"] == 0},  # fmt: skip
+        "fault_pass": {
+            "rows": fault_rows,
+            "all_equal_agg": all(r["equals_agg"] for r in fault_rows),
+            "counters": d_fault,
+            "mismatch_warnings_in_log": warnings,
+            "recovered_lines_in_log": recovered,
+            "ok": all(r["equals_agg"] for r in fault_rows)
+            and d_fault["pdkit:kv_verify_mismatch_blocks_total"] == N_FAULTS
+            and warnings == N_FAULTS
+            and recovered >= N_FAULTS,
+        },  # fmt: skip
+        "clean_pass": {
+            "rows": clean_rows,
+            "all_equal_agg": all(r["equals_agg"] for r in clean_rows),
+            "counters": d_clean,
+            "ok": all(r["equals_agg"] for r in clean_rows) and d_clean["pdkit:kv_verify_mismatch_blocks_total"] == 0,
+        },  # fmt: skip
+        "ttft_8k": {
+            **ttft,
+            "counters": d_ttft,
+            "all_checked": d_ttft["pdkit:kv_verify_checked_blocks_total"] >= TTFT_RUNS * (TTFT_TOKENS // 16),
+            "none_unsent": after_ttft["pdkit:kv_verify_unsent_total"] == 0,
+        },  # fmt: skip
         "stop": stopped,
         "bad_log_lines": [x for x in g.scan_logs(run_dir) if "Traceback" not in x],
         "traceback_lines": [x for x in g.scan_logs(run_dir) if "Traceback" in x],

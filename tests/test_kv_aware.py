@@ -197,10 +197,7 @@ def state_of(w: SimWorker, wid: str) -> WorkerState:
 def predicted_tokens(kv: KvRouting) -> float:
     """Sum of ``pdkit_kv_predicted_hit_tokens`` over workers and roles."""
     return sum(
-        s.value
-        for fam in kv.metrics.predicted_hit_tokens.collect()
-        for s in fam.samples
-        if s.name.endswith("_total")
+        s.value for fam in kv.metrics.predicted_hit_tokens.collect() for s in fam.samples if s.name.endswith("_total")
     )
 
 

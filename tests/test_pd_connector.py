@@ -418,10 +418,12 @@ def test_handshake_metadata_comes_from_nixl() -> None:
 
 def test_get_finished_reports_each_request_once_after_all_awaited_children() -> None:
     pd = make_connector(KVConnectorRole.WORKER)
-    pd.bind_connector_metadata(PdConnectorMetadata(
-        children={"nixl": NixlConnectorMetadata(), "lmcache": "lm"},
-        awaited_sends={"both": ("nixl", "lmcache"), "only-nixl": ("nixl",)},
-    ))
+    pd.bind_connector_metadata(
+        PdConnectorMetadata(
+            children={"nixl": NixlConnectorMetadata(), "lmcache": "lm"},
+            awaited_sends={"both": ("nixl", "lmcache"), "only-nixl": ("nixl",)},
+        )
+    )
     nixl_worker(pd).sending = {"both", "only-nixl"}
     nixl_worker(pd).recving = {"loaded"}
     assert pd.get_finished({"both", "only-nixl"}) == ({"only-nixl"}, {"loaded"})
@@ -433,9 +435,9 @@ def test_get_finished_reports_each_request_once_after_all_awaited_children() -> 
 
 def test_get_finished_ignores_report_from_child_that_did_not_delay() -> None:
     pd = make_connector(KVConnectorRole.WORKER)
-    pd.bind_connector_metadata(PdConnectorMetadata(
-        children={"nixl": NixlConnectorMetadata(), "lmcache": "lm"}, awaited_sends={"x": ("nixl",)}
-    ))
+    pd.bind_connector_metadata(
+        PdConnectorMetadata(children={"nixl": NixlConnectorMetadata(), "lmcache": "lm"}, awaited_sends={"x": ("nixl",)})
+    )
     lm_engine(pd).sending = {"x"}  # LMCache says "done" for a request only NIXL delayed
     assert pd.get_finished({"x"}) == (None, None)
     nixl_worker(pd).sending = {"x"}
@@ -467,8 +469,10 @@ def test_stats_from_both_sides_and_rebuild_after_serialisation() -> None:
     assert sched.get_kv_connector_stats() is None  # reset after being taken
 
     # After msgspec/pickle across processes the logger gets {"name": {"data": {...}}}.
-    serialised = {PD_STATS_KEY: {"data": dict(pd_stats.data)}, "NixlPullConnector": {"data": worker_stats.data[
-        "FakeNixlWorkerConnector"].data}}
+    serialised = {
+        PD_STATS_KEY: {"data": dict(pd_stats.data)},
+        "NixlPullConnector": {"data": worker_stats.data["FakeNixlWorkerConnector"].data},
+    }
     rebuilt = PdConnector.build_kv_connector_stats(serialised)
     assert rebuilt is not None
     assert isinstance(rebuilt.data[PD_STATS_KEY], PdConnectorStats)
@@ -501,10 +505,24 @@ def test_lmcache_chunks_surface_as_cpu_kv_events() -> None:
     with medium CPU/DISK (the default, ``vllm``, is in tests/test_pd_connector_tiers.py)."""
     worker = make_connector(KVConnectorRole.WORKER, pd_transfer_config(lmcache_events="raw"))
     stored = [
-        BlockStored(block_hashes=[11], parent_block_hash=None, token_ids=list(range(256)), block_size=256,
-                    lora_id=None, medium="cpu", lora_name=None),
-        BlockStored(block_hashes=[12], parent_block_hash=11, token_ids=list(range(256)), block_size=256,
-                    lora_id=None, medium="LocalDiskBackend", lora_name=None),
+        BlockStored(
+            block_hashes=[11],
+            parent_block_hash=None,
+            token_ids=list(range(256)),
+            block_size=256,
+            lora_id=None,
+            medium="cpu",
+            lora_name=None,
+        ),
+        BlockStored(
+            block_hashes=[12],
+            parent_block_hash=11,
+            token_ids=list(range(256)),
+            block_size=256,
+            lora_id=None,
+            medium="LocalDiskBackend",
+            lora_name=None,
+        ),
     ]
     lm_engine(worker).kv_events = list(stored)
     events = worker.get_kv_connector_kv_cache_events()
@@ -569,9 +587,11 @@ def test_handshake_metadata_reaches_nixl_side_channel(monkeypatch: pytest.Monkey
 
 def test_get_finished_both_children_in_one_step_reports_once() -> None:
     pd = make_connector(KVConnectorRole.WORKER)
-    pd.bind_connector_metadata(PdConnectorMetadata(
-        children={"nixl": NixlConnectorMetadata(), "lmcache": "lm"}, awaited_sends={"y": ("nixl", "lmcache")}
-    ))
+    pd.bind_connector_metadata(
+        PdConnectorMetadata(
+            children={"nixl": NixlConnectorMetadata(), "lmcache": "lm"}, awaited_sends={"y": ("nixl", "lmcache")}
+        )
+    )
     nixl_worker(pd).sending = {"y"}
     lm_engine(pd).sending = {"y"}
     assert pd.get_finished({"y"}) == ({"y"}, None)

@@ -10,8 +10,17 @@ from pdkit.connectors.lmcache_events import normalize_medium, relabel_events
 
 @pytest.mark.parametrize(
     ("medium", "expected"),
-    [("cpu", "CPU"), ("LocalCPUBackend", "CPU"), (None, "CPU"), ("disk", "DISK"), ("LocalDiskBackend", "DISK"),
-     ("file:///tmp/x", "DISK"), ("lm://host:65432", "REMOTE"), ("RemoteBackend", "REMOTE"), ("GPU", "GPU")],
+    [
+        ("cpu", "CPU"),
+        ("LocalCPUBackend", "CPU"),
+        (None, "CPU"),
+        ("disk", "DISK"),
+        ("LocalDiskBackend", "DISK"),
+        ("file:///tmp/x", "DISK"),
+        ("lm://host:65432", "REMOTE"),
+        ("RemoteBackend", "REMOTE"),
+        ("GPU", "GPU"),
+    ],
 )
 def test_normalize_medium(medium: str | None, expected: str) -> None:
     assert normalize_medium(medium) == expected
@@ -19,8 +28,15 @@ def test_normalize_medium(medium: str | None, expected: str) -> None:
 
 def test_relabel_real_vllm_events() -> None:
     kv_events = pytest.importorskip("vllm.distributed.kv_events")
-    stored = kv_events.BlockStored(block_hashes=[1], parent_block_hash=None, token_ids=[1, 2], block_size=2,
-                                   lora_id=None, medium="cpu", lora_name=None)
+    stored = kv_events.BlockStored(
+        block_hashes=[1],
+        parent_block_hash=None,
+        token_ids=[1, 2],
+        block_size=2,
+        lora_id=None,
+        medium="cpu",
+        lora_name=None,
+    )
     removed = kv_events.BlockRemoved(block_hashes=[1], medium="LocalDiskBackend")
     cleared = kv_events.AllBlocksCleared()
     out = list(relabel_events([stored, removed, cleared]))

@@ -70,9 +70,13 @@ def _seeded(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def build(extra: dict[str, Any], role: str = "kv_producer") -> tuple[Scheduler, PdConnector, list[Any]]:
     """A real Scheduler with PdConnector; returns it, a worker-side PdConnector, the published batches."""
-    ktc = KVTransferConfig(kv_connector="PdConnector", kv_connector_module_path="pdkit.connectors.pd_connector",
-                           kv_role=role, kv_load_failure_policy="recompute",  # type: ignore[arg-type]
-                           kv_connector_extra_config={"nixl": {"backends": ["UCX"]}, **FAKE_CHILDREN, **extra})
+    ktc = KVTransferConfig(
+        kv_connector="PdConnector",
+        kv_connector_module_path="pdkit.connectors.pd_connector",
+        kv_role=role,
+        kv_load_failure_policy="recompute",  # type: ignore[arg-type]
+        kv_connector_extra_config={"nixl": {"backends": ["UCX"]}, **FAKE_CHILDREN, **extra},
+    )
     config = VllmConfig(
         model_config=ModelConfig(model=str(default_model_dir()), max_model_len=512, dtype="float16",
                                  skip_tokenizer_init=True),
@@ -85,8 +89,11 @@ def build(extra: dict[str, Any], role: str = "kv_producer") -> tuple[Scheduler, 
     )  # fmt: skip
     config.cache_config.num_gpu_blocks = NUM_BLOCKS
     spec = FullAttentionSpec(block_size=BLOCK, num_kv_heads=2, head_size=8, dtype=torch.bfloat16)
-    kv_config = KVCacheConfig(num_blocks=NUM_BLOCKS, kv_cache_tensors=[],
-                              kv_cache_groups=[KVCacheGroupSpec(["model.layers.0.self_attn.attn"], spec)])
+    kv_config = KVCacheConfig(
+        num_blocks=NUM_BLOCKS,
+        kv_cache_tensors=[],
+        kv_cache_groups=[KVCacheGroupSpec(["model.layers.0.self_attn.attn"], spec)],
+    )
     scheduler = Scheduler(vllm_config=config, kv_cache_config=kv_config,
                           structured_output_manager=StructuredOutputManager(config), block_size=BLOCK,
                           log_stats=True)  # fmt: skip

@@ -187,12 +187,14 @@ def test_lmcache_evictions_map_back_to_announced_vllm_hashes(tok: PromptTokenize
     hashes = announced[0].block_hashes
     per_chunk = CHUNK // BLOCK
     events = LMCacheKVEvents(num_workers=1)
-    events.add_events([
-        chunk_event(ids, 0, 9001, None, "LocalCPUBackend"),
-        chunk_event(ids, 1, 9002, 9001, "LocalCPUBackend"),
-        BlockRemoved(block_hashes=[9002], medium="LocalCPUBackend"),
-        BlockRemoved(block_hashes=[424242], medium="LocalCPUBackend"),  # never seen: nothing to map
-    ])
+    events.add_events(
+        [
+            chunk_event(ids, 0, 9001, None, "LocalCPUBackend"),
+            chunk_event(ids, 1, 9002, 9001, "LocalCPUBackend"),
+            BlockRemoved(block_hashes=[9002], medium="LocalCPUBackend"),
+            BlockRemoved(block_hashes=[424242], medium="LocalCPUBackend"),  # never seen: nothing to map
+        ]
+    )
     sched.update_connector_output(KVConnectorOutput(kv_cache_events=events))
     out = list(sched.take_events())
     assert [(type(e).__name__, e.block_hashes, e.medium) for e in out] == [

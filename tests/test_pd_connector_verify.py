@@ -81,8 +81,13 @@ def config(role: str, lmcache: dict[str, Any] | None, **extra: Any) -> VllmConfi
         kv_connector_module_path="pdkit.connectors.pd_connector",
         kv_role=role,  # type: ignore[arg-type]
         kv_load_failure_policy="recompute",
-        kv_connector_extra_config={"nixl": {"backends": ["UCX"]}, "lmcache": lmcache, "verify_transfers": True,
-                                   **FAKE_CHILDREN, **extra},  # fmt: skip
+        kv_connector_extra_config={
+            "nixl": {"backends": ["UCX"]},
+            "lmcache": lmcache,
+            "verify_transfers": True,
+            **FAKE_CHILDREN,
+            **extra,
+        },  # fmt: skip
     )
     return VllmConfig(kv_transfer_config=ktc, device_config=DeviceConfig(device="cpu"),
                       cache_config=CacheConfig(block_size=BLOCK))  # fmt: skip
@@ -139,8 +144,12 @@ class Pair:
         """Pull on decode; ``corrupt``: flip a bit of that decode block after the fake transfer."""
         wire = json.loads(json.dumps(params))  # the HTTP hop through the frontend
         local = local if local is not None else list(D_BLOCKS)
-        req = Request(request_id=rid, prompt_token_ids=list(range(PROMPT)), pooling_params=None,
-                      sampling_params=SamplingParams(max_tokens=8, extra_args={"kv_transfer_params": wire}))
+        req = Request(
+            request_id=rid,
+            prompt_token_ids=list(range(PROMPT)),
+            pooling_params=None,
+            sampling_params=SamplingParams(max_tokens=8, extra_args={"kv_transfer_params": wire}),
+        )
         n_cached = (len(P_BLOCKS) - len(local)) * BLOCK  # a local prefix hit of whole blocks
         tokens, load_async = self.d_sched.get_num_new_matched_tokens(req, n_cached)
         assert tokens and load_async is True
@@ -249,8 +258,12 @@ def test_tp2_one_list_per_rank_each_rank_checks_its_own(monkeypatch: pytest.Monk
     # Decode rank 1 receives rank 1's heads; one of them is corrupted.
     meta = None
     wire = json.loads(json.dumps(params))
-    req = Request(request_id="d1", prompt_token_ids=list(range(PROMPT)), pooling_params=None,
-                  sampling_params=SamplingParams(max_tokens=8, extra_args={"kv_transfer_params": wire}))
+    req = Request(
+        request_id="d1",
+        prompt_token_ids=list(range(PROMPT)),
+        pooling_params=None,
+        sampling_params=SamplingParams(max_tokens=8, extra_args={"kv_transfer_params": wire}),
+    )
     tokens, _ = pair.d_sched.get_num_new_matched_tokens(req, 0)
     pair.d_sched.update_state_after_alloc(req, make_blocks(D_BLOCKS), tokens)
     meta = pair.d_sched.build_connector_meta(empty_scheduler_output())
@@ -307,8 +320,12 @@ def test_params_without_fingerprints_are_counted_and_decode_skips_the_check() ->
     stats = pair.p_sched.get_kv_connector_stats()
     assert stats is not None and stats.data[PD_STATS_KEY].data["kv_verify_unsent"] == 1
     wire = json.loads(json.dumps(params))
-    dreq = Request(request_id="d-nofp", prompt_token_ids=list(range(PROMPT)), pooling_params=None,
-                   sampling_params=SamplingParams(max_tokens=8, extra_args={"kv_transfer_params": wire}))
+    dreq = Request(
+        request_id="d-nofp",
+        prompt_token_ids=list(range(PROMPT)),
+        pooling_params=None,
+        sampling_params=SamplingParams(max_tokens=8, extra_args={"kv_transfer_params": wire}),
+    )
     tokens, _ = pair.d_sched.get_num_new_matched_tokens(dreq, 0)
     pair.d_sched.update_state_after_alloc(dreq, make_blocks(D_BLOCKS), tokens)
     assert pair.d_sched.build_connector_meta(empty_scheduler_output()).verify == {}
