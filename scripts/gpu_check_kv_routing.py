@@ -159,19 +159,31 @@ def bench(label: str, sessions: int, rate: float) -> int:
     return subprocess.run(argv).returncode
 
 
-def stage(name: str, engine: str, sessions: int, rate: float) -> dict[str, Any]:
+def deployment(name: str, engine: str, one_gpu: bool) -> tuple[list[str], dict[str, Any], int]:
+    """(``pdkit launch`` mode args, config, number of workers) of a stage.
+
+    ``one_gpu``: both workers share GPU 0 (``share_gpus``, 40 % of its memory each) -- what a machine
+    with one GPU can run; the KV-event path and the hit accounting are the same as on two GPUs."""
     config: dict[str, Any] = {**g.common_config(), "max_model_len": 16384,
                               "frontend": {"port": g.PORT, "policy": "kv_aware"}}  # fmt: skip
+    second = 0 if one_gpu else 1
     if name == "agg2":
-        config |= {"mode": "agg", "agg": {"gpus": [[0], [1]]}}
+        config |= {"mode": "agg", "agg": {"gpus": [[0], [second]]}}
         if engine == "vllm":
             config["agg"]["extra_args"] = ["--num-gpu-blocks-override", str(GPU_BLOCKS_AGG)]
-        mode_args, n = ["agg", "--gpus", "0,1"], 2
+        mode_args = ["agg"] if one_gpu else ["agg", "--gpus", "0,1"]
     else:
-        config |= {"mode": "disagg", "prefill": {"gpus": [[1]]}, "decode": {"gpus": [[0]]}}
-        mode_args, n = ["disagg", "--prefill-gpu", "1", "--decode-gpu", "0"], 2
+        config |= {"mode": "disagg", "prefill": {"gpus": [[second]]}, "decode": {"gpus": [[0]]}}
+        mode_args = ["disagg"] if one_gpu else ["disagg", "--prefill-gpu", "1", "--decode-gpu", "0"]
+    if one_gpu:
+        config |= {"share_gpus": True, "gpu_memory_utilization": 0.4}
     if engine != "vllm":
         mode_args += ["--engine", engine]
+    return mode_args, config, 2
+
+
+def stage(name: str, engine: str, sessions: int, rate: float, one_gpu: bool) -> dict[str, Any]:
+    mode_args, config, n = deployment(name, engine, one_gpu)
     run_dir = g.STATE / f"kvr-{name}"
     proc, ready_s = g.launch(mode_args, config, run_dir)
     try:
@@ -199,14 +211,20 @@ def main() -> int:
     parser.add_argument("--engine", choices=["vllm", "sim"], default="vllm")
     parser.add_argument("--sessions", type=int, default=48)
     parser.add_argument("--rate", type=float, default=2.0, help="new conversations per second")
+    parser.add_argument("--one-gpu", action="store_true", help="both workers share GPU 0 (1-GPU machine)")
+    parser.add_argument("--dry-run", action="store_true", help="check the deployments' plans only, start nothing")
     args = parser.parse_args()
+    stages = ["agg2", "disagg"] if args.stage == "all" else [args.stage]
+    if args.dry_run:
+        return g.dry_run([deployment(name, args.engine, args.one_gpu)[:2] for name in stages])
     g.OUT.mkdir(parents=True, exist_ok=True)
     g.STATE.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {"engine": args.engine, "goal_rel_error": GOAL}
     rc = 0
-    for name in ["agg2", "disagg"] if args.stage == "all" else [args.stage]:
+    results["one_gpu"] = args.one_gpu
+    for name in stages:
         try:
-            results[name] = stage(name, args.engine, args.sessions, args.rate)
+            results[name] = stage(name, args.engine, args.sessions, args.rate, args.one_gpu)
         except Exception as exc:  # report, keep going: the logs are saved by stage()
             g.log(f"stage {name} FAILED: {exc!r}")
             results[name] = {"error": repr(exc), "ok": False}

@@ -161,6 +161,23 @@ def launch(mode_args: list[str], config: dict, run_dir: Path, timeout: float = 5
     raise TimeoutError("pdkit launch not ready in time")
 
 
+def dry_run(deployments: list[tuple[list[str], dict]]) -> int:
+    """``pdkit launch ... --dry-run`` for each (mode args, config): the plans a GPU run would start are
+    valid (checked on the CPU machine before spending device time).  Returns 0 when all are."""
+    import tempfile
+
+    rc = 0
+    for mode_args, config in deployments:
+        with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
+            f.write(json.dumps(config))
+            f.flush()
+            argv = [sys.executable, "-m", "pdkit.cli", "launch", *mode_args, "--config", f.name, "--dry-run"]
+            done = subprocess.run(argv, capture_output=True, text=True)
+        log("dry run", " ".join(mode_args), "ok" if done.returncode == 0 else f"FAILED: {done.stderr.strip()}")
+        rc |= done.returncode
+    return rc
+
+
 def stop(proc: subprocess.Popen, run_dir: Path) -> dict:
     """Ctrl-C the launcher; report how long the stop took and whether any vLLM process survived."""
     t0 = time.time()

@@ -48,6 +48,14 @@ TTFT_RUNS = 8
 MAX_MODEL_LEN = 16384
 
 
+ONE_GPU = False  # --one-gpu: prefill and decode share GPU 0 (share_gpus), for a machine with one GPU
+DISAGG_ARGS = ["disagg", "--prefill-gpu", "1", "--decode-gpu", "0"]
+
+
+def disagg_args() -> list[str]:
+    return ["disagg"] if ONE_GPU else DISAGG_ARGS
+
+
 def config(mode: str, verify: bool, inject: int = 0) -> dict[str, Any]:
     cfg: dict[str, Any] = {
         "enforce_eager": True,
@@ -60,8 +68,12 @@ def config(mode: str, verify: bool, inject: int = 0) -> dict[str, Any]:
         cfg["agg"] = {"gpus": [[0]]}
         return cfg
     cfg["nixl"] = {"verify_transfers": verify}
-    cfg["prefill"] = {"gpus": [[1]], "http_port_base": PREFILL_HTTP, "extra_args": ["--no-enable-prefix-caching"]}
+    cfg["prefill"] = {"gpus": [[0 if ONE_GPU else 1]], "http_port_base": PREFILL_HTTP,
+                      "extra_args": ["--no-enable-prefix-caching"]}  # fmt: skip
     cfg["decode"] = {"gpus": [[0]], "http_port_base": DECODE_HTTP}
+    if ONE_GPU:
+        cfg["share_gpus"] = True
+        cfg["gpu_memory_utilization"] = 0.4
     if inject:
         cfg["decode"]["extra_env"] = {"PDKIT_VERIFY_INJECT_FAULT": str(inject)}
     return cfg
@@ -138,8 +150,7 @@ def compare(rows: list[dict], ref: list[dict]) -> list[dict]:
 
 def stage_verify_on(prompts: list[str], ref: list[dict], long_prompts: list[str]) -> dict[str, Any]:
     run_dir = g.STATE / "verify_on"
-    proc, ready_s = g.launch(["disagg", "--prefill-gpu", "1", "--decode-gpu", "0"],
-                             config("disagg", True, inject=N_FAULTS), run_dir)  # fmt: skip
+    proc, ready_s = g.launch(disagg_args(), config("disagg", True, inject=N_FAULTS), run_dir)
     try:
         g.log(f"disagg (verify on, {N_FAULTS} faults to inject) ready in {ready_s:.1f} s")
         before = verify_counters()
@@ -200,7 +211,7 @@ def stage_verify_on(prompts: list[str], ref: list[dict], long_prompts: list[str]
 
 def stage_verify_off(long_prompts: list[str]) -> dict[str, Any]:
     run_dir = g.STATE / "verify_off"
-    proc, ready_s = g.launch(["disagg", "--prefill-gpu", "1", "--decode-gpu", "0"], config("disagg", False), run_dir)
+    proc, ready_s = g.launch(disagg_args(), config("disagg", False), run_dir)
     try:
         g.log(f"disagg (verify off) ready in {ready_s:.1f} s")
         ttft = measure_ttft(long_prompts)
@@ -214,7 +225,15 @@ def stage_verify_off(long_prompts: list[str]) -> dict[str, Any]:
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--fresh-agg", action="store_true", help="run the agg reference even if agg.json exists")
+    parser.add_argument("--one-gpu", action="store_true", help="prefill and decode share GPU 0 (1-GPU machine)")
+    parser.add_argument("--dry-run", action="store_true", help="check the deployments' plans only, start nothing")
     args = parser.parse_args()
+    global ONE_GPU
+    ONE_GPU = args.one_gpu
+    if args.dry_run:
+        return g.dry_run([(["agg", "--gpu", "0"], config("agg", False)),
+                          (disagg_args(), config("disagg", True, inject=N_FAULTS)),
+                          (disagg_args(), config("disagg", False))])  # fmt: skip
     g.OUT.mkdir(parents=True, exist_ok=True)
     g.STATE.mkdir(parents=True, exist_ok=True)
     from pdkit.model_files import default_model_dir

@@ -167,3 +167,16 @@ def test_launched_prefill_without_prefix_caching_registers_as_such(tmp_path: Any
     for role, expected in (("prefill", False), ("decode", True)):
         argv = worker_spec(dep, role, 0, tmp_path).argv
         assert prefix_caching_enabled(argv[argv.index("--") + 1 :]) is expected, role
+
+
+def test_no_pending_for_a_decode_hop_that_pulls_the_kv(tok: PromptTokenizer) -> None:
+    """vLLM caches remotely loaded blocks only when the transfer is done: no early marks for that hop."""
+    pending = PendingBlocks(clock=Clock())
+    policy = KvAwarePolicy(KvIndex(), tok, hash_seed=SEED, pending=pending)
+    c = ctx(" one")
+    c.remote_kv = True
+    w = policy.choose("decode", [worker("d0")], c)
+    assert pending.size("d0") == 0
+    c.remote_kv = False  # e.g. the retry that prefills locally on the same worker
+    policy.choose("decode", [w], c)
+    assert pending.size("d0") > 0

@@ -30,6 +30,10 @@ class RequestContext:
     prompt_tokens: int
     request_id: str
     extra: dict[str, Any] = field(default_factory=dict)
+    # True while a decode worker is chosen for a hop that loads the prompt's KV from a prefill worker:
+    # the worker caches those blocks only once the transfer is done (KV-aware routing then does not
+    # count them as about to be cached there).
+    remote_kv: bool = False
 
     @property
     def is_chat(self) -> bool:

@@ -494,6 +494,7 @@ class Frontend:
                 break
             if last is not None:
                 self.metrics.retries.labels(role, last.reason).inc()
+            ctx.remote_kv = params is not None
             w = first if first is not None and first in usable else self.policy.choose(role, usable, ctx)
             first = None
             tried.add(w.worker_id)

@@ -297,7 +297,16 @@ class KvAwarePolicy:
             return
         wid = s.worker_id
         extra = getattr(ctx, "extra", None)
-        if self.pending is not None and isinstance(extra, dict) and blocks.hashes and _caches_prefixes(s.worker):
+        # A decode hop that pulls the prompt's KV from a prefill worker: vLLM caches those blocks only
+        # when the transfer is done and announces them then; marking them earlier over-predicts.
+        remote = bool(getattr(ctx, "remote_kv", False))
+        if (
+            self.pending is not None
+            and isinstance(extra, dict)
+            and blocks.hashes
+            and _caches_prefixes(s.worker)
+            and not remote
+        ):
             marks = extra.setdefault(_PENDING_KEY, {})
             if wid in marks:  # chosen again for the same request: release the earlier mark first
                 self.pending.done(wid, marks.pop(wid))
