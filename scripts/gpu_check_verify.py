@@ -117,15 +117,37 @@ def ttft_prompts(model_dir: Path) -> list[str]:
     return prompts
 
 
+def hop_seconds() -> dict[str, float]:
+    """Sum and count of the frontend's prefill-hop and decode-hop histograms (where TTFT goes)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{g.PORT}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        for name in ("pdkit_prefill_hop_seconds", "pdkit_decode_hop_seconds"):
+            for part in ("_sum", "_count"):
+                if line.startswith(name + part):
+                    out[name + part] = out.get(name + part, 0.0) + float(line.rsplit(" ", 1)[1])
+    return out
+
+
 def measure_ttft(prompts: list[str]) -> dict[str, Any]:
+    hops0: dict[str, float] = {}
     ttfts = []
     for i, prompt in enumerate(prompts):
         r = g.stream_request("/v1/completions", {"model": "synth", "prompt": prompt, "max_tokens": 4,
                                                  "temperature": 0})  # fmt: skip
         if i > 0:  # prompts[0] warms up the 8k path
             ttfts.append(r["ttft_s"])
+        else:
+            hops0 = hop_seconds()
+    hops1 = hop_seconds()
+    mean_hop = {}
+    for name in ("pdkit_prefill_hop_seconds", "pdkit_decode_hop_seconds"):
+        n = hops1.get(name + "_count", 0.0) - hops0.get(name + "_count", 0.0)
+        if n:
+            mean_hop[name.replace("pdkit_", "mean_")] = round((hops1[name + "_sum"] - hops0[name + "_sum"]) / n, 4)
     return {"ttft_s": [round(t, 4) for t in ttfts], "median_s": round(statistics.median(ttfts), 4),
-            "mean_s": round(statistics.mean(ttfts), 4)}  # fmt: skip
+            "mean_s": round(statistics.mean(ttfts), 4), **mean_hop}  # fmt: skip
 
 
 def agg_reference(prompts: list[str], fresh: bool) -> tuple[list[dict], str]:
