@@ -117,17 +117,12 @@ def ttft_prompts(model_dir: Path) -> list[str]:
     return prompts
 
 
+HOPS = ("pdkit_prefill_hop_seconds", "pdkit_decode_hop_seconds")
+
+
 def hop_seconds() -> dict[str, float]:
     """Sum and count of the frontend's prefill-hop and decode-hop histograms (where TTFT goes)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{g.PORT}/metrics", timeout=10) as resp:
-        text = resp.read().decode()
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        for name in ("pdkit_prefill_hop_seconds", "pdkit_decode_hop_seconds"):
-            for part in ("_sum", "_count"):
-                if line.startswith(name + part):
-                    out[name + part] = out.get(name + part, 0.0) + float(line.rsplit(" ", 1)[1])
-    return out
+    return {h + part: metric(g.PORT, h + part) for h in HOPS for part in ("_sum", "_count")}
 
 
 def measure_ttft(prompts: list[str]) -> dict[str, Any]:
@@ -142,7 +137,7 @@ def measure_ttft(prompts: list[str]) -> dict[str, Any]:
             hops0 = hop_seconds()
     hops1 = hop_seconds()
     mean_hop = {}
-    for name in ("pdkit_prefill_hop_seconds", "pdkit_decode_hop_seconds"):
+    for name in HOPS:
         n = hops1.get(name + "_count", 0.0) - hops0.get(name + "_count", 0.0)
         if n:
             mean_hop[name.replace("pdkit_", "mean_")] = round((hops1[name + "_sum"] - hops0[name + "_sum"]) / n, 4)

@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
+import aiohttp
 import pytest
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    """One client session for a test's HTTP calls to real servers on loopback."""
+    async with aiohttp.ClientSession() as s:
+        yield s
 
 
 @pytest.fixture

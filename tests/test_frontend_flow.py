@@ -8,7 +8,6 @@ the prefill's KV (its pulled-bytes counter moves).
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -38,12 +37,6 @@ def answer_text(data: dict[str, Any]) -> str:
 class Deployment:
     def __init__(self, fe: Frontend, workers: dict[str, SimWorker], ref: SimWorker) -> None:
         self.fe, self.workers, self.ref = fe, workers, ref
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as s:
-        yield s
 
 
 async def start(stack: AsyncExitStack, mode: str, roles: dict[str, str], **fe_kw: Any) -> Deployment:

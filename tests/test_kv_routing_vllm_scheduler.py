@@ -26,25 +26,16 @@ import pytest
 pytest.importorskip("vllm")
 pytestmark = pytest.mark.vllm
 
-import torch  # noqa: E402
 from prometheus_client import CollectorRegistry  # noqa: E402
-from vllm.config import (  # noqa: E402
-    CacheConfig,
-    DeviceConfig,
-    KVEventsConfig,
-    ModelConfig,
-    SchedulerConfig,
-    VllmConfig,
-)
+from vllm.config import KVEventsConfig  # noqa: E402
 from vllm.distributed.kv_events import BlockRemoved, BlockStored, KVEventBatch  # noqa: E402
 from vllm.sampling_params import SamplingParams  # noqa: E402
 from vllm.utils.hashing import sha256  # noqa: E402
 from vllm.v1.core import kv_cache_utils as kcu  # noqa: E402
 from vllm.v1.core.sched.scheduler import Scheduler  # noqa: E402
-from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec  # noqa: E402
 from vllm.v1.outputs import ModelRunnerOutput  # noqa: E402
 from vllm.v1.request import Request  # noqa: E402
-from vllm.v1.structured_output import StructuredOutputManager  # noqa: E402
+from vllm_scheduler import real_scheduler  # noqa: E402
 
 from pdkit.frontend.policies import RequestContext  # noqa: E402
 from pdkit.model_files import default_model_dir  # noqa: E402
@@ -79,26 +70,10 @@ class VllmWorker:
 
 def build_worker(wid: str, sub_endpoint: str, num_blocks: int = NUM_BLOCKS) -> VllmWorker:
     replay = f"tcp://*:{free_port()}"
-    config = VllmConfig(
-        model_config=ModelConfig(model=str(default_model_dir()), max_model_len=1024, dtype="float16",
-                                 skip_tokenizer_init=True),
-        scheduler_config=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=1024, max_model_len=1024,
-                                         is_encoder_decoder=False),
-        cache_config=CacheConfig(block_size=BLOCK, enable_prefix_caching=True),
-        kv_events_config=KVEventsConfig(enable_kv_cache_events=True, publisher="zmq", endpoint=sub_endpoint,
-                                        replay_endpoint=replay, topic=wid),
-        device_config=DeviceConfig(device="cpu"),
-    )  # fmt: skip
-    config.cache_config.num_gpu_blocks = num_blocks
-    spec = FullAttentionSpec(block_size=BLOCK, num_kv_heads=2, head_size=8, dtype=torch.bfloat16)
-    kv_config = KVCacheConfig(
-        num_blocks=num_blocks,
-        kv_cache_tensors=[],
-        kv_cache_groups=[KVCacheGroupSpec(["model.layers.0.self_attn.attn"], spec)],
-    )
-    scheduler = Scheduler(vllm_config=config, kv_cache_config=kv_config,
-                          structured_output_manager=StructuredOutputManager(config), block_size=BLOCK,
-                          log_stats=True)  # fmt: skip
+    events = KVEventsConfig(enable_kv_cache_events=True, publisher="zmq", endpoint=sub_endpoint,
+                            replay_endpoint=replay, topic=wid)  # fmt: skip
+    scheduler, _, _ = real_scheduler(block_size=BLOCK, num_blocks=num_blocks, max_model_len=1024,
+                                     kv_events_config=events)  # fmt: skip
     info = WorkerInfo(worker_id=wid, role="agg", url="http://127.0.0.1:1", model="synth", block_size=BLOCK,  # type: ignore[arg-type]
                       kv_events_topic=wid, kv_events_replay_endpoint=replay)  # fmt: skip
     w = VllmWorker(wid, scheduler, replay, info)

@@ -25,18 +25,9 @@ import pytest
 pytest.importorskip("vllm")
 pytestmark = pytest.mark.vllm
 
-import torch  # noqa: E402
 from test_pd_connector import FAKE_CHILDREN  # noqa: E402
 from test_pd_connector_verify import fake_paged_kv  # noqa: E402
-from vllm.config import (  # noqa: E402
-    CacheConfig,
-    DeviceConfig,
-    KVEventsConfig,
-    KVTransferConfig,
-    ModelConfig,
-    SchedulerConfig,
-    VllmConfig,
-)
+from vllm.config import KVEventsConfig, KVTransferConfig  # noqa: E402
 from vllm.distributed.kv_events import BlockStored  # noqa: E402
 from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory  # noqa: E402
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole  # noqa: E402
@@ -44,15 +35,13 @@ from vllm.sampling_params import SamplingParams  # noqa: E402
 from vllm.utils.hashing import sha256  # noqa: E402
 from vllm.v1.core import kv_cache_utils as kcu  # noqa: E402
 from vllm.v1.core.sched.scheduler import Scheduler  # noqa: E402
-from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec  # noqa: E402
 from vllm.v1.outputs import ModelRunnerOutput  # noqa: E402
 from vllm.v1.request import Request  # noqa: E402
-from vllm.v1.structured_output import StructuredOutputManager  # noqa: E402
+from vllm_scheduler import real_scheduler  # noqa: E402
 
 from pdkit.connectors.pd_connector import PdConnector, PdConnectorMetadata  # noqa: E402
 from pdkit.connectors.pd_verify import FINGERPRINTS_KEY  # noqa: E402
 from pdkit.kernels.fingerprint import reference_fingerprints  # noqa: E402
-from pdkit.model_files import default_model_dir  # noqa: E402
 from pdkit.routing.block_hash import BlockHasher  # noqa: E402
 
 SEED = "5"
@@ -77,26 +66,13 @@ def build(extra: dict[str, Any], role: str = "kv_producer") -> tuple[Scheduler, 
         kv_load_failure_policy="recompute",  # type: ignore[arg-type]
         kv_connector_extra_config={"nixl": {"backends": ["UCX"]}, **FAKE_CHILDREN, **extra},
     )
-    config = VllmConfig(
-        model_config=ModelConfig(model=str(default_model_dir()), max_model_len=512, dtype="float16",
-                                 skip_tokenizer_init=True),
-        scheduler_config=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=512, max_model_len=512,
-                                         is_encoder_decoder=False),
-        cache_config=CacheConfig(block_size=BLOCK, enable_prefix_caching=True),
-        kv_transfer_config=ktc,
-        kv_events_config=KVEventsConfig(enable_kv_cache_events=True, publisher="null"),
-        device_config=DeviceConfig(device="cpu"),
-    )  # fmt: skip
-    config.cache_config.num_gpu_blocks = NUM_BLOCKS
-    spec = FullAttentionSpec(block_size=BLOCK, num_kv_heads=2, head_size=8, dtype=torch.bfloat16)
-    kv_config = KVCacheConfig(
+    scheduler, config, kv_config = real_scheduler(
+        block_size=BLOCK,
         num_blocks=NUM_BLOCKS,
-        kv_cache_tensors=[],
-        kv_cache_groups=[KVCacheGroupSpec(["model.layers.0.self_attn.attn"], spec)],
+        max_model_len=512,
+        kv_events_config=KVEventsConfig(enable_kv_cache_events=True, publisher="null"),
+        kv_transfer_config=ktc,
     )
-    scheduler = Scheduler(vllm_config=config, kv_cache_config=kv_config,
-                          structured_output_manager=StructuredOutputManager(config), block_size=BLOCK,
-                          log_stats=True)  # fmt: skip
     assert isinstance(scheduler.connector, PdConnector)
     published: list[Any] = []
     real_publish = scheduler.kv_event_publisher.publish

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -26,12 +25,6 @@ def _settings(**kw: Any) -> SimSettings:
         kv_events_bind=True,
         **kw,
     )
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as s:
-        yield s
 
 
 async def _complete(http: aiohttp.ClientSession, w: SimWorker, prompt: str, max_tokens: int) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -132,12 +131,6 @@ async def test_chunked_prefill_respects_token_budget() -> None:
         sizes.append(sum(n for _, n in plan))
         eng._apply(plan)
     assert sizes == [64, 64, 22, 1]
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as s:
-        yield s
 
 
 def _metric(text: str, name: str) -> float:

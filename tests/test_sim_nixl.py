@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -17,12 +16,6 @@ pytest.importorskip("nixl._api")
 INTERNAL_ERROR = {
     "error": {"message": "Internal server error", "type": "InternalServerError", "param": None, "code": 500}
 }
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as s:
-        yield s
 
 
 async def _post(http: aiohttp.ClientSession, url: str, body: Any) -> tuple[int, Any]:

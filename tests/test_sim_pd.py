@@ -30,12 +30,6 @@ async def trio() -> AsyncIterator[tuple[SimWorker, SimWorker, SimWorker]]:
         yield ws[0], ws[1], ws[2]
 
 
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as s:
-        yield s
-
-
 async def _post(http: aiohttp.ClientSession, url: str, body: Any) -> tuple[int, Any]:
     async with http.post(url, json=body) as r:
         return r.status, await r.json(content_type=None)

@@ -20,12 +20,6 @@ async def worker() -> AsyncIterator[SimWorker]:
         yield w
 
 
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as s:
-        yield s
-
-
 async def _post(http: aiohttp.ClientSession, url: str, body: Any) -> tuple[int, Any]:
     async with http.post(url, json=body) as r:
         return r.status, await r.json(content_type=None)

@@ -91,6 +91,11 @@ def load_of(w: Any) -> float:
     return float(max(getattr(w, "inflight", 0), engine))
 
 
+def _best_tier(bits: int) -> str:
+    """The fastest tier in a block's tier bits (what its hit counts as)."""
+    return "GPU" if bits & GPU else "CPU" if bits & CPU else "DISK"
+
+
 def _caches_prefixes(w: Any) -> bool:
     """False for a worker whose engine runs without prefix caching (nothing it computes is reused)."""
     return bool(getattr(getattr(w, "info", None), "prefix_caching", True))
@@ -225,7 +230,7 @@ class KvAwarePolicy:
         weighted = 0.0
         for bits in prefix:
             weighted += self._bits_weight[bits]
-            tier_blocks["GPU" if bits & GPU else "CPU" if bits & CPU else "DISK"] += 1
+            tier_blocks[_best_tier(bits)] += 1
         hit = len(prefix)
         if self.pending is not None and hit < len(hashes) and _caches_prefixes(w):
             # continue the walk where the events end: blocks of requests routed there, not announced yet
@@ -234,7 +239,7 @@ class KvAwarePolicy:
                 bits = self.index.tiers(wid, h)
                 if bits:
                     weighted += self._bits_weight[bits]
-                    tier_blocks["GPU" if bits & GPU else "CPU" if bits & CPU else "DISK"] += 1
+                    tier_blocks[_best_tier(bits)] += 1
                 elif self.pending.has(wid, h, now):
                     weighted += self._bits_weight[GPU]
                     tier_blocks[PENDING] = tier_blocks.get(PENDING, 0) + 1
