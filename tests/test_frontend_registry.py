@@ -113,6 +113,22 @@ def test_reaped_workers_are_remembered_then_forgotten(monkeypatch: pytest.Monkey
     assert r.remove("c", "deregistered") and "c" not in r.reaped  # a deregistered worker is not "reaped"
 
 
+def test_a_reaped_worker_that_returns_keeps_its_in_flight_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Requests still running on a worker that missed heartbeats keep counting once it is back: the
+    per-worker cap holds and their releases land on the record the policy reads."""
+    import pdkit.frontend.registry as reg
+
+    now = [1000.0]
+    monkeypatch.setattr(reg.time, "monotonic", lambda: now[0])
+    r = reg.Registry(1.0)
+    state = r.register(info("a"))
+    state.inflight = 2
+    now[0] += 2
+    assert r.reap() == ["a"]
+    again = r.register(info("a"))
+    assert again is state and again.inflight == 2 and r.workers["a"] is state
+
+
 async def test_token_required_and_checked() -> None:
     async with Frontend(FrontendSettings(port=0, zmq_port=0, token="s3cret")) as fe:
         bad = RegistryClient(fe.zmq_endpoint, info("d0"), token="wrong")

@@ -76,6 +76,7 @@ class Registry:
         # heartbeats and come back; what the frontend knows of such a worker's cache is kept this long.
         self.remember_reaped_s = remember_reaped_s
         self.reaped: dict[str, float] = {}
+        self._reaped_states: dict[str, WorkerState] = {}
 
     def _changed(self) -> None:
         if self._on_change is not None:
@@ -83,8 +84,11 @@ class Registry:
 
     def register(self, info: WorkerInfo) -> WorkerState:
         now = time.monotonic()
-        state = self.workers.get(info.worker_id)
+        # A worker reaped for silence may still be running requests of ours: take its old record back so
+        # they keep counting against max_inflight_per_worker and release the count they took.
+        state = self.workers.get(info.worker_id) or self._reaped_states.get(info.worker_id)
         if state is not None:
+            self.workers[info.worker_id] = state
             # Same id again (agent reconnected, engine restarted): update the record in place so requests
             # still running on it release their in-flight count against the object the policy reads.
             state.info = info
@@ -93,6 +97,7 @@ class Registry:
             state = WorkerState(info=info, last_seen=now)
             self.workers[info.worker_id] = state
         self.reaped.pop(info.worker_id, None)
+        self._reaped_states.pop(info.worker_id, None)
         log.info("worker %s registered: %s at %s (%s)", info.worker_id, info.role, info.url, info.model)
         self._changed()
         return state
@@ -127,10 +132,12 @@ class Registry:
         dead = [wid for wid, w in self.workers.items() if w.last_seen < cutoff]
         for wid in dead:
             self.reaped[wid] = now
+            self._reaped_states[wid] = self.workers[wid]
             self.remove(wid, f"no heartbeat for {self.liveness_s:g} s")
         expired = [wid for wid, t in self.reaped.items() if now - t >= self.remember_reaped_s]
         for wid in expired:
             del self.reaped[wid]
+            self._reaped_states.pop(wid, None)
         if expired:
             self._changed()
         return dead
