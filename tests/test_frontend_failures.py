@@ -47,6 +47,9 @@ async def sim(stack: AsyncExitStack, role: str, **kw: Any) -> SimWorker:
 async def frontend(stack: AsyncExitStack, workers: dict[str, tuple[str, str]], **kw: Any) -> Frontend:
     """A frontend with ``workers`` (id -> (role, url)) announced over ZMQ."""
     kw.setdefault("policy", "round_robin")
+    # fast heartbeats, but a liveness a busy 2-core CI host cannot trip by accident (none of these tests
+    # is about liveness; a reaped worker would turn their 200s and 503s into "no worker registered")
+    kw.setdefault("liveness_timeout_s", 5.0)
     fe = Frontend(FrontendSettings(port=0, zmq_port=0, heartbeat_interval_s=0.1, **kw))
     await fe.start()
     stack.push_async_callback(fe.stop, 1.0)
