@@ -279,12 +279,16 @@ class PdConnector(KVConnectorBase_V1):
         """Decode: NIXL says these pulls are done; check their fingerprints (bad blocks → load errors)."""
         fps = self._worker_fps
         assert fps is not None
-        checked, mismatched = fps.checked_blocks, fps.mismatch_blocks
         for rid, bad in fps.check(recving):
             logger.warning("PdConnector: request %s: %d received KV block(s) fail their fingerprint (rank %s): "
                            "%s; reporting them as load errors", rid, len(bad), fps.rank, bad[:16])  # fmt: skip
-        self._stats.add("kv_verify_checked_blocks", fps.checked_blocks - checked)
-        self._stats.add("kv_verify_mismatch_blocks", fps.mismatch_blocks - mismatched)
+        self._count_verify_work()
+
+    def _count_verify_work(self) -> None:
+        """Worker side: blocks checked, mismatches, and device time spent, into this step's stats."""
+        if self._worker_fps is not None:
+            for key, amount in self._worker_fps.drain_counters().items():
+                self._stats.add(key, amount)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         # Union: vLLM recomputes (or fails, per kv_load_failure_policy) whichever child's load failed.
@@ -336,6 +340,7 @@ class PdConnector(KVConnectorBase_V1):
             self._worker_fps.compute(self._fingerprint_due)
             self._fingerprint_due = {}
             fingerprints = self._worker_fps.take_computed()
+            self._count_verify_work()
         if all(m is None for m in metas.values()) and not fingerprints:
             return None
         return PdWorkerMetadata(children=metas, fingerprints=fingerprints)

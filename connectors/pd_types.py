@@ -80,7 +80,13 @@ PD_COUNTERS = (
     "kv_verify_checked_blocks",  # decode workers: received blocks whose fingerprint was checked (per rank)
     "kv_verify_mismatch_blocks",  # decode workers: of those, mismatching (reported as load errors)
     "kv_verify_unsent",  # prefill: NIXL params sent without fingerprints (values not ready in time)
+    "kv_verify_requests",  # decode workers: requests whose received blocks were checked
+    "kv_verify_us",  # decode workers: device time checking them (µs; exported in seconds)
+    "kv_fingerprint_requests",  # prefill workers: requests whose sent blocks were fingerprinted
+    "kv_fingerprint_us",  # prefill workers: device time fingerprinting them (µs; exported in seconds)
 )
+# Counters kept in µs (ints survive aggregation and serialisation) and exported in seconds.
+MICROSECOND_COUNTERS = {"kv_verify_us": "kv_verify_seconds", "kv_fingerprint_us": "kv_fingerprint_seconds"}
 
 
 @dataclass
@@ -168,10 +174,16 @@ class PdPromMetrics(KVConnectorPromMetrics):
             "kv_verify_checked_blocks": "Received KV blocks decode checked (verify_transfers; per TP rank).",
             "kv_verify_mismatch_blocks": "Received KV blocks failing their fingerprint (reported as load errors).",
             "kv_verify_unsent": "Prefill requests whose NIXL params went out without fingerprints.",
+            "kv_verify_requests": "Requests whose received KV blocks decode checked (verify_transfers).",
+            "kv_verify_us": "Device time decode spent checking received KV blocks (what it adds to TTFT).",
+            "kv_fingerprint_requests": "Requests whose sent KV blocks prefill fingerprinted (verify_transfers).",
+            "kv_fingerprint_us": "Device time prefill spent fingerprinting sent KV blocks (what it adds to TTFT).",
         }
         self._counters = {
             key: create_metric_per_engine(
-                self._counter_cls(name=f"pdkit:{key}", documentation=doc, labelnames=labelnames),
+                self._counter_cls(
+                    name=f"pdkit:{MICROSECOND_COUNTERS.get(key, key)}", documentation=doc, labelnames=labelnames
+                ),
                 per_engine_labelvalues,
             )
             for key, doc in docs.items()
@@ -183,6 +195,7 @@ class PdPromMetrics(KVConnectorPromMetrics):
             if name == PD_STATS_KEY:
                 for key, amount in inner.items():
                     if key in self._counters and amount:
-                        self._counters[key][engine_idx].inc(amount)  # type: ignore[union-attr]
+                        scale = 1e-6 if key in MICROSECOND_COUNTERS else 1
+                        self._counters[key][engine_idx].inc(amount * scale)  # type: ignore[union-attr]
             elif name in self._children:
                 self._children[name].observe(inner, engine_idx)

@@ -28,6 +28,7 @@ string, JSON-safe); a decode rank with no list of its own (different TP, PP) ski
 from __future__ import annotations
 
 import os
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -65,6 +66,34 @@ def _bounded_put(d: OrderedDict[str, Any], key: str, value: Any) -> None:
     d.move_to_end(key)
     while len(d) > _MEMORY:
         d.popitem(last=False)
+
+
+class DeviceClock:
+    """How long verification keeps the device busy: what it adds to a request's time to first token.
+
+    On CUDA, events around the work (fingerprint kernels plus the 8-byte-per-block copy to the host)
+    measure the stream time it takes, without the forward pass queued before it and without adding a
+    synchronisation of its own (the caller's ``.tolist()`` already waits).  On CPU, the wall clock.
+    """
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def start(self) -> Any:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def seconds_since(self, started: Any) -> float:
+        """Call after the timed work's results reached the host (so its events have completed)."""
+        if self.cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            end.synchronize()
+            return float(started.elapsed_time(end)) / 1e3
+        return time.perf_counter() - float(started)
 
 
 @dataclass
@@ -201,11 +230,21 @@ class WorkerFingerprints:
         self.checked_blocks = 0
         self.mismatch_blocks = 0
         self.injected_blocks: list[int] = []
+        # Cost counters (pdkit:kv_fingerprint_seconds / pdkit:kv_verify_seconds): device time spent.
+        self.clock = DeviceClock(fingerprinter.device)
+        self.fingerprint_seconds = 0.0
+        self.fingerprinted_requests = 0
+        self.verify_seconds = 0.0
+        self.verified_requests = 0
+        self._drained: dict[str, int] = {}
 
     # prefill
     def compute(self, due: dict[str, list[int]]) -> None:
         for rid, block_ids in due.items():
+            started = self.clock.start()
             values = self.fp(block_ids).tolist() if block_ids else []
+            self.fingerprint_seconds += self.clock.seconds_since(started)
+            self.fingerprinted_requests += 1
             self._computed[rid] = {"block_ids": list(block_ids), "ranks": {self.rank: values}}
 
     def take_computed(self) -> dict[str, dict[str, Any]]:
@@ -230,13 +269,30 @@ class WorkerFingerprints:
                 self._faults_left -= 1 if self._faults_left > 0 else 0
             from pdkit.kernels.fingerprint import compare
 
+            started = self.clock.start()
             bad = compare(spec.expected[self.rank], self.fp(ids), ids)
+            self.verify_seconds += self.clock.seconds_since(started)
+            self.verified_requests += 1
             self.checked_blocks += len(ids)
             if bad:
                 self.mismatch_blocks += len(bad)
                 self._bad.update(bad)
                 mismatches.append((rid, bad))
         return mismatches
+
+    def drain_counters(self) -> dict[str, int]:
+        """What changed since the last call, as PdConnectorStats counters (plain ints; time in µs)."""
+        now = {
+            "kv_verify_checked_blocks": self.checked_blocks,
+            "kv_verify_mismatch_blocks": self.mismatch_blocks,
+            "kv_verify_requests": self.verified_requests,
+            "kv_verify_us": round(self.verify_seconds * 1e6),
+            "kv_fingerprint_requests": self.fingerprinted_requests,
+            "kv_fingerprint_us": round(self.fingerprint_seconds * 1e6),
+        }
+        delta = {key: value - self._drained.get(key, 0) for key, value in now.items()}
+        self._drained = now
+        return {key: value for key, value in delta.items() if value}
 
     def forget(self, request_ids: set[str]) -> None:
         for rid in request_ids:

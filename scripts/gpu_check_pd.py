@@ -67,9 +67,9 @@ def build_prompts(model_dir: Path) -> list[str]:
     return prompts
 
 
-def stream_request(path: str, body: dict, timeout: float = 300) -> dict:
-    """POST a streaming request to the frontend; returns text, TTFT, usage."""
-    conn = http.client.HTTPConnection("127.0.0.1", PORT, timeout=timeout)
+def stream_request(path: str, body: dict, timeout: float = 300, port: int | None = None) -> dict:
+    """POST a streaming request to the frontend (``port``: another deployment's); returns text, TTFT, usage."""
+    conn = http.client.HTTPConnection("127.0.0.1", port or PORT, timeout=timeout)
     payload = {**body, "stream": True, "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
     conn.request("POST", path, body=json.dumps(payload), headers={"Content-Type": "application/json"})
@@ -143,6 +143,13 @@ def calibrate(prompts_by_len: dict[int, str]) -> dict:
 
 
 def launch(mode_args: list[str], config: dict, run_dir: Path, timeout: float = 540) -> tuple[subprocess.Popen, float]:
+    """Start ``pdkit launch`` and wait until it reports every process ready; returns (process, seconds)."""
+    proc, t0 = start(mode_args, config, run_dir)
+    return proc, wait_ready(proc, run_dir, t0, timeout)
+
+
+def start(mode_args: list[str], config: dict, run_dir: Path) -> tuple[subprocess.Popen, float]:
+    """Start ``pdkit launch`` without waiting (several deployments can come up side by side)."""
     cfg = run_dir / "deployment.yaml"
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.write_text(json.dumps(config))  # JSON is valid YAML
@@ -150,11 +157,15 @@ def launch(mode_args: list[str], config: dict, run_dir: Path, timeout: float = 5
     log("starting:", " ".join(argv))
     out = open(run_dir / "launch.log", "w")  # noqa: SIM115
     t0 = time.time()
-    proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True), t0
+
+
+def wait_ready(proc: subprocess.Popen, run_dir: Path, t0: float, timeout: float = 540) -> float:
+    """Seconds from ``t0`` until the launcher logged «all processes ready» (raises if it exits first)."""
     while time.time() - t0 < timeout:
         text = (run_dir / "launch.log").read_text(errors="replace")
         if "all processes ready" in text:
-            return proc, time.time() - t0
+            return time.time() - t0
         if proc.poll() is not None:
             raise RuntimeError(f"pdkit launch exited with {proc.returncode}:\n{text[-3000:]}")
         time.sleep(1)

@@ -85,6 +85,11 @@ ROWS: list[tuple[str, list[tuple[str, list[tuple[str, str]], str]]]] = [
          [("sum(rate(pdkit:kv_verify_checked_blocks_total[$__rate_interval]))", "checked blocks"),
           ("sum(rate(pdkit:kv_verify_mismatch_blocks_total[$__rate_interval]))", "mismatching blocks"),
           ("sum(rate(pdkit:kv_verify_unsent_total[$__rate_interval]))", "sent without fingerprints")], "short"),
+        ("Verification time per request (added to TTFT)",
+         [("sum(rate(pdkit:kv_fingerprint_seconds_total[$__rate_interval])) / "
+           "sum(rate(pdkit:kv_fingerprint_requests_total[$__rate_interval]))", "prefill: fingerprint"),
+          ("sum(rate(pdkit:kv_verify_seconds_total[$__rate_interval])) / "
+           "sum(rate(pdkit:kv_verify_requests_total[$__rate_interval]))", "decode: check")], "s"),
     ]),
 ]  # fmt: skip
 

@@ -181,6 +181,10 @@ def test_prefill_attaches_reference_fingerprints_in_nixl_block_order() -> None:
     assert list(params["remote_block_ids"][0]) == P_BLOCKS
     assert payload["ranks"] == {"0": reference_fingerprints(pair.p_kv, P_BLOCKS).tolist()}
     json.dumps(params)  # wire-safe
+    stats = pair.p_worker.get_kv_connector_stats()  # what fingerprinting cost, for pdkit:kv_fingerprint_seconds
+    assert stats is not None
+    cost = stats.data[PD_STATS_KEY].data
+    assert cost["kv_fingerprint_requests"] == 1 and cost["kv_fingerprint_us"] > 0
 
 
 def test_clean_transfer_reports_nothing_and_counts_checked_blocks() -> None:
@@ -189,6 +193,8 @@ def test_clean_transfer_reports_nothing_and_counts_checked_blocks() -> None:
     assert recving == {"d1"} and errors == set()
     counters = pair.worker_counters()
     assert counters["kv_verify_checked_blocks"] == 5 and counters["kv_verify_mismatch_blocks"] == 0
+    assert counters["kv_verify_requests"] == 1 and counters["kv_verify_us"] > 0
+    assert pair.worker_counters().get("kv_verify_requests", 0) == 0  # drained: each step reports only its own work
 
 
 def test_corrupted_block_is_reported_as_load_error_and_counted() -> None:
@@ -348,6 +354,9 @@ def test_verify_keeps_per_layer_kv_and_prom_counters() -> None:
         labels = {"model_name": "m", "engine": "0"}
         assert REGISTRY.get_sample_value("pdkit:kv_verify_mismatch_blocks_total", labels) == 1
         assert REGISTRY.get_sample_value("pdkit:kv_verify_checked_blocks_total", labels) == 5
+        assert REGISTRY.get_sample_value("pdkit:kv_verify_requests_total", labels) == 1
+        seconds = REGISTRY.get_sample_value("pdkit:kv_verify_seconds_total", labels)
+        assert seconds == pytest.approx(stats.data[PD_STATS_KEY].data["kv_verify_us"] / 1e6) and seconds > 0
     finally:
         for collector in list(REGISTRY._collector_to_names):
             names = REGISTRY._collector_to_names.get(collector, [])
