@@ -80,6 +80,15 @@ def test_nixl_backends_and_extra_keys_reach_both_roles() -> None:
         assert env["UCX_TLS"] == "cuda_ipc"
 
 
+def test_nixl_workers_get_cuda_ipc_get_enabled_unless_nixl_env_says_otherwise() -> None:
+    """Without it UCX serves a same-GPU (or PCIe-only) NIXL READ over TCP (~0.5 GB/s, docs/gpu-results.md)."""
+    for role in ("prefill", "decode"):
+        assert kv_transfer_config(role).env["UCX_CUDA_IPC_ENABLE_GET_ZCOPY"] == "on"  # type: ignore[arg-type]
+        off = NixlConfig(env={"UCX_CUDA_IPC_ENABLE_GET_ZCOPY": "off"})
+        assert kv_transfer_config(role, nixl=off).env["UCX_CUDA_IPC_ENABLE_GET_ZCOPY"] == "off"  # type: ignore[arg-type]
+    assert "UCX_CUDA_IPC_ENABLE_GET_ZCOPY" not in kv_transfer_config("agg").env  # no NIXL there
+
+
 def test_vllm_loads_the_pdconnector_class_from_the_module_path() -> None:
     ktc, _, _ = kv_transfer_config("prefill")
     factory = pytest.importorskip("vllm.distributed.kv_transfer.kv_connector.factory")
