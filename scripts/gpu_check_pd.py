@@ -189,17 +189,28 @@ def dry_run(deployments: list[tuple[list[str], dict]]) -> int:
     return rc
 
 
-def stop(proc: subprocess.Popen, run_dir: Path) -> dict:
-    """Ctrl-C the launcher; report how long the stop took and whether any vLLM process survived."""
+def stop(proc: subprocess.Popen, run_dir: Path, check_leftover: bool = True) -> dict:
+    """Ctrl-C the launcher; report how long the stop took and whether any vLLM process survived.
+
+    ``check_leftover=False`` while another deployment still runs (its processes are not leftovers);
+    call :func:`leftover` once all are stopped.
+    """
     t0 = time.time()
     proc.send_signal(signal.SIGINT)
     try:
         proc.wait(timeout=120)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
-    time.sleep(2)
-    left = subprocess.run(["pgrep", "-af", "vllm.entrypoints|pdkit.cli"], capture_output=True, text=True).stdout
-    return {"stop_s": round(time.time() - t0, 1), "launcher_rc": proc.returncode, "leftover": left.strip()}
+    out: dict = {"stop_s": round(time.time() - t0, 1), "launcher_rc": proc.returncode}
+    if check_leftover:
+        time.sleep(2)
+        out["leftover"] = leftover()
+    return out
+
+
+def leftover() -> str:
+    """Command lines of pdkit / vLLM processes still alive."""
+    return subprocess.run(["pgrep", "-af", "vllm.entrypoints|pdkit.cli"], capture_output=True, text=True).stdout.strip()
 
 
 def ready_times(run_dir: Path) -> dict[str, float]:

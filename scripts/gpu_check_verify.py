@@ -16,15 +16,15 @@ Stages (``--stages``, default all three):
   fingerprint» warning per request), vLLM recovers each request («Recovered from KV load failure») and
   the outputs still equal agg; a second pass (faults used up) adds no mismatch;
 * ``ttft``: (c) TTFT at ~8k-token prompts, verification on vs off, **paired**: both deployments run side
-  by side (the second on shifted ports) and each of 20 distinct prompts goes to both, one request at a
-  time, alternating which goes first, so drift between runs cancels.  Reports the medians, the paired
-  mean overhead with +-2 standard errors, and the *direct* cost: the device time the connectors spent
-  fingerprinting (prefill) and checking (decode) per request, from ``pdkit:kv_fingerprint_seconds`` and
-  ``pdkit:kv_verify_seconds``.  Goal: overhead <= 2 %.
+  by side (the second on shifted ports, started once the first is up) and each of 20 distinct prompts
+  goes to both, one request at a time, alternating which goes first, so drift between runs cancels.
+  Reports the medians, the paired mean overhead with +-2 standard errors, and the *direct* cost: the
+  device time the connectors spent fingerprinting (prefill) and checking (decode) per request, from
+  ``pdkit:kv_fingerprint_seconds`` and ``pdkit:kv_verify_seconds``.  Goal: overhead <= 2 %.
 
 ``--one-gpu``: prefill and decode share GPU 0 (``share_gpus``; with the paired stage four workers share
 it, so it needs an H200).  ``--nixl-env KEY=VALUE`` / ``--nixl-mode push`` apply to every disagg
-deployment (the same-GPU transfer fix under test, see scripts/nixl_probe.py).
+deployment (pdkit's launch plan already sets ``UCX_CUDA_IPC_ENABLE_GET_ZCOPY=on``, see scripts/nixl_probe.py).
 
 Usage on the device (after the bundle is unpacked and pdkit installed, see scripts/gpu_session.sh):
     python3 scripts/gpu_check_verify.py [--one-gpu] [--stages agg,faults,ttft]
@@ -296,7 +296,9 @@ def stage_ttft(long_prompts: list[str]) -> dict[str, Any]:
         time.sleep(1)
         counters = delta(before, verify_counters(0))
     finally:
-        result["stop"] = {name: g.stop(proc, dirs[name]) for name, proc in procs.items()}
+        result["stop"] = {name: g.stop(proc, dirs[name], check_leftover=False) for name, proc in procs.items()}
+        time.sleep(2)
+        result["leftover"] = g.leftover()
         for name, run_dir in dirs.items():
             g.save_logs(run_dir, f"verify_ttft_{name}")
     fp_n, ver_n = counters["pdkit:kv_fingerprint_requests_total"], counters["pdkit:kv_verify_requests_total"]
