@@ -24,6 +24,7 @@ pytestmark = pytest.mark.vllm
 import torch  # noqa: E402
 from test_pd_connector import (  # noqa: E402
     FAKE_CHILDREN,
+    FakeNixlWorker,
     empty_scheduler_output,
     kv_cache_config,
     make_blocks,
@@ -32,6 +33,8 @@ from test_pd_connector import (  # noqa: E402
 from vllm.config import CacheConfig, DeviceConfig, KVTransferConfig, VllmConfig  # noqa: E402
 from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory  # noqa: E402
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole  # noqa: E402
+from vllm.distributed.kv_transfer.kv_connector.v1.nixl import NixlPushConnector  # noqa: E402
+from vllm.distributed.kv_transfer.kv_connector.v1.nixl.connector import NixlBaseConnector  # noqa: E402
 from vllm.sampling_params import SamplingParams  # noqa: E402
 from vllm.v1.core.sched.output import CachedRequestData, NewRequestData  # noqa: E402
 from vllm.v1.outputs import KVConnectorOutput  # noqa: E402
@@ -101,16 +104,35 @@ def make(role: KVConnectorRole, cfg: VllmConfig, kv: dict[str, torch.Tensor] | N
     return pd
 
 
-class Pair:
-    """One prefill (PdConnector: NIXL producer + LMCache) and one decode (PdConnector, NIXL only)."""
+class FakeNixlPushWorkerConnector(NixlPushConnector):
+    """Push mode: real NixlPushConnector scheduler side; fake worker side (the real one needs a GPU)."""
 
-    def __init__(self, p_kv: dict[str, torch.Tensor] | None = None, d_kv: dict[str, torch.Tensor] | None = None):
+    def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: Any):
+        if role == KVConnectorRole.SCHEDULER:
+            super().__init__(vllm_config, role, kv_cache_config)
+            return
+        NixlBaseConnector.__init__(self, vllm_config, role, kv_cache_config)
+        self.connector_worker = FakeNixlWorker()  # type: ignore[assignment]
+
+
+PUSH_CHILD = {"nixl_connector": {"kv_connector": "FakeNixlPushWorkerConnector", "kv_connector_module_path": __name__}}
+
+
+class Pair:
+    """One prefill (PdConnector: NIXL producer + LMCache) and one decode (PdConnector, NIXL only).
+
+    ``push``: both sides' NIXL child is (the fake-worker form of) NixlPushConnector instead of the pull one.
+    """
+
+    def __init__(self, p_kv: dict[str, torch.Tensor] | None = None, d_kv: dict[str, torch.Tensor] | None = None,
+                 push: bool = False):  # fmt: skip
         self.p_kv = p_kv if p_kv is not None else fake_paged_kv(seed=1)
         self.d_kv = d_kv if d_kv is not None else fake_paged_kv(seed=None)
-        self.p_sched = make(KVConnectorRole.SCHEDULER, config("kv_producer", {}))
-        self.p_worker = make(KVConnectorRole.WORKER, config("kv_producer", {}), self.p_kv)
-        self.d_sched = make(KVConnectorRole.SCHEDULER, config("kv_consumer", None))
-        self.d_worker = make(KVConnectorRole.WORKER, config("kv_consumer", None), self.d_kv)
+        extra = PUSH_CHILD if push else {}
+        self.p_sched = make(KVConnectorRole.SCHEDULER, config("kv_producer", {}, **extra))
+        self.p_worker = make(KVConnectorRole.WORKER, config("kv_producer", {}, **extra), self.p_kv)
+        self.d_sched = make(KVConnectorRole.SCHEDULER, config("kv_consumer", None, **extra))
+        self.d_worker = make(KVConnectorRole.WORKER, config("kv_consumer", None, **extra), self.d_kv)
 
     def prefill(self, rid: str = "r1") -> dict[str, Any]:
         """One prefill step of a max_tokens=1 request, in vLLM 0.26.0's call order; returns the params."""
@@ -141,8 +163,9 @@ class Pair:
 
     def decode(self, params: dict[str, Any], rid: str = "d1", corrupt: int | None = None,
                local: list[int] | None = None) -> tuple[set[str] | None, set[int]]:  # fmt: skip
-        """Pull on decode; ``corrupt``: flip a bit of that decode block after the fake transfer."""
+        """Receive on decode (pull, or push); ``corrupt``: flip a bit of that decode block after the fake transfer."""
         wire = json.loads(json.dumps(params))  # the HTTP hop through the frontend
+        sent = list(wire["remote_block_ids"][0])  # (push mode's scheduler empties the field in place)
         local = local if local is not None else list(D_BLOCKS)
         req = Request(
             request_id=rid,
@@ -156,8 +179,7 @@ class Pair:
         self.d_sched.update_state_after_alloc(req, make_blocks(local), tokens)
         meta = self.d_sched.build_connector_meta(empty_scheduler_output())
         assert rid in meta.verify and meta.verify[rid].local_block_ids == local
-        remote = wire["remote_block_ids"][0][-len(local) :]
-        fake_nixl_read(self.p_kv, remote, self.d_kv, local)
+        fake_nixl_read(self.p_kv, sent[-len(local) :], self.d_kv, local)
         if corrupt is not None:
             self.d_kv["model.layers.1.self_attn.attn"][corrupt, 1, 3, 5] += 1.0
         self.d_worker.bind_connector_metadata(meta)
@@ -205,6 +227,19 @@ def test_corrupted_block_is_reported_as_load_error_and_counted() -> None:
     assert pair.d_worker.get_block_ids_with_load_errors() == set()  # reported once
     counters = pair.worker_counters()
     assert counters["kv_verify_checked_blocks"] == 5 and counters["kv_verify_mismatch_blocks"] == 1
+
+
+@pytest.mark.parametrize("corrupt", [None, 22])
+def test_push_mode_carries_fingerprints_and_checks_the_written_blocks(corrupt: int | None) -> None:
+    """nixl.mode: push (prefill WRITEs into the blocks decode registered): the same params carry the
+    fingerprints, decode plans the check from NixlPushConnector's own reqs_to_recv and catches a bad block."""
+    pair = Pair(push=True)
+    params = pair.prefill()
+    assert params[FINGERPRINTS_KEY]["ranks"]["0"] == reference_fingerprints(pair.p_kv, P_BLOCKS).tolist()
+    recving, errors = pair.decode(params, corrupt=corrupt)
+    assert recving == {"d1"}
+    assert errors == (set() if corrupt is None else {corrupt})
+    assert pair.worker_counters()["kv_verify_checked_blocks"] == 5
 
 
 def test_local_prefix_hit_checks_only_the_pulled_tail() -> None:
