@@ -25,7 +25,11 @@ from vllm.distributed.kv_transfer.kv_connector.v1.lmcache_connector import (  # 
     LMCacheConnectorV1,
     LMCacheKVEvents,
 )
-from vllm.distributed.kv_transfer.kv_connector.v1.nixl import NixlConnector, NixlConnectorMetadata  # noqa: E402
+from vllm.distributed.kv_transfer.kv_connector.v1.nixl import (  # noqa: E402
+    NixlConnector,
+    NixlConnectorMetadata,
+    NixlPushConnector,
+)
 from vllm.distributed.kv_transfer.kv_connector.v1.nixl.connector import NixlBaseConnector  # noqa: E402
 from vllm.distributed.kv_transfer.kv_connector.v1.nixl.stats import NixlKVConnectorStats  # noqa: E402
 from vllm.sampling_params import SamplingParams  # noqa: E402
@@ -125,15 +129,23 @@ class FakeNixlWorker:
         self.bound.append(metadata)
 
 
-class FakeNixlWorkerConnector(NixlConnector):
-    """Real NIXL scheduler side; fake worker side (the real worker needs a GPU and the nixl package)."""
+class _FakeNixlWorkerSide:
+    """Mixin: the NIXL connector's real scheduler side, a fake worker side (the real worker needs a GPU)."""
 
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig):
         if role == KVConnectorRole.SCHEDULER:
-            super().__init__(vllm_config, role, kv_cache_config)
+            super().__init__(vllm_config, role, kv_cache_config)  # type: ignore[call-arg]
             return
-        NixlBaseConnector.__init__(self, vllm_config, role, kv_cache_config)
-        self.connector_worker = FakeNixlWorker()  # type: ignore[assignment]
+        NixlBaseConnector.__init__(self, vllm_config, role, kv_cache_config)  # type: ignore[arg-type]
+        self.connector_worker = FakeNixlWorker()
+
+
+class FakeNixlPushWorkerConnector(_FakeNixlWorkerSide, NixlPushConnector):
+    """Push mode (NixlPushConnector): real scheduler side, fake worker side."""
+
+
+class FakeNixlWorkerConnector(_FakeNixlWorkerSide, NixlConnector):
+    """Pull mode (NixlConnector): real scheduler side, fake worker side."""
 
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
         assert isinstance(self._connector_metadata, NixlConnectorMetadata)
@@ -253,8 +265,6 @@ def test_lead_kv_config_validates_and_builds_real_children() -> None:
 
 
 def test_push_mode_nixl_child_from_lead_config() -> None:
-    from vllm.distributed.kv_transfer.kv_connector.v1.nixl import NixlPushConnector
-
     from pdkit.config import NixlConfig
     from pdkit.connectors.pd_children import child_transfer_configs
     from pdkit.kv_config import kv_transfer_config

@@ -24,7 +24,6 @@ pytestmark = pytest.mark.vllm
 import torch  # noqa: E402
 from test_pd_connector import (  # noqa: E402
     FAKE_CHILDREN,
-    FakeNixlWorker,
     empty_scheduler_output,
     kv_cache_config,
     make_blocks,
@@ -33,8 +32,6 @@ from test_pd_connector import (  # noqa: E402
 from vllm.config import CacheConfig, DeviceConfig, KVTransferConfig, VllmConfig  # noqa: E402
 from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory  # noqa: E402
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole  # noqa: E402
-from vllm.distributed.kv_transfer.kv_connector.v1.nixl import NixlPushConnector  # noqa: E402
-from vllm.distributed.kv_transfer.kv_connector.v1.nixl.connector import NixlBaseConnector  # noqa: E402
 from vllm.sampling_params import SamplingParams  # noqa: E402
 from vllm.v1.core.sched.output import CachedRequestData, NewRequestData  # noqa: E402
 from vllm.v1.outputs import KVConnectorOutput  # noqa: E402
@@ -104,18 +101,9 @@ def make(role: KVConnectorRole, cfg: VllmConfig, kv: dict[str, torch.Tensor] | N
     return pd
 
 
-class FakeNixlPushWorkerConnector(NixlPushConnector):
-    """Push mode: real NixlPushConnector scheduler side; fake worker side (the real one needs a GPU)."""
-
-    def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: Any):
-        if role == KVConnectorRole.SCHEDULER:
-            super().__init__(vllm_config, role, kv_cache_config)
-            return
-        NixlBaseConnector.__init__(self, vllm_config, role, kv_cache_config)
-        self.connector_worker = FakeNixlWorker()  # type: ignore[assignment]
-
-
-PUSH_CHILD = {"nixl_connector": {"kv_connector": "FakeNixlPushWorkerConnector", "kv_connector_module_path": __name__}}
+PUSH_CHILD = {
+    "nixl_connector": {"kv_connector": "FakeNixlPushWorkerConnector", "kv_connector_module_path": "test_pd_connector"}
+}
 
 
 class Pair:
