@@ -53,6 +53,14 @@ SmokeOpt = Annotated[
     bool, typer.Option("--smoke-test", help="Start, serve one chat completion through the frontend, stop.")
 ]
 TpOpt = Annotated[int | None, typer.Option("--tp", help="Tensor-parallel size of every worker.")]
+ShareOpt = Annotated[
+    bool,
+    typer.Option(
+        "--share-gpus",
+        help="Let workers share GPUs (development, one-GPU machines): each gets 0.9/N of a GPU unless "
+        "--gpu-memory-utilization says otherwise; without GPU flags or --config every worker goes on GPU 0.",
+    ),
+]
 
 
 def _gpu_groups(flag: str, values: list[str] | None, tp: int) -> list[list[int]] | None:
@@ -89,6 +97,8 @@ def _common_overrides(**kw: Any) -> dict[str, Any]:
     out = {mapping[k]: (str(v) if isinstance(v, Path) else v) for k, v in kw.items() if k in mapping}
     if kw.get("no_lmcache"):
         out["lmcache.enabled"] = False
+    if kw.get("share_gpus"):
+        out["share_gpus"] = True
     return out
 
 
@@ -140,6 +150,7 @@ def launch_agg(
     gpu_memory_utilization: MemOpt = None,
     block_size: BlockOpt = None,
     no_lmcache: NoLmcOpt = False,
+    share_gpus: ShareOpt = False,
     dry_run: DryRunOpt = False,
     json_: JsonOpt = False,
     smoke_test: SmokeOpt = False,
@@ -147,7 +158,11 @@ def launch_agg(
     """Frontend + aggregated vLLM worker(s) with LMCache offloading (default: one worker on GPU 0)."""
     overrides = {"mode": "agg"}
     overrides.update(_common_overrides(**locals()))
-    overrides.update(_group_overrides("agg", _gpu_groups("--gpu", gpu, tp or 1), tp, workers))
+    groups = _gpu_groups("--gpu", gpu, tp or 1)
+    if share_gpus and groups is None and config is None and workers:
+        overrides.update(_group_overrides("agg", [[0]] * workers, tp, None))  # every worker on GPU 0
+    else:
+        overrides.update(_group_overrides("agg", groups, tp, workers))
     dep = load_deployment(config, overrides)
     _run_launch(dep, dry_run, json_, smoke_test)
 
@@ -180,6 +195,7 @@ def launch_disagg(
     gpu_memory_utilization: MemOpt = None,
     block_size: BlockOpt = None,
     no_lmcache: NoLmcOpt = False,
+    share_gpus: ShareOpt = False,
     dry_run: DryRunOpt = False,
     json_: JsonOpt = False,
     smoke_test: SmokeOpt = False,
@@ -188,8 +204,12 @@ def launch_disagg(
     overrides: dict[str, Any] = {"mode": "disagg"}
     overrides.update(_common_overrides(**locals()))
     p_tp, d_tp = prefill_tp or tp, decode_tp or tp
-    overrides.update(_group_overrides("prefill", _gpu_groups("--prefill-gpu", prefill_gpu, p_tp or 1), p_tp, None))
-    overrides.update(_group_overrides("decode", _gpu_groups("--decode-gpu", decode_gpu, d_tp or 1), d_tp, None))
+    p_groups = _gpu_groups("--prefill-gpu", prefill_gpu, p_tp or 1)
+    d_groups = _gpu_groups("--decode-gpu", decode_gpu, d_tp or 1)
+    if share_gpus and p_groups is None and d_groups is None and config is None:
+        p_groups = d_groups = [[0]]  # one GPU for both roles
+    overrides.update(_group_overrides("prefill", p_groups, p_tp, None))
+    overrides.update(_group_overrides("decode", d_groups, d_tp, None))
     if prefill_workers is not None:
         overrides.update(_group_overrides("prefill", None, None, prefill_workers))
     if decode_workers is not None:

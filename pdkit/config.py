@@ -108,6 +108,12 @@ class NixlConfig(_Strict):
     verify_transfers: bool = False
 
 
+# share_gpus: the part of one GPU's memory its workers split when gpu_memory_utilization is unset, and
+# the most an explicit per-worker share may add up to (the rest is CUDA contexts and NCCL/NIXL buffers).
+SHARED_GPU_MEMORY_BUDGET = 0.9
+MAX_SHARED_GPU_MEMORY = 0.95
+
+
 # Per-role defaults: distinct port ranges so the roles never collide on one host.
 def _ports(http: int, side: int, events: int) -> dict[str, int]:
     return {"http_port_base": http, "nixl_side_channel_port_base": side, "kv_events_port_base": events}
@@ -163,6 +169,24 @@ class Deployment(_Strict):
 
     def group(self, role: Role) -> WorkerGroupConfig:
         return getattr(self, role)
+
+    def workers_per_gpu(self) -> int:
+        """The most workers of this deployment placed on one GPU of one host (1 without sharing)."""
+        count: dict[tuple[str, int], int] = {}
+        for role in self.roles():
+            group = self.group(role)
+            for gpus in group.gpus[: group.num_workers]:
+                for gpu in gpus:
+                    count[(group.host, gpu)] = count.get((group.host, gpu), 0) + 1
+        return max(count.values(), default=1)
+
+    @property
+    def effective_gpu_memory_utilization(self) -> float | None:
+        """What each vLLM gets: the configured share, else with ``share_gpus`` 0.9 split between the
+        workers of the fullest GPU (rounded down), else vLLM's own default (None)."""
+        if self.gpu_memory_utilization is not None or not self.share_gpus:
+            return self.gpu_memory_utilization
+        return SHARED_GPU_MEMORY_BUDGET * 100 // self.workers_per_gpu() / 100
 
     @property
     def model_path(self) -> str:
@@ -326,12 +350,15 @@ def _check_gpus(dep: Deployment) -> None:
     if dep.engine == "sim":
         return
     if dep.share_gpus:
-        # Several vLLM instances on one GPU (tests, small models): each may take only its share.
-        if dep.gpu_memory_utilization is None or dep.gpu_memory_utilization > 0.5:
+        # Several vLLM instances on one GPU (development, small models): each may take only its share.
+        n = dep.workers_per_gpu()
+        util = dep.gpu_memory_utilization
+        if util is not None and util * n > MAX_SHARED_GPU_MEMORY:
             raise ConfigError(
                 "gpu_memory_utilization",
-                "share_gpus is on but each worker may take up to 90% of a GPU",
-                "set gpu_memory_utilization to at most 1/(workers per GPU), e.g. 0.4",
+                f"{n} workers share one GPU and each may take {util:.0%} of it ({util * n:.0%} in all)",
+                f"set gpu_memory_utilization to at most {MAX_SHARED_GPU_MEMORY * 100 // n / 100}, or leave it "
+                f"unset (share_gpus then gives each {SHARED_GPU_MEMORY_BUDGET * 100 // n / 100})",
             )
         return
     owner: dict[tuple[str, int], str] = {}
@@ -345,7 +372,8 @@ def _check_gpus(dep: Deployment) -> None:
                     raise ConfigError(
                         f"{role}.gpus",
                         f"GPU {gpu} is used by both {owner[key]} and {me}",
-                        "give every worker its own GPUs (e.g. --prefill-gpu 1 --decode-gpu 0)",
+                        "give every worker its own GPUs (e.g. --prefill-gpu 1 --decode-gpu 0), or put "
+                        "them on one GPU on purpose with --share-gpus (share_gpus: true; development)",
                     )
                 owner[key] = me
 

@@ -130,8 +130,8 @@ def _vllm_argv(dep: Deployment, role: Role, port: int, host: str, tp: int, kv: d
         argv += ["--load-format", load_format]
     if dep.max_model_len:
         argv += ["--max-model-len", str(dep.max_model_len)]
-    if dep.gpu_memory_utilization:
-        argv += ["--gpu-memory-utilization", str(dep.gpu_memory_utilization)]
+    if dep.effective_gpu_memory_utilization:
+        argv += ["--gpu-memory-utilization", str(dep.effective_gpu_memory_utilization)]
     if dep.enforce_eager:
         argv.append("--enforce-eager")
     if dep.block_size:

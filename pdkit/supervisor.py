@@ -85,9 +85,25 @@ class Supervisor:
         await self._spawn(frontend)
         await self._wait_http(frontend, f"{frontend.spec.url}/health")
         workers = [m for m in self.procs.values() if m.spec.role != "frontend"]
-        for m in workers:
+        ready = {m.spec.name: asyncio.Event() for m in workers}
+
+        async def bring_up(m: Managed, after: list[Managed]) -> None:
+            if after:
+                self._say(f"{m.spec.name} starts once {', '.join(a.spec.name for a in after)} is ready (shared GPU)")
+            for other in after:
+                await ready[other.spec.name].wait()
             await self._spawn(m)
-        await asyncio.gather(*(self._wait_registered(m) for m in workers))
+            await self._wait_registered(m)
+            ready[m.spec.name].set()
+
+        tasks = [asyncio.ensure_future(bring_up(m, sharing_gpu_before(m, workers))) for m in workers]
+        try:
+            await asyncio.gather(*tasks)
+        except BaseException:
+            for task in tasks:  # workers still waiting for a neighbour that failed
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
         self._print_table()
 
     async def _spawn(self, m: Managed) -> None:
@@ -255,6 +271,26 @@ class Supervisor:
             _signal_group(m, signal.SIGKILL)
             if m.proc is not None and m.proc.returncode is None:
                 await m.proc.wait()
+
+
+def sharing_gpu_before(m: Managed, workers: list[Managed]) -> list[Managed]:
+    """Workers listed before ``m`` on one of its GPUs (same host): ``m`` starts after they are ready.
+
+    Why: vLLM sizes its KV cache from a memory profile of its own start-up, and counts whatever a
+    neighbour allocates meanwhile as its own (on one H200, two deployments starting together on GPU 0
+    got «Available KV cache memory: -31.8 GiB»).  Workers on distinct GPUs still start together.
+    """
+    mine = set((m.spec.cuda_visible_devices or "").split(",")) - {""}
+    if not mine:
+        return []
+    before = []
+    for other in workers:
+        if other is m:
+            break
+        theirs = set((other.spec.cuda_visible_devices or "").split(",")) - {""}
+        if other.spec.host == m.spec.host and mine & theirs:
+            before.append(other)
+    return before
 
 
 def _signal_group(m: Managed, sig: int) -> None:

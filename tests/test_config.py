@@ -82,8 +82,14 @@ def test_partial_group_keeps_role_default_ports() -> None:
     assert dep.prefill.gpus == [[3]]
 
 
-def test_share_gpus_needs_a_memory_share() -> None:
-    with pytest.raises(ConfigError, match="gpu_memory_utilization"):
-        load_deployment(None, {"prefill.gpus": [[0]], "share_gpus": True})
-    dep = load_deployment(None, {"prefill.gpus": [[0]], "share_gpus": True, "gpu_memory_utilization": 0.4})
+def test_share_gpus_splits_the_gpu_or_checks_the_given_share() -> None:
+    dep = load_deployment(None, {"prefill.gpus": [[0]], "share_gpus": True})
     assert dep.prefill.gpus == dep.decode.gpus == [[0]]
+    assert dep.workers_per_gpu() == 2 and dep.effective_gpu_memory_utilization == 0.45
+    four = load_deployment(None, {"prefill.gpus": [[0], [0], [0]], "share_gpus": True})
+    assert four.workers_per_gpu() == 4 and four.effective_gpu_memory_utilization == 0.22
+    given = load_deployment(None, {"prefill.gpus": [[0]], "share_gpus": True, "gpu_memory_utilization": 0.4})
+    assert given.effective_gpu_memory_utilization == 0.4
+    with pytest.raises(ConfigError, match=r"2 workers share one GPU .*at most 0\.47"):
+        load_deployment(None, {"prefill.gpus": [[0]], "share_gpus": True, "gpu_memory_utilization": 0.6})
+    assert load_deployment(None, {}).effective_gpu_memory_utilization is None  # vLLM's own default

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -33,18 +34,37 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
+def free_port_block(n: int, taken: set[int]) -> int:
+    """A base port whose ``n`` consecutive ports are all free now (a group uses base + worker index)."""
+    rng = random.Random()
+    while True:
+        base = rng.randrange(20000, 60000 - n)
+        block = set(range(base, base + n))
+        if block & taken:
+            continue
+        try:
+            for port in block:
+                with socket.socket() as sock:
+                    sock.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        taken |= block
+        return base
+
+
 def sim_config(tmp_path: Path, prefill: int = 1, decode: int = 1) -> Path:
-    p = free_ports(3 + 2 * (prefill + decode))
-    fe, zmq_port, ev = p[:3]
-    rest = p[3:]
-    cfg = {
-        "engine": "sim",
-        "frontend": {"port": fe, "zmq_port": zmq_port, "kv_events_port": ev},
-        "prefill": {"count": prefill, "http_port_base": rest[0], "kv_events_port_base": rest[1],
-                    "nixl_side_channel_port_base": rest[0] + 1000, "startup_timeout_s": 60},
-        "decode": {"count": decode, "http_port_base": rest[2], "kv_events_port_base": rest[3],
-                   "nixl_side_channel_port_base": rest[2] + 1000, "startup_timeout_s": 60},
-    }  # fmt: skip
+    fe, zmq_port, ev = free_ports(3)
+    taken = {fe, zmq_port, ev}
+    groups = {}
+    for role, count in (("prefill", prefill), ("decode", decode)):
+        groups[role] = {
+            "count": count,
+            "http_port_base": free_port_block(count, taken),
+            "kv_events_port_base": free_port_block(count, taken),
+            "nixl_side_channel_port_base": free_port_block(count, taken),
+            "startup_timeout_s": 60,
+        }
+    cfg = {"engine": "sim", "frontend": {"port": fe, "zmq_port": zmq_port, "kv_events_port": ev}, **groups}
     path = tmp_path / "sim.yaml"
     path.write_text(json.dumps(cfg))
     return path
@@ -226,6 +246,26 @@ async def test_engine_dying_at_startup_ends_launch_with_its_last_lines(tmp_path:
     message = await _failed_start(_plan_with_standin_engine(tmp_path, code, startup_timeout_s=60))
     assert "agg-0 exited during start-up" in message
     assert "CUDA out of memory" in message
+
+
+async def test_workers_sharing_a_gpu_start_one_after_another(tmp_path: Path) -> None:
+    """Simulated workers marked as sharing GPU 0 (what share_gpus plans for vLLM): the second starts only
+    once the first is ready, since vLLM's start-up memory profile would count its neighbour's allocations;
+    a worker on another GPU starts at once."""
+    cfg = sim_config(tmp_path, prefill=2, decode=1)
+    dep = load_deployment(str(cfg), {"engine": "sim", "run_dir": str(tmp_path / "run")})
+    plan = build_plan(dep)
+    for spec, gpu in zip(plan.workers(), ["0", "0", "1"], strict=True):  # decode-0, prefill-0, prefill-1
+        spec.cuda_visible_devices = gpu
+    sup = Supervisor(plan, console=False)
+    try:
+        await sup.start()
+        first, second, other = (sup.procs[s.name] for s in plan.workers())
+        assert first.ready_after_s is not None
+        assert second.started_at >= first.started_at + first.ready_after_s
+        assert other.started_at < first.started_at + first.ready_after_s  # GPU 1: no wait
+    finally:
+        await sup.stop()
 
 
 def test_standalone_worker_registers_and_deregisters(tmp_path: Path) -> None:

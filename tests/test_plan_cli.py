@@ -53,6 +53,19 @@ def test_same_gpu_for_both_roles_exits_2_with_one_line(run_cli) -> None:
     assert out == ""
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "GPU 0" in lines[0] and "Traceback" not in err
+    assert "--share-gpus" in lines[0]  # the fix, when sharing is what the user meant
+
+
+def test_share_gpus_puts_both_roles_on_gpu0_with_half_the_memory_each(run_cli) -> None:
+    code, out, err = run_cli("launch", "disagg", "--share-gpus", "--dry-run", "--json")
+    assert code == 0, err
+    workers = [p for p in json.loads(out)["processes"] if p["role"] != "frontend"]
+    assert [w["cuda_visible_devices"] for w in workers] == ["0", "0"]
+    for w in workers:
+        argv = w["engine_argv"]
+        assert argv[argv.index("--gpu-memory-utilization") + 1] == "0.45"
+    code, out, _ = run_cli("launch", "agg", "--share-gpus", "--workers", "2", "--dry-run", "--json")
+    assert code == 0 and [p["cuda_visible_devices"] for p in json.loads(out)["processes"][1:]] == ["0", "0"]
 
 
 def test_bad_flags_exit_2(run_cli) -> None:
