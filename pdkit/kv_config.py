@@ -34,11 +34,11 @@ from typing import Any, NamedTuple
 from pdkit.config import LMCacheConfig, NixlConfig, Role
 
 PD_CONNECTOR = "PdConnector"
+PD_CONNECTOR_MODULE = "pdkit.connectors.pd_connector"
+DISABLE_HMA_FLAG = "--disable-hybrid-kv-cache-manager"
 # Every NIXL worker's environment (before nixl.env, which wins): see the module docstring.  Later NIXL
 # releases enable cuda_ipc GET themselves (ai-dynamo/nixl#2208); nixl 1.5.1 does not.
 NIXL_UCX_ENV = {"UCX_CUDA_IPC_ENABLE_GET_ZCOPY": "on"}
-PD_CONNECTOR_MODULE = "pdkit.connectors.pd_connector"
-DISABLE_HMA_FLAG = "--disable-hybrid-kv-cache-manager"
 
 
 class RoleKVConfig(NamedTuple):
