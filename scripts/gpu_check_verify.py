@@ -79,7 +79,7 @@ def ports(slot: int) -> dict[str, dict[str, int]]:
 
 
 def config(mode: str, verify: bool, inject: int = 0, slot: int = 0, side_by_side: bool = False) -> dict[str, Any]:
-    """``side_by_side``: two disagg deployments at once (paired stage), so each worker gets half the memory."""
+    """``side_by_side``: two disagg deployments at once (paired stage), so twice the workers share each GPU."""
     p = ports(slot)
     cfg: dict[str, Any] = {
         "enforce_eager": True,
