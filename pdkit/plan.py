@@ -61,6 +61,26 @@ class LaunchPlan(BaseModel):
     def workers(self) -> list[ProcessSpec]:
         return [p for p in self.processes if p.role != "frontend"]
 
+    def starts_after(self, worker: ProcessSpec) -> list[ProcessSpec]:
+        """Workers listed before ``worker`` on one of its GPUs (same host): it starts once they are ready.
+
+        Why: vLLM sizes its KV cache from a memory profile of its own start-up and counts whatever a
+        neighbour allocates meanwhile as its own (on one H200, two deployments starting together on GPU 0
+        got «Available KV cache memory: -31.8 GiB»).  Workers on distinct GPUs still start together.
+        """
+        mine = _gpu_ids(worker)
+        before = []
+        for other in self.workers():
+            if other is worker:
+                break
+            if mine and other.host == worker.host and mine & _gpu_ids(other):
+                before.append(other)
+        return before
+
+
+def _gpu_ids(spec: ProcessSpec) -> set[str]:
+    return set((spec.cuda_visible_devices or "").split(",")) - {""}
+
 
 def _python() -> str:
     return sys.executable or "python3"
@@ -312,6 +332,8 @@ def format_plan(plan: LaunchPlan) -> str:
         lines.append(f"[{p.name}]")
         if p.cuda_visible_devices is not None:
             lines.append(f"  CUDA_VISIBLE_DEVICES={p.cuda_visible_devices}")
+        if p.role != "frontend" and (after := plan.starts_after(p)):
+            lines.append(f"  starts after: {', '.join(a.name for a in after)} (shared GPU)")
         lines.append("  ports: " + ", ".join(f"{k}={v}" for k, v in p.ports.items()))
         if p.kv_transfer_config is not None:
             lines.append(f"  kv-transfer-config: {json.dumps(p.kv_transfer_config)}")

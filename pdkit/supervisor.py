@@ -96,7 +96,8 @@ class Supervisor:
             await self._wait_registered(m)
             ready[m.spec.name].set()
 
-        tasks = [asyncio.ensure_future(bring_up(m, sharing_gpu_before(m, workers))) for m in workers]
+        after = {m.spec.name: [self.procs[s.name] for s in self.plan.starts_after(m.spec)] for m in workers}
+        tasks = [asyncio.ensure_future(bring_up(m, after[m.spec.name])) for m in workers]
         try:
             await asyncio.gather(*tasks)
         except BaseException:
@@ -271,26 +272,6 @@ class Supervisor:
             _signal_group(m, signal.SIGKILL)
             if m.proc is not None and m.proc.returncode is None:
                 await m.proc.wait()
-
-
-def sharing_gpu_before(m: Managed, workers: list[Managed]) -> list[Managed]:
-    """Workers listed before ``m`` on one of its GPUs (same host): ``m`` starts after they are ready.
-
-    Why: vLLM sizes its KV cache from a memory profile of its own start-up, and counts whatever a
-    neighbour allocates meanwhile as its own (on one H200, two deployments starting together on GPU 0
-    got «Available KV cache memory: -31.8 GiB»).  Workers on distinct GPUs still start together.
-    """
-    mine = set((m.spec.cuda_visible_devices or "").split(",")) - {""}
-    if not mine:
-        return []
-    before = []
-    for other in workers:
-        if other is m:
-            break
-        theirs = set((other.spec.cuda_visible_devices or "").split(",")) - {""}
-        if other.spec.host == m.spec.host and mine & theirs:
-            before.append(other)
-    return before
 
 
 def _signal_group(m: Managed, sig: int) -> None:

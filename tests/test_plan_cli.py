@@ -66,6 +66,10 @@ def test_share_gpus_puts_both_roles_on_gpu0_with_half_the_memory_each(run_cli) -
         assert argv[argv.index("--gpu-memory-utilization") + 1] == "0.45"
     code, out, _ = run_cli("launch", "agg", "--share-gpus", "--workers", "2", "--dry-run", "--json")
     assert code == 0 and [p["cuda_visible_devices"] for p in json.loads(out)["processes"][1:]] == ["0", "0"]
+    code, out, _ = run_cli("launch", "disagg", "--share-gpus", "--dry-run")
+    assert code == 0 and "starts after: decode-0 (shared GPU)" in out  # the supervisor staggers them
+    code, out, _ = run_cli("launch", "disagg", "--prefill-gpu", "1", "--decode-gpu", "0", "--dry-run")
+    assert code == 0 and "starts after" not in out
 
 
 def test_bad_flags_exit_2(run_cli) -> None:
