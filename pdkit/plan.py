@@ -71,7 +71,7 @@ class LaunchPlan(BaseModel):
         mine = _gpu_ids(worker)
         before = []
         for other in self.workers():
-            if other is worker:
+            if other.name == worker.name:
                 break
             if mine and other.host == worker.host and mine & _gpu_ids(other):
                 before.append(other)
