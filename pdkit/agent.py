@@ -36,6 +36,7 @@ from pdkit.protocol import (
     encode,
     parse_message,
 )
+from pdkit.streams import output_lines
 
 EXIT_ENGINE_DIED = 3
 EXIT_STARTUP_TIMEOUT = 4
@@ -161,13 +162,7 @@ class WorkerAgent:
         """Pass the engine's output through, watching for lines that mean a broken start."""
         assert proc.stdout is not None
         out = sys.stdout.buffer
-        while True:
-            try:
-                raw = await proc.stdout.readline()
-            except (ValueError, asyncio.LimitOverrunError):
-                continue
-            if not raw:
-                return
+        async for raw in output_lines(proc.stdout):
             out.write(raw)
             out.flush()
             line = raw.decode(errors="replace")

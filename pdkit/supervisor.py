@@ -25,6 +25,7 @@ import aiohttp
 
 from pdkit.agent import EXIT_BAD_ENGINE_BUILD
 from pdkit.plan import LaunchPlan, ProcessSpec
+from pdkit.streams import output_lines
 
 TAIL_LINES = 30
 
@@ -129,13 +130,7 @@ class Supervisor:
 
     async def _pump(self, m: Managed, proc: asyncio.subprocess.Process) -> None:
         assert proc.stdout is not None
-        while True:
-            try:
-                raw = await proc.stdout.readline()
-            except (ValueError, asyncio.LimitOverrunError):
-                continue
-            if not raw:
-                return
+        async for raw in output_lines(proc.stdout):
             line = raw.decode(errors="replace").rstrip()
             m.tail.append(line)
             if m.log is not None:

@@ -42,14 +42,8 @@ from typing import Any
 
 import aiohttp
 
-PREFILL_PARAMS = {
-    "do_remote_decode": True,
-    "do_remote_prefill": False,
-    "remote_engine_id": None,
-    "remote_block_ids": None,
-    "remote_host": None,
-    "remote_port": None,
-}
+from pdkit.frontend.server import PREFILL_KV_PARAMS  # the prefill hop's params, as pdkit sends them
+
 WORDS = "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar".split()
 
 
@@ -118,7 +112,7 @@ def serve_toy_proxy(port: int, prefills: list[str], decodes: list[str]) -> None:
 
     async def handle(request: Request, path: str) -> StreamingResponse:
         body = await request.json()
-        pre = {**body, "max_tokens": 1, "min_tokens": 1, "stream": False, "kv_transfer_params": PREFILL_PARAMS}
+        pre = {**body, "max_tokens": 1, "min_tokens": 1, "stream": False, "kv_transfer_params": PREFILL_KV_PARAMS}
         pre.pop("stream_options", None)
         r = await next(p_rr).post(path, json=pre)
         r.raise_for_status()
@@ -183,7 +177,7 @@ async def one_request(
     if target == "direct":  # the two hops done by the client itself: the no-router reference
         p = workers["prefill"][i % len(workers["prefill"])]
         d = workers["decode"][i % len(workers["decode"])]
-        pre = {**body, "max_tokens": 1, "min_tokens": 1, "stream": False, "kv_transfer_params": PREFILL_PARAMS}
+        pre = {**body, "max_tokens": 1, "min_tokens": 1, "stream": False, "kv_transfer_params": PREFILL_KV_PARAMS}
         async with http.post(p + "/v1/completions", json=pre) as r:
             if r.status != 200:
                 return None

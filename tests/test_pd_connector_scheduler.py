@@ -37,7 +37,7 @@ from vllm.v1.core import kv_cache_utils as kcu  # noqa: E402
 from vllm.v1.core.sched.scheduler import Scheduler  # noqa: E402
 from vllm.v1.outputs import ModelRunnerOutput  # noqa: E402
 from vllm.v1.request import Request  # noqa: E402
-from vllm_scheduler import real_scheduler  # noqa: E402
+from vllm_scheduler import real_scheduler, seed_block_hashing  # noqa: E402
 
 from pdkit.connectors.pd_connector import PdConnector, PdConnectorMetadata  # noqa: E402
 from pdkit.connectors.pd_verify import FINGERPRINTS_KEY  # noqa: E402
@@ -51,10 +51,7 @@ NUM_BLOCKS = 32  # = fake_paged_kv's block count
 
 @pytest.fixture(autouse=True)
 def _seeded(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("PYTHONHASHSEED", SEED)
-    for key in ("LMCACHE_CHUNK_SIZE", "LMCACHE_SAVE_UNFULL_CHUNK", "LMCACHE_LOCAL_CPU", "LMCACHE_LOCAL_DISK"):
-        monkeypatch.delenv(key, raising=False)
-    kcu.init_none_hash(sha256)
+    seed_block_hashing(monkeypatch, SEED)
 
 
 def build(extra: dict[str, Any], role: str = "kv_producer") -> tuple[Scheduler, PdConnector, list[Any]]:

@@ -30,6 +30,7 @@ from vllm.utils.hashing import sha256  # noqa: E402
 from vllm.v1.core import kv_cache_utils as kcu  # noqa: E402
 from vllm.v1.outputs import KVConnectorOutput  # noqa: E402
 from vllm.v1.request import Request, RequestStatus  # noqa: E402
+from vllm_scheduler import seed_block_hashing  # noqa: E402
 
 from pdkit.connectors.lmcache_tiers import LMCacheTierSettings  # noqa: E402
 from pdkit.connectors.pd_connector import PdConnector  # noqa: E402
@@ -48,11 +49,7 @@ PROMPT = "the quick brown fox jumps over the lazy dog while the router keeps sco
 
 @pytest.fixture(autouse=True)
 def _seeded_hashing(monkeypatch: pytest.MonkeyPatch) -> None:
-    """vLLM's chain root from PYTHONHASHSEED, as on a pdkit worker; no stray LMCACHE_* from the shell."""
-    monkeypatch.setenv("PYTHONHASHSEED", SEED)
-    for key in ("LMCACHE_CHUNK_SIZE", "LMCACHE_SAVE_UNFULL_CHUNK", "LMCACHE_LOCAL_CPU", "LMCACHE_LOCAL_DISK"):
-        monkeypatch.delenv(key, raising=False)
-    kcu.init_none_hash(sha256)
+    seed_block_hashing(monkeypatch, SEED)
 
 
 @pytest.fixture(scope="module")

@@ -106,6 +106,16 @@ PUSH_CHILD = {
 }
 
 
+def decode_request(rid: str, wire: dict[str, Any]) -> Request:
+    """The decode hop's request: the prompt again, with the params prefill returned (after JSON)."""
+    return Request(
+        request_id=rid,
+        prompt_token_ids=list(range(PROMPT)),
+        pooling_params=None,
+        sampling_params=SamplingParams(max_tokens=8, extra_args={"kv_transfer_params": wire}),
+    )
+
+
 class Pair:
     """One prefill (PdConnector: NIXL producer + LMCache) and one decode (PdConnector, NIXL only).
 
@@ -155,12 +165,7 @@ class Pair:
         wire = json.loads(json.dumps(params))  # the HTTP hop through the frontend
         sent = list(wire["remote_block_ids"][0])  # (push mode's scheduler empties the field in place)
         local = local if local is not None else list(D_BLOCKS)
-        req = Request(
-            request_id=rid,
-            prompt_token_ids=list(range(PROMPT)),
-            pooling_params=None,
-            sampling_params=SamplingParams(max_tokens=8, extra_args={"kv_transfer_params": wire}),
-        )
+        req = decode_request(rid, wire)
         n_cached = (len(P_BLOCKS) - len(local)) * BLOCK  # a local prefix hit of whole blocks
         tokens, load_async = self.d_sched.get_num_new_matched_tokens(req, n_cached)
         assert tokens and load_async is True
@@ -287,12 +292,7 @@ def test_tp2_one_list_per_rank_each_rank_checks_its_own(monkeypatch: pytest.Monk
     # Decode rank 1 receives rank 1's heads; one of them is corrupted.
     meta = None
     wire = json.loads(json.dumps(params))
-    req = Request(
-        request_id="d1",
-        prompt_token_ids=list(range(PROMPT)),
-        pooling_params=None,
-        sampling_params=SamplingParams(max_tokens=8, extra_args={"kv_transfer_params": wire}),
-    )
+    req = decode_request("d1", wire)
     tokens, _ = pair.d_sched.get_num_new_matched_tokens(req, 0)
     pair.d_sched.update_state_after_alloc(req, make_blocks(D_BLOCKS), tokens)
     meta = pair.d_sched.build_connector_meta(empty_scheduler_output())
@@ -349,12 +349,7 @@ def test_params_without_fingerprints_are_counted_and_decode_skips_the_check() ->
     stats = pair.p_sched.get_kv_connector_stats()
     assert stats is not None and stats.data[PD_STATS_KEY].data["kv_verify_unsent"] == 1
     wire = json.loads(json.dumps(params))
-    dreq = Request(
-        request_id="d-nofp",
-        prompt_token_ids=list(range(PROMPT)),
-        pooling_params=None,
-        sampling_params=SamplingParams(max_tokens=8, extra_args={"kv_transfer_params": wire}),
-    )
+    dreq = decode_request("d-nofp", wire)
     tokens, _ = pair.d_sched.get_num_new_matched_tokens(dreq, 0)
     pair.d_sched.update_state_after_alloc(dreq, make_blocks(D_BLOCKS), tokens)
     assert pair.d_sched.build_connector_meta(empty_scheduler_output()).verify == {}

@@ -9,6 +9,7 @@ need them, is what the tests stand in for).
 
 from __future__ import annotations
 
+import pytest
 import torch
 from vllm.config import (
     CacheConfig,
@@ -19,11 +20,21 @@ from vllm.config import (
     SchedulerConfig,
     VllmConfig,
 )
+from vllm.utils.hashing import sha256
+from vllm.v1.core import kv_cache_utils as kcu
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
 from vllm.v1.structured_output import StructuredOutputManager
 
 from pdkit.model_files import default_model_dir
+
+
+def seed_block_hashing(monkeypatch: pytest.MonkeyPatch, seed: str) -> None:
+    """vLLM's chain root from PYTHONHASHSEED, as on a pdkit worker; no stray LMCACHE_* from the shell."""
+    monkeypatch.setenv("PYTHONHASHSEED", seed)
+    for key in ("LMCACHE_CHUNK_SIZE", "LMCACHE_SAVE_UNFULL_CHUNK", "LMCACHE_LOCAL_CPU", "LMCACHE_LOCAL_DISK"):
+        monkeypatch.delenv(key, raising=False)
+    kcu.init_none_hash(sha256)
 
 
 def real_scheduler(
