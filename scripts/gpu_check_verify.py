@@ -106,13 +106,10 @@ def config(mode: str, verify: bool, inject: int = 0, slot: int = 0, side_by_side
 
 def metric(port: int, name: str) -> float:
     """Sum of a Prometheus series over its labels on one engine's /metrics (0 when absent)."""
+    from pdkit.frontend.testing import metric as sum_of_samples
+
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
-        text = resp.read().decode()
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name) and (line[len(name)] in " {"):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
+        return sum_of_samples(resp.read().decode(), name)
 
 
 DECODE_METRICS = ("pdkit:kv_verify_checked_blocks_total", "pdkit:kv_verify_mismatch_blocks_total",
