@@ -288,11 +288,12 @@ def _one_line(exc: ValidationError) -> ConfigError:
 # cross-field checks
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
+def is_loopback(host: str) -> bool:
+    """True for addresses only this machine can reach (the frontend's registry needs no token there)."""
+    if host in ("localhost", "ip6-localhost"):
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
 
@@ -311,7 +312,7 @@ def validate_deployment(dep: Deployment) -> None:
             raise ConfigError("model", f"{dep.model} has no config.json", "point --model at a Hugging Face folder")
     if dep.lmcache.disk_path is not None and dep.lmcache.disk_gb is None:
         raise ConfigError("lmcache.disk_gb", "a disk path is set but no disk size", "set lmcache.disk_gb (GB, > 0)")
-    if not _is_loopback(dep.frontend.host) and not dep.frontend.token:
+    if not is_loopback(dep.frontend.host) and not dep.frontend.token:
         raise ConfigError(
             "frontend.token",
             f"the frontend binds {dep.frontend.host} (off loopback) without a shared token",
@@ -404,4 +405,4 @@ def _check_ports(dep: Deployment) -> None:
 
 
 def _norm_host(host: str) -> str:
-    return "loopback" if _is_loopback(host) or host in ("0.0.0.0", "*", "::") else host
+    return "loopback" if is_loopback(host) or host in ("0.0.0.0", "*", "::") else host

@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass
 from typing import Literal
 
+from pdkit.config import is_loopback
+
+__all__ = ["FrontendSettings", "Mode", "is_loopback"]
+
 Mode = Literal["agg", "disagg"]
-
-
-def is_loopback(host: str) -> bool:
-    """True for addresses only this machine can reach (the registry needs no token there)."""
-    if host in ("localhost", "ip6-localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 @dataclass

@@ -224,28 +224,25 @@ class KvAwarePolicy:
         if blocks is None:
             return WorkerScore(w, 0, {}, 0.0, load, -load)
         wid = str(w.worker_id)
-        hashes = blocks.hashes[: blocks.max_hit_blocks]
-        prefix = self.index.prefix_tiers(wid, hashes)
+        held = self.index.worker(wid)
+        cached = held.blocks if held is not None else {}
+        # Past what the events announced, blocks of requests routed there (not announced yet) count too.
+        pending = self.pending if self.pending is not None and _caches_prefixes(w) else None
+        now = pending.now() if pending is not None else 0.0
         tier_blocks = {"GPU": 0, "CPU": 0, "DISK": 0}
         weighted = 0.0
-        for bits in prefix:
-            weighted += self._bits_weight[bits]
-            tier_blocks[_best_tier(bits)] += 1
-        hit = len(prefix)
-        if self.pending is not None and hit < len(hashes) and _caches_prefixes(w):
-            # continue the walk where the events end: blocks of requests routed there, not announced yet
-            now = self.pending.now()
-            for h in hashes[hit:]:
-                bits = self.index.tiers(wid, h)
-                if bits:
-                    weighted += self._bits_weight[bits]
-                    tier_blocks[_best_tier(bits)] += 1
-                elif self.pending.has(wid, h, now):
-                    weighted += self._bits_weight[GPU]
-                    tier_blocks[PENDING] = tier_blocks.get(PENDING, 0) + 1
-                else:
-                    break
-                hit += 1
+        hit = 0
+        for h in blocks.hashes[: blocks.max_hit_blocks]:  # the contiguous prefix: stop at the first miss
+            bits = cached.get(h, 0)
+            if bits:
+                weighted += self._bits_weight[bits]
+                tier_blocks[_best_tier(bits)] += 1
+            elif pending is not None and pending.has(wid, h, now):
+                weighted += self._bits_weight[GPU]
+                tier_blocks[PENDING] = tier_blocks.get(PENDING, 0) + 1
+            else:
+                break
+            hit += 1
         lw = self.load_weight if self.load_weight is not None else max(1.0, 0.5 * len(blocks.hashes))
         return WorkerScore(w, hit, tier_blocks, weighted, load, weighted - lw * load)
 
