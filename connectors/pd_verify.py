@@ -35,6 +35,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from pdkit.kernels.fingerprint import compare
+
 if TYPE_CHECKING:
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.request import Request
@@ -119,6 +121,8 @@ class ProducerFingerprints:
 
     def due(self, scheduler_output: SchedulerOutput) -> dict[str, list[int]]:
         """Block ids to fingerprint this step: tracked requests whose prompt this step's forward completes."""
+        if not self._tracked:  # every prefill step calls this; most have nothing to fingerprint
+            return {}
         for new in scheduler_output.scheduled_new_reqs:
             if new.req_id in self._tracked:
                 self._tracked[new.req_id][1][:] = list(new.block_ids[0]) if new.block_ids else []
@@ -267,8 +271,6 @@ class WorkerFingerprints:
             if self._faults_left != 0:
                 self._corrupt(ids[len(ids) // 2])
                 self._faults_left -= 1 if self._faults_left > 0 else 0
-            from pdkit.kernels.fingerprint import compare
-
             started = self.clock.start()
             bad = compare(spec.expected[self.rank], self.fp(ids), ids)
             self.verify_seconds += self.clock.seconds_since(started)

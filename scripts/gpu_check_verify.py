@@ -104,12 +104,13 @@ def config(mode: str, verify: bool, inject: int = 0, slot: int = 0, side_by_side
     return cfg
 
 
-def metric(port: int, name: str) -> float:
-    """Sum of a Prometheus series over its labels on one engine's /metrics (0 when absent)."""
+def metrics(port: int, names: tuple[str, ...] | list[str]) -> dict[str, float]:
+    """Each series' sum over its labels, from one read of a process's /metrics (0 when absent)."""
     from pdkit.frontend.testing import metric as sum_of_samples
 
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
-        return sum_of_samples(resp.read().decode(), name)
+        text = resp.read().decode()
+    return {name: sum_of_samples(text, name) for name in names}
 
 
 DECODE_METRICS = ("pdkit:kv_verify_checked_blocks_total", "pdkit:kv_verify_mismatch_blocks_total",
@@ -120,8 +121,8 @@ PREFILL_METRICS = ("pdkit:kv_verify_unsent_total", "pdkit:kv_fingerprint_request
 
 def verify_counters(slot: int = 0) -> dict[str, float]:
     p = ports(slot)
-    out = {name: metric(p["decode"]["http_port_base"], name) for name in DECODE_METRICS}
-    out.update({name: metric(p["prefill"]["http_port_base"], name) for name in PREFILL_METRICS})
+    out = metrics(p["decode"]["http_port_base"], DECODE_METRICS)
+    out.update(metrics(p["prefill"]["http_port_base"], PREFILL_METRICS))
     return out
 
 
@@ -152,7 +153,7 @@ HOPS = ("pdkit_prefill_hop_seconds", "pdkit_decode_hop_seconds")
 
 def hop_seconds(port: int) -> dict[str, float]:
     """Sum and count of a frontend's prefill-hop and decode-hop histograms (where TTFT goes)."""
-    return {h + part: metric(port, h + part) for h in HOPS for part in ("_sum", "_count")}
+    return metrics(port, [h + part for h in HOPS for part in ("_sum", "_count")])
 
 
 def mean_hops(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:

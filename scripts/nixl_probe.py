@@ -36,7 +36,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-GET_ZCOPY = {"UCX_CUDA_IPC_ENABLE_GET_ZCOPY": "on"}
+from pdkit.kv_config import NIXL_UCX_ENV as GET_ZCOPY  # what pdkit's launch plan sets
+
 VARIANTS: dict[str, tuple[str, dict[str, str]]] = {
     "read": ("READ", {}),  # vLLM's NixlConnector (pull), NIXL/UCX defaults
     "read-get-zcopy": ("READ", GET_ZCOPY),  # pull with cuda_ipc GET forced on
