@@ -107,6 +107,8 @@ class Frontend:
         self._hop_done: Callable[[WorkerState, RequestContext], None] | None = getattr(policy, "hop_done", None)
         # optional async policy hook run before routing (KvAwarePolicy tokenizes the prompt off the loop)
         self._prepare: Callable[[RequestContext], Coroutine[Any, Any, None]] | None = getattr(policy, "prepare", None)
+        # optional policy hook for conditional disaggregation (KvAwarePolicy knows the decode caches)
+        self._local_pick: Callable[..., WorkerState | None] | None = getattr(policy, "local_prefill_worker", None)
         self._kv_closed = False
         self.actual_hits = ActualHits(self.metrics)
         self.registry = Registry(
@@ -308,7 +310,8 @@ class Frontend:
         text, ids = extract_prompt(request.path, body)
         rid = request.headers.get("X-Request-Id") or uuid.uuid4().hex
         model = body.get("model")
-        if model is not None and self.registry.workers and model not in self.registry.models():
+        workers = self.registry.workers.values()
+        if model is not None and workers and not any(w.info.model == model for w in workers):
             raise RequestError(404, f"The model `{model}` does not exist.", "model")
         return RequestContext(
             path=request.path,
@@ -334,20 +337,24 @@ class Frontend:
         """Conditional disaggregation: a decode worker whose cached prefix leaves fewer than
         ``disagg_min_prompt_tokens`` prompt tokens to compute prefills the request itself (one hop, no
         transfer).  Only with a policy that knows the caches (``local_prefill_worker``, KV-aware)."""
-        pick = getattr(self.policy, "local_prefill_worker", None)
-        if pick is None or self.s.disagg_min_prompt_tokens <= 0:
+        if self._local_pick is None or self.s.disagg_min_prompt_tokens <= 0:
             return None
         usable, _ = self._candidates(ctx, "decode", set())
         if not usable:
             return None
-        chosen: WorkerState | None = pick(usable, ctx, self.s.disagg_min_prompt_tokens - 1)
-        return chosen
+        return self._local_pick(usable, ctx, self.s.disagg_min_prompt_tokens - 1)
 
     def _candidates(self, ctx: RequestContext, role: str, exclude: set[str]) -> tuple[list[WorkerState], int]:
         """(usable workers, registered workers) of ``role`` serving the requested model."""
-        workers = [w for w in self.registry.of_role(role) if ctx.model is None or w.info.model == ctx.model]
-        usable = [w for w in workers if w.worker_id not in exclude and w.inflight < self.s.max_inflight_per_worker]
-        return usable, len(workers)
+        usable: list[WorkerState] = []
+        total = 0
+        for w in self.registry.workers.values():
+            if w.info.role != role or (ctx.model is not None and w.info.model != ctx.model):
+                continue
+            total += 1
+            if w.worker_id not in exclude and w.inflight < self.s.max_inflight_per_worker:
+                usable.append(w)
+        return usable, total
 
     def _check_role(self, ctx: RequestContext, role: str) -> None:
         usable, total = self._candidates(ctx, role, set())
