@@ -38,12 +38,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gpu_check_pd as g  # noqa: E402
 
-PREDICTED = "pdkit_kv_predicted_hit_tokens_total"
-FE_ACTUAL = "pdkit_kv_actual_hit_tokens_total"
-FE_QUERIES = "pdkit_kv_actual_query_tokens_total"
-W_HITS = "vllm:prefix_cache_hits_total"
-W_QUERIES = "vllm:prefix_cache_queries_total"
-W_LMCACHE = "pdkit:lmcache_hit_tokens_total"
+from pdkit.agent import parse_load  # noqa: E402
+from pdkit.status import WorkerStatus, fetch_status  # noqa: E402
+
 GOAL = 0.05
 # x16 tokens = 32k tokens of GPU KV per agg worker: the default workload (48 chats, 2048-token system
 # prompts, 4 turns of 256 + 64 tokens) leaves ~33k distinct tokens per worker, so vLLM evicts and some
@@ -51,69 +48,38 @@ GOAL = 0.05
 GPU_BLOCKS_AGG = 2000
 
 
-def get(url: str) -> str:
-    with urllib.request.urlopen(url, timeout=10) as resp:
-        return str(resp.read().decode())
+FRONTEND = f"http://127.0.0.1:{g.PORT}"
 
 
-def samples(text: str) -> list[tuple[str, dict[str, str], float]]:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    return [(s.name, dict(s.labels), float(s.value)) for fam in text_string_to_metric_families(text)
-            for s in fam.samples]  # fmt: skip
+def workers() -> list[WorkerStatus]:
+    return fetch_status(FRONTEND).workers
 
 
-def frontend_counts() -> dict[str, dict[str, float]]:
-    """Per worker id: predicted hit tokens (all roles), actual hit tokens by source, queried tokens."""
+def snapshot() -> dict[str, dict[str, float]]:
+    """Per worker id: what the frontend predicted and learnt over heartbeats (as ``pdkit status`` reads
+    it), and the engine's own hit counters, read from its ``/metrics`` directly."""
     out: dict[str, dict[str, float]] = {}
-    for name, labels, value in samples(get(f"http://127.0.0.1:{g.PORT}/metrics")):
-        wid = labels.get("worker") or labels.get("worker_id")
-        if wid is None:
-            continue
-        row = out.setdefault(wid, {})
-        if name == PREDICTED:
-            row["predicted"] = row.get("predicted", 0.0) + value
-        elif name == FE_ACTUAL:
-            key = f"fe_actual_{labels.get('source', '?')}"
-            row[key] = row.get(key, 0.0) + value
-        elif name == FE_QUERIES:
-            row["fe_queries"] = row.get("fe_queries", 0.0) + value
+    for w in workers():
+        with urllib.request.urlopen(w.url.rstrip("/") + "/metrics", timeout=10) as resp:
+            engine = parse_load(resp.read().decode())
+        out[w.worker_id] = {
+            "predicted": w.predicted_hit_tokens,
+            "fe_actual": w.actual_hit_tokens,
+            "fe_queries": w.queried_tokens,
+            "w_prefix_cache": engine.prefix_cache_hits or 0.0,
+            "w_queries": engine.prefix_cache_queries or 0.0,
+            "w_lmcache": engine.lmcache_hit_tokens or 0.0,
+        }
     return out
 
 
-def workers() -> list[dict[str, Any]]:
-    data = json.loads(get(f"http://127.0.0.1:{g.PORT}/workers"))
-    return list(data.get("workers", []))
-
-
-def worker_counts(ws: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """Per worker id: the engine's own hit counters, read from its /metrics."""
-    out: dict[str, dict[str, float]] = {}
-    for w in ws:
-        row = {"w_prefix_cache": 0.0, "w_queries": 0.0, "w_lmcache": 0.0}
-        for name, _labels, value in samples(get(str(w["url"]).rstrip("/") + "/metrics")):
-            if name == W_HITS:
-                row["w_prefix_cache"] += value
-            elif name == W_QUERIES:
-                row["w_queries"] += value
-            elif name == W_LMCACHE:
-                row["w_lmcache"] += value
-        out[str(w["worker_id"])] = row
-    return out
-
-
-def snapshot(ws: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    fe, wk = frontend_counts(), worker_counts(ws)
-    return {wid: {**fe.get(wid, {}), **wk.get(wid, {})} for wid in {*fe, *wk}}
-
-
-def compare(before: dict[str, dict[str, float]], after: dict[str, dict[str, float]], ws: list[dict[str, Any]]) -> dict:
-    roles = {str(w["worker_id"]): w.get("role") for w in ws}
+def compare(before: dict[str, dict[str, float]], after: dict[str, dict[str, float]], ws: list[WorkerStatus]) -> dict:
+    roles = {w.worker_id: w.role for w in ws}
     rows = []
     for wid in sorted(after):
         d = {k: after[wid].get(k, 0.0) - before.get(wid, {}).get(k, 0.0) for k in after[wid]}
         actual = d.get("w_prefix_cache", 0.0) + d.get("w_lmcache", 0.0)
-        fe_actual = sum(v for k, v in d.items() if k.startswith("fe_actual_"))
+        fe_actual = d.get("fe_actual", 0.0)
         predicted = d.get("predicted", 0.0)
         err = abs(predicted - actual) / actual if actual else (0.0 if predicted == 0 else 1.0)
         rows.append({"worker": wid, "role": roles.get(wid), "predicted": predicted, "actual": actual,
@@ -137,7 +103,7 @@ def compare(before: dict[str, dict[str, float]], after: dict[str, dict[str, floa
     }
 
 
-def wait_workers(n: int, timeout: float = 60) -> list[dict[str, Any]]:
+def wait_workers(n: int, timeout: float = 60) -> list[WorkerStatus]:
     """The registered workers, once all ``n`` are there and have sent a heartbeat with hit counters."""
     deadline = time.time() + timeout
     while True:
@@ -190,12 +156,12 @@ def stage(name: str, engine: str, sessions: int, rate: float, one_gpu: bool) -> 
         g.log(f"{name} ready in {ready_s:.1f} s")
         ws = wait_workers(n)
         time.sleep(3)  # every agent has sent heartbeats with its counters: the frontend's baselines are set
-        before = snapshot(ws)
+        before = snapshot()
         t0 = time.time()
         rc = bench(name, sessions, rate)
         time.sleep(4)  # the last heartbeats carry the final counters to the frontend
-        after = snapshot(ws)
-        index = {str(w["worker_id"]): w.get("kv_index_blocks") for w in workers()}
+        after = snapshot()
+        index = {w.worker_id: w.index_blocks for w in workers()}
     finally:
         stopped = g.stop(proc, run_dir)
         g.save_logs(run_dir, f"kvr_{name}")
