@@ -45,6 +45,9 @@ class WorkerInfo(_Model):
     # False when the engine runs with --no-enable-prefix-caching: it caches nothing a later request could
     # hit, so KV-aware routing must not expect the blocks it sends there to be reused (optional field).
     prefix_caching: bool = True
+    # The engine's context length (vLLM's /v1/models ``max_model_len``), so the frontend can refuse a
+    # prompt + max_tokens that cannot fit before it spends a prefill on it.  None = not reported.
+    max_model_len: int | None = Field(default=None, ge=1)
     pid: int | None = None
 
     @field_validator("url", mode="before")
@@ -67,6 +70,10 @@ class Load(_Model):
     prefix_cache_hits: float | None = Field(default=None, ge=0.0)
     prefix_cache_queries: float | None = Field(default=None, ge=0.0)
     lmcache_hit_tokens: float | None = Field(default=None, ge=0.0)
+    # False when the agent's last probe of the engine (/health, /metrics) timed out or failed although
+    # the process is alive (e.g. SIGSTOPped or wedged): the frontend sends it no new requests.
+    healthy: bool = True
+    unhealthy_reason: str | None = Field(default=None, max_length=512)
 
 
 class Register(_Model):
