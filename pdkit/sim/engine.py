@@ -586,12 +586,6 @@ class SimEngine:
         return True
 
 
-def max_tokens_for(max_model_len: int, prompt_len: int, requested: int | None) -> int:
-    """vLLM's rule: the request's max_tokens, capped by what the context window leaves."""
-    room = max_model_len - prompt_len
-    return room if requested is None else min(room, requested)
-
-
 __all__ = [
     "FinishEvent",
     "KVTransferError",
@@ -599,5 +593,4 @@ __all__ = [
     "SimEngine",
     "SimRequest",
     "TokenEvent",
-    "max_tokens_for",
 ]

@@ -9,6 +9,8 @@ simulator's stand-in for NIXL's side channel; ``remote_host``/``remote_port`` in
 Response bodies follow vLLM 0.26.0's pydantic models field for field (ids ``cmpl-``/``chatcmpl-`` +
 ``X-Request-Id`` or a random uuid, ``created``, ``model``, choices, ``usage``, ``kv_transfer_params``);
 errors are vLLM's ``{"error": {"message", "type", "param", "code"}}`` with the same status codes.
+Request rules and JSON shapes live in :mod:`pdkit.sim.openai`, one call's sequences and its answer
+(``n``, several prompts, streaming) in :mod:`pdkit.sim.call`.
 """
 
 from __future__ import annotations
