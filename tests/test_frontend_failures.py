@@ -271,8 +271,8 @@ async def test_chat_without_messages_and_unknown_model(http: aiohttp.ClientSessi
         assert status == 400 and json.loads(body)["error"]["param"] == "messages"
         status, _, body = await post(http, fe.url + "/v1/completions", {"model": "gpt-9", "prompt": "x"})
         assert status == 404 and json.loads(body)["error"]["type"] == "NotFoundError"
-        # an engine's own 400 (here: n > 1 unsupported by the simulator) is relayed as is
-        status, _, body = await post(http, fe.url + "/v1/completions", {"prompt": "x", "n": 2})
+        # an engine's own 400 (here: more logprobs than vLLM's default max of 20) is relayed as is
+        status, _, body = await post(http, fe.url + "/v1/completions", {"prompt": "x", "logprobs": 21})
         assert status == 400 and "error" in json.loads(body)
 
 

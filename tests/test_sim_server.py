@@ -111,7 +111,7 @@ async def test_token_id_prompt_equals_text_prompt(worker: SimWorker, http: aioht
 
 
 async def test_output_is_a_function_of_prompt_and_seed(http: aiohttp.ClientSession) -> None:
-    body = {"prompt": "deterministic?", "max_tokens": 8, "temperature": 1.3, "top_p": 0.5}
+    body = {"prompt": "deterministic?", "max_tokens": 8, "temperature": 1.3, "top_p": 0.5, "seed": 42}
     texts = []
     for seed in (0, 0, 1):
         async with SimWorker(SimSettings(time_scale=0, seed=seed)) as w:
@@ -161,16 +161,6 @@ async def test_validation_errors_are_vllm_shaped(
     assert set(r) == {"error"}
     assert set(r["error"]) == {"message", "type", "param", "code"}
     assert r["error"]["type"] == etype and r["error"]["code"] == status and r["error"]["param"] == param
-
-
-async def test_prompt_longer_than_context_is_rejected(http: aiohttp.ClientSession) -> None:
-    async with SimWorker(SimSettings(time_scale=0, max_model_len=32)) as w:
-        code, r = await _post(http, w.url + "/v1/completions", {"prompt": "word " * 64, "max_tokens": 1})
-        assert code == 400
-        assert "exceeds model's maximum context length (32)" in r["error"]["message"]
-        # max_tokens beyond the window is capped, as vLLM does
-        code, r = await _post(http, w.url + "/v1/completions", {"prompt": "word " * 20, "max_tokens": 100})
-        assert code == 200 and r["usage"]["total_tokens"] == 32
 
 
 async def test_invalid_json_body(worker: SimWorker, http: aiohttp.ClientSession) -> None:

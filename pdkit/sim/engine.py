@@ -35,6 +35,7 @@ from pdkit.routing.block_hash import BlockHasher
 from pdkit.routing.kv_events import KVEvent
 from pdkit.sim.kv_cache import BlockPool
 from pdkit.sim.metrics import SimMetrics
+from pdkit.sim.sampling import LogprobEntry, SamplingSpec, TokenSampler
 from pdkit.sim.settings import SimSettings
 from pdkit.sim.text import OutputModel
 from pdkit.sim.transport import KVTransferError, KVTransport, PullSpec
@@ -50,6 +51,7 @@ class TokenEvent:
 
     token_id: int
     text: str
+    logprobs: list[LogprobEntry] | None = None  # vLLM's per-position dict, chosen token first
 
 
 @dataclass
@@ -73,6 +75,7 @@ class SimRequest:
     stop: list[str] = field(default_factory=list)
     kv_transfer_params: dict[str, Any] | None = None
     cache_salt: str | None = None
+    sampling: SamplingSpec | None = None  # None: greedy without logprobs (the original token stream)
     arrival: float = field(default_factory=time.monotonic)
     output_ids: list[int] = field(default_factory=list)
     text: str = ""
@@ -132,6 +135,7 @@ class SimEngine:
     ) -> None:
         self.settings = settings
         self.model = model
+        self.sampler = TokenSampler(model)
         self.metrics = metrics
         self.engine_id = settings.engine_id or str(uuid.uuid4())
         self.kv_bytes_per_token = kv_bytes_per_token
@@ -344,7 +348,11 @@ class SimEngine:
         req.num_cached_blocks = max(req.num_cached_blocks, num_full)
 
     def _emit_token(self, req: SimRequest, now: float) -> None:
-        tok = self.model.token(req.digest, len(req.output_ids))
+        entries: list[LogprobEntry] | None = None
+        if req.sampling is None:
+            tok = self.model.token(req.digest, len(req.output_ids))
+        else:
+            tok, entries = self.sampler.next_token(req.digest, len(req.output_ids), req.sampling)
         req.output_ids.append(tok)
         text = self.model.token_text(tok)
         self.metrics.generation_tokens.inc()
@@ -364,7 +372,7 @@ class SimEngine:
                     text = combined[:pos][len(req.text) :]
                     break
         req.text += text
-        event = TokenEvent(tok, text)
+        event = TokenEvent(tok, text, entries)
         if stop_hit is not None:
             self._finish_running(req, "stop", stop_hit, event)
         elif len(req.output_ids) >= req.max_tokens:
@@ -578,12 +586,6 @@ class SimEngine:
         return True
 
 
-def max_tokens_for(max_model_len: int, prompt_len: int, requested: int | None) -> int:
-    """vLLM's rule: the request's max_tokens, capped by what the context window leaves."""
-    room = max_model_len - prompt_len
-    return room if requested is None else min(room, requested)
-
-
 __all__ = [
     "FinishEvent",
     "KVTransferError",
@@ -591,5 +593,4 @@ __all__ = [
     "SimEngine",
     "SimRequest",
     "TokenEvent",
-    "max_tokens_for",
 ]

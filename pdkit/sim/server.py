@@ -9,6 +9,8 @@ simulator's stand-in for NIXL's side channel; ``remote_host``/``remote_port`` in
 Response bodies follow vLLM 0.26.0's pydantic models field for field (ids ``cmpl-``/``chatcmpl-`` +
 ``X-Request-Id`` or a random uuid, ``created``, ``model``, choices, ``usage``, ``kv_transfer_params``);
 errors are vLLM's ``{"error": {"message", "type", "param", "code"}}`` with the same status codes.
+Request rules and JSON shapes live in :mod:`pdkit.sim.openai`, one call's sequences and its answer
+(``n``, several prompts, streaming) in :mod:`pdkit.sim.call`.
 """
 
 from __future__ import annotations
@@ -19,16 +21,26 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 from aiohttp import ClientSession, ClientTimeout, web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from pdkit.sim.engine import FinishEvent, SimEngine, SimRequest, TokenEvent, max_tokens_for
+from pdkit.sim.call import Call as _Call
+from pdkit.sim.call import Prompt as _Prompt
+from pdkit.sim.engine import SimEngine
 from pdkit.sim.latency import kv_bytes_per_token
 from pdkit.sim.metrics import SimMetrics
+from pdkit.sim.openai import (
+    ApiError,
+    check_max_tokens,
+    check_prompt_chars,
+    check_prompt_tokens,
+    completion_prompts,
+    requested_max_tokens,
+    sampling_options,
+)
 from pdkit.sim.settings import SimSettings
 from pdkit.sim.text import ChatTemplateError, OutputModel, load_tokenizer
 from pdkit.sim.transport import HttpTransport, KVTransport, NixlTransport, send_heartbeat
@@ -36,31 +48,9 @@ from pdkit.sim.transport import HttpTransport, KVTransport, NixlTransport, send_
 logger = logging.getLogger(__name__)
 
 VLLM_VERSION = "0.26.0"
-
-
-class ApiError(Exception):
-    """An error answered as vLLM's ErrorResponse."""
-
-    def __init__(self, message: str, status: int = 400, err_type: str = "BadRequestError", param: str | None = None):
-        super().__init__(message)
-        self.status = status
-        self.err_type = err_type
-        self.param = param
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": str(self), "type": self.err_type, "param": self.param, "code": self.status}}
-
-    def response(self) -> web.Response:
-        return web.json_response(self.body(), status=self.status)
-
-
-def internal_error() -> ApiError:
-    """What vLLM answers when a request finishes with reason ``error`` (e.g. a failed KV load)."""
-    return ApiError("Internal server error", 500, "InternalServerError")
-
-
-def _sse(obj: Any) -> bytes:
-    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n".encode()
+# vLLM samples at 1.0 when a request sends no temperature; the sim stays greedy so that runs, P/D
+# comparisons and KV-routing predictions are reproducible (docs/simulator.md, differences from vLLM)
+DEFAULT_TEMPERATURE = 0.0
 
 
 class SimWorker:
@@ -279,27 +269,8 @@ class SimWorker:
             raise ApiError(f"The model `{model}` does not exist.", 404, "NotFoundError", "model")
         return body
 
-    def _common(self, body: dict[str, Any], prompt_ids: list[int], default_max: int | None) -> dict[str, Any]:
-        n = body.get("n", 1)
-        if n not in (1, None):
-            raise ApiError("n > 1 is not supported by the simulated engine", param="n")
-        if len(prompt_ids) == 0:
-            raise ApiError("The prompt is empty", param="prompt")
-        if len(prompt_ids) > self.max_model_len:
-            raise ApiError(
-                f"Input length ({len(prompt_ids)}) exceeds model's maximum context length ({self.max_model_len}).",
-                param="prompt",
-            )
-        requested = body.get("max_completion_tokens") or body.get("max_tokens", default_max)
-        if requested is not None and (not isinstance(requested, int) or isinstance(requested, bool) or requested < 1):
-            raise ApiError(f"max_tokens must be at least 1, got {requested}.", param="max_tokens")
-        max_tokens = max_tokens_for(self.max_model_len, len(prompt_ids), requested)
-        if max_tokens < 1:
-            raise ApiError(
-                f"This model's maximum context length is {self.max_model_len} tokens; the prompt leaves no room "
-                "for output.",
-                param="max_tokens",
-            )
+    def _common(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Options shared by every choice of a request (stop, P/D params, cache salt, stream options)."""
         stop = body.get("stop") or []
         if isinstance(stop, str):
             stop = [stop]
@@ -317,7 +288,6 @@ class SimWorker:
         if stream_options and not body.get("stream"):
             raise ApiError("Stream options can only be defined when `stream=True`.", param="stream_options")
         return {
-            "max_tokens": max_tokens,
             "stop": stop,
             "kv_transfer_params": dict(params) if params else None,
             "cache_salt": salt,
@@ -325,51 +295,36 @@ class SimWorker:
             "continuous_usage": bool(stream_options.get("continuous_usage_stats")),
         }
 
-    def _submit(self, base_id: str, prompt_ids: list[int], opts: dict[str, Any]) -> SimRequest:
-        assert self.engine is not None
-        req = SimRequest(
-            request_id=self.engine.new_request_id(base_id),
-            prompt_ids=prompt_ids,
-            max_tokens=opts["max_tokens"],
-            stop=opts["stop"],
-            kv_transfer_params=opts["kv_transfer_params"],
-            cache_salt=opts["cache_salt"],
-        )
-        self.engine.add_request(req)
-        return req
-
-    @staticmethod
-    def _base_id(request: web.Request) -> str:
-        return request.headers.get("X-Request-Id") or uuid.uuid4().hex
+    async def _tokenize_text(self, text: str, requested: int | None, add_special_tokens: bool) -> list[int]:
+        """vLLM's length checks around tokenization; the tokenizing itself runs in a worker thread."""
+        check_prompt_chars(text, requested, self.max_model_len, self.tokenizer.max_chars_per_token)
+        ids = await asyncio.to_thread(self.tokenizer.encode, text, add_special_tokens)
+        check_prompt_tokens(len(ids), requested, self.max_model_len, truncated=True)
+        return ids
 
     async def _completions(self, request: web.Request) -> web.StreamResponse:
         try:
             body = await self._read_json(request)
-            prompt = body.get("prompt")
-            if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
-                prompt = prompt[0]
-            if isinstance(prompt, str):
-                ids = self.tokenizer.encode(prompt, add_special_tokens=body.get("add_special_tokens", True))
-            elif isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-                ids = list(prompt)
-                if any(t < 0 or t >= self.tokenizer.vocab_size for t in ids):
-                    raise ApiError("Token id out of vocabulary range", param="prompt")
-            elif prompt is None:
-                raise ApiError("Either prompt or prompt_embeds must be provided and non-empty.", param="prompt")
-            else:
-                raise ApiError(
-                    "The simulated engine accepts one prompt per request (string or token ids)", param="prompt"
-                )
-            opts = self._common(body, ids, 16)
-            if body.get("echo"):
-                raise ApiError("echo is not supported by the simulated engine", param="echo")
+            raw_prompts = completion_prompts(body, self.tokenizer.vocab_size)
+            sampling = sampling_options(body, chat=False, default_temperature=DEFAULT_TEMPERATURE)
+            requested, key = requested_max_tokens(body, chat=False)
+            if requested == 0 and not sampling.echo:
+                raise ApiError("max_tokens must be at least 1, got 0.", param="max_tokens")
+            check_max_tokens(requested, key, self.max_model_len)
+            self._common(body)
+            prompts: list[_Prompt] = []
+            for raw in raw_prompts:
+                if isinstance(raw, str):
+                    ids = await self._tokenize_text(raw, requested, bool(body.get("add_special_tokens", True)))
+                    prompts.append(_Prompt(ids, raw))
+                else:
+                    check_prompt_tokens(len(raw), requested, self.max_model_len, truncated=False)
+                    text = self.tokenizer.decode(raw, skip_special_tokens=False) if sampling.echo else ""
+                    prompts.append(_Prompt(list(raw), text))
         except ApiError as err:
             return err.response()
-        rid = f"cmpl-{self._base_id(request)}"
-        req = self._submit(rid, ids, opts)
-        if body.get("stream"):
-            return await self._stream(request, req, rid, opts, chat=False)
-        return await self._full(request, req, rid, opts, chat=False)
+        call = _Call(self, f"cmpl-{self._base_id(request)}", body, sampling, requested, chat=False)
+        return await call.run(request, prompts)
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         try:
@@ -380,205 +335,27 @@ class SimWorker:
             kwargs = body.get("chat_template_kwargs") or {}
             if not isinstance(kwargs, dict):
                 raise ApiError("chat_template_kwargs must be an object", param="chat_template_kwargs")
+            sampling = sampling_options(body, chat=True, default_temperature=DEFAULT_TEMPERATURE)
+            requested, key = requested_max_tokens(body, chat=True)
+            if requested == 0:
+                raise ApiError("max_tokens must be at least 1, got 0.", param=key)
+            check_max_tokens(requested, key, self.max_model_len)
+            self._common(body)
+            add_generation_prompt = bool(body.get("add_generation_prompt", True))
             try:
-                text = self.tokenizer.render_chat(messages, bool(body.get("add_generation_prompt", True)), **kwargs)
+                text = await asyncio.to_thread(self.tokenizer.render_chat, messages, add_generation_prompt, **kwargs)
             except ChatTemplateError as exc:
                 raise ApiError(str(exc), param="messages") from exc
             # vLLM 0.26 takes chat ids straight from the rendered template and never adds special tokens.
-            ids = self.tokenizer.encode(text, add_special_tokens=False)
-            opts = self._common(body, ids, None)
+            ids = await self._tokenize_text(text, requested, False)
         except ApiError as err:
             return err.response()
-        rid = f"chatcmpl-{self._base_id(request)}"
-        req = self._submit(rid, ids, opts)
-        if body.get("stream"):
-            return await self._stream(request, req, rid, opts, chat=True)
-        return await self._full(request, req, rid, opts, chat=True)
+        call = _Call(self, f"chatcmpl-{self._base_id(request)}", body, sampling, requested, chat=True)
+        return await call.run(request, [_Prompt(ids, text)])
 
-    async def _events(self, req: SimRequest) -> AsyncIterator[TokenEvent | FinishEvent]:
-        while True:
-            ev = await req.events.get()
-            yield ev
-            if isinstance(ev, FinishEvent):
-                return
-
-    async def _full(
-        self, request: web.Request, req: SimRequest, rid: str, opts: dict[str, Any], chat: bool
-    ) -> web.Response:
-        assert self.engine is not None
-        created = int(time.time())
-        text: list[str] = []
-        finish: FinishEvent | None = None
-        try:
-            async for ev in self._events(req):
-                if isinstance(ev, TokenEvent):
-                    text.append(ev.text)
-                else:
-                    finish = ev
-                    if ev.last_token is not None:
-                        text.append(ev.last_token.text)
-        except asyncio.CancelledError:
-            self.engine.abort(req)
-            raise
-        assert finish is not None
-        if finish.reason == "error":
-            return internal_error().response()
-        usage = {
-            "prompt_tokens": len(req.prompt_ids),
-            "total_tokens": len(req.prompt_ids) + len(req.output_ids),
-            "completion_tokens": len(req.output_ids),
-            "prompt_tokens_details": None,
-        }
-        content = "".join(text)
-        if chat:
-            choice: dict[str, Any] = {
-                "index": 0,
-                "message": {
-                    "role": "assistant",
-                    "content": content,
-                    "refusal": None,
-                    "annotations": None,
-                    "audio": None,
-                    "function_call": None,
-                    "reasoning": None,
-                },
-                "logprobs": None,
-                "finish_reason": finish.reason,
-                "stop_reason": finish.stop_reason,
-                "token_ids": None,
-                "routed_experts": None,
-            }
-            out: dict[str, Any] = {
-                "id": rid,
-                "object": "chat.completion",
-                "created": created,
-                "model": self.settings.served_model_name,
-                "choices": [choice],
-                "service_tier": None,
-                "system_fingerprint": None,
-                "usage": usage,
-                "prompt_logprobs": None,
-                "prompt_token_ids": None,
-                "prompt_text": None,
-                "kv_transfer_params": finish.kv_transfer_params,
-                "ec_transfer_params": None,
-                "metrics": None,
-            }
-        else:
-            out = {
-                "id": rid,
-                "object": "text_completion",
-                "created": created,
-                "model": self.settings.served_model_name,
-                "choices": [
-                    {
-                        "index": 0,
-                        "text": content,
-                        "logprobs": None,
-                        "finish_reason": finish.reason,
-                        "stop_reason": finish.stop_reason,
-                        "token_ids": None,
-                        "prompt_logprobs": None,
-                        "prompt_token_ids": None,
-                        "routed_experts": None,
-                    }
-                ],
-                "service_tier": None,
-                "system_fingerprint": None,
-                "usage": usage,
-                "kv_transfer_params": finish.kv_transfer_params,
-                "ec_transfer_params": None,
-                "metrics": None,
-            }
-        return web.json_response(out)
-
-    async def _stream(
-        self, request: web.Request, req: SimRequest, rid: str, opts: dict[str, Any], chat: bool
-    ) -> web.StreamResponse:
-        assert self.engine is not None
-        created = int(time.time())
-        name = self.settings.served_model_name
-        obj = "chat.completion.chunk" if chat else "text_completion"
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
-        await resp.prepare(request)
-        n_prompt = len(req.prompt_ids)
-        n_out = 0
-        first = True
-
-        def chunk(choice: dict[str, Any] | None, usage: dict[str, int] | None = None) -> dict[str, Any]:
-            c: dict[str, Any] = {
-                "id": rid,
-                "object": obj,
-                "created": created,
-                "model": name,
-                "choices": [choice] if choice is not None else [],
-            }
-            if usage is not None:
-                c["usage"] = usage
-            return c
-
-        def usage_now() -> dict[str, int] | None:
-            if not opts["continuous_usage"]:
-                return None
-            return {"prompt_tokens": n_prompt, "total_tokens": n_prompt + n_out, "completion_tokens": n_out}
-
-        try:
-            async for ev in self._events(req):
-                if chat and first:
-                    first = False
-                    role = {
-                        "index": 0,
-                        "delta": {"role": "assistant", "content": ""},
-                        "logprobs": None,
-                        "finish_reason": None,
-                    }
-                    await resp.write(_sse(chunk(role, usage_now())))
-                if isinstance(ev, TokenEvent):
-                    n_out += 1
-                    if chat:
-                        choice = {"index": 0, "delta": {"content": ev.text}, "logprobs": None, "finish_reason": None}
-                    else:
-                        choice = {
-                            "index": 0,
-                            "text": ev.text,
-                            "logprobs": None,
-                            "finish_reason": None,
-                            "stop_reason": None,
-                        }
-                    await resp.write(_sse(chunk(choice, usage_now())))
-                    continue
-                if ev.reason == "error":
-                    await resp.write(_sse(internal_error().body()))
-                    break
-                n_out = len(req.output_ids)
-                last = ev.last_token.text if ev.last_token is not None else ""
-                if chat:
-                    delta = {"content": last} if last else {}
-                    choice = {
-                        "index": 0,
-                        "delta": delta,
-                        "logprobs": None,
-                        "finish_reason": ev.reason,
-                        "stop_reason": ev.stop_reason,
-                    }
-                else:
-                    choice = {
-                        "index": 0,
-                        "text": last,
-                        "logprobs": None,
-                        "finish_reason": ev.reason,
-                        "stop_reason": ev.stop_reason,
-                    }
-                await resp.write(_sse(chunk(choice, usage_now())))
-                if opts["include_usage"]:
-                    usage = {"prompt_tokens": n_prompt, "total_tokens": n_prompt + n_out, "completion_tokens": n_out}
-                    await resp.write(_sse(chunk(None, usage)))
-            await resp.write(b"data: [DONE]\n\n")
-            await resp.write_eof()
-        except (asyncio.CancelledError, ConnectionResetError):
-            self.engine.abort(req)
-            raise
-        return resp
+    @staticmethod
+    def _base_id(request: web.Request) -> str:
+        return request.headers.get("X-Request-Id") or uuid.uuid4().hex
 
 
 async def serve_sim_worker(settings: SimSettings, ready: asyncio.Event | None = None) -> None:

@@ -3,8 +3,8 @@
 Why deterministic: P/D correctness is judged by comparing outputs -- an aggregated worker and a
 prefill->decode pair must answer token for token the same.  The simulator's output is therefore a pure
 function of (seed, prompt token ids): token ``i`` is picked by hashing the prompt's digest with ``i``.
-Sampling parameters (temperature, top_p, seed per request) are accepted and ignored, so every request
-behaves as greedy decoding on a fixed model; the text never contains EOS, so requests end by
+That stream is the greedy answer; :mod:`pdkit.sim.sampling` builds a distribution around it for
+``temperature``/``top_p``/``seed`` and ``logprobs``. The text never contains EOS, so requests end by
 ``max_tokens`` (finish_reason ``length``) unless a ``stop`` string appears.
 
 Generated tokens are drawn from the tokenizer's whole-word tokens (a leading space marker followed by
@@ -62,10 +62,21 @@ class SimTokenizer:
         return int(self.tokenizer.get_vocab_size())
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids)
+        # encode_batch releases the GIL (encode does not): a 10 MB prompt tokenized in a worker thread
+        # then leaves the event loop free to answer /health
+        return list(self.tokenizer.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids)
 
-    def decode(self, ids: Sequence[int]) -> str:
-        return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return str(self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens))
+
+    def token_str(self, token_id: int) -> str:
+        """One token as vLLM's logprobs show it (decoded alone, special tokens kept)."""
+        return self.decode([token_id], skip_special_tokens=False)
+
+    @cached_property
+    def max_chars_per_token(self) -> int:
+        """The longest vocabulary entry: vLLM's bound for refusing over-long text before tokenizing it."""
+        return max(len(tok) for tok in self.tokenizer.get_vocab())
 
     @cached_property
     def _template(self) -> Any:
@@ -126,6 +137,7 @@ def load_tokenizer(model_dir: str) -> SimTokenizer:
     """One shared (read-only) tokenizer per model folder: loading it is the slowest part of a start."""
     tok = SimTokenizer(model_dir)
     _ = tok.word_token_ids  # computed once here, not on the first request
+    _ = tok.max_chars_per_token
     return tok
 
 
