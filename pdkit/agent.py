@@ -380,35 +380,31 @@ def busy_port(info: WorkerInfo) -> str | None:
 
 
 async def probe_engine(http: aiohttp.ClientSession, base_url: str, timeout_s: float) -> Load:
-    """One look at the engine: ``/health`` and ``/metrics`` together, within ``timeout_s``.
+    """One look at the engine: ``/health``, then ``/metrics``, each within ``timeout_s``.
 
     Returns the scraped load, or ``healthy=False`` with the reason when either does not answer in time,
-    fails or answers an error (vLLM answers 503 on /health once its engine core is dead).
+    fails or answers an error (vLLM answers 503 on /health once its engine core is dead).  Both requests
+    run in the calling task (aiohttp's own timeout, no helper tasks): a probe cancelled when the agent
+    stops leaves no orphaned task behind to log a traceback.
     """
-
-    async def get(path: str) -> tuple[int, str]:
-        async with http.get(f"{base_url}{path}") as resp:
-            return resp.status, await resp.text()
-
-    try:
-        results = await asyncio.wait_for(
-            asyncio.gather(get("/health"), get("/metrics"), return_exceptions=True), timeout_s
-        )
-    except asyncio.TimeoutError:
-        return Load(
-            healthy=False,
-            unhealthy_reason=f"engine did not answer /health and /metrics within {timeout_s:g} s (hung or stopped)",
-        )
-    for path, result in zip(("/health", "/metrics"), results, strict=True):
-        if isinstance(result, BaseException):
-            detail = f"{type(result).__name__}: {result}" if str(result) else type(result).__name__
+    timeout = aiohttp.ClientTimeout(total=timeout_s)
+    text = ""
+    for path in ("/health", "/metrics"):
+        try:
+            async with http.get(f"{base_url}{path}", timeout=timeout) as resp:
+                status, text = resp.status, await resp.text()
+        except asyncio.TimeoutError:
+            return Load(
+                healthy=False,
+                unhealthy_reason=f"engine did not answer {path} within {timeout_s:g} s (hung or stopped)",
+            )
+        except (aiohttp.ClientError, OSError) as exc:
+            detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             return Load(healthy=False, unhealthy_reason=f"engine {path} failed: {detail}"[:500])
-        if result[0] != 200:
-            return Load(healthy=False, unhealthy_reason=f"engine {path} answered HTTP {result[0]}")
-    metrics = results[1]
-    assert not isinstance(metrics, BaseException)
+        if status != 200:
+            return Load(healthy=False, unhealthy_reason=f"engine {path} answered HTTP {status}")
     try:
-        return parse_load(metrics[1])
+        return parse_load(text)
     except ValueError as exc:
         return Load(healthy=False, unhealthy_reason=f"engine /metrics is not a Prometheus page: {exc}"[:500])
 
