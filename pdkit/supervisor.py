@@ -269,7 +269,14 @@ class Supervisor:
             await asyncio.sleep(delay)
             if self.stopping:
                 return
-            await self._spawn(m)
+            try:
+                await self._spawn(m)
+            except OSError as exc:  # e.g. the run directory became unwritable: it cannot come back
+                m.down = f"it cannot be started again: {exc}"
+                self._report_down(m)
+                if self._check_serving():
+                    lost.set()
+                return
 
     def _next_restart(self, m: Managed) -> float | None:
         """Seconds until ``m`` is restarted, or None (``m.down`` says why) when it stays down."""

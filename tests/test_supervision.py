@@ -156,6 +156,7 @@ def _hold_port(port: int, timeout_s: float = 5.0) -> socket.socket:
     deadline = time.monotonic() + timeout_s
     while True:
         sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind: TIME_WAIT is no obstacle
         try:
             sock.bind(("127.0.0.1", port))
             sock.listen()
