@@ -5,16 +5,24 @@ that are up, know their load without polling every engine on the request path, a
 within a few heartbeats.  The agent starts the engine (``vllm serve`` or the simulator) as its child,
 waits for ``/health``, registers (role, URL, NIXL side channel, KV-event endpoints, model), heartbeats
 the load it scrapes from the engine's ``/metrics`` (vLLM's metric names) and deregisters on exit.  The
-engine shares the agent's process group, so whoever stops the agent's group stops the engine with it.
+engine shares the agent's process group, so whoever stops the agent's group stops the engine with it, and
+it runs under :mod:`pdkit.parent_death`, so it dies with the agent even when the agent is SIGKILLed.
+
+Every probe of the engine (``/health`` and ``/metrics``) is bounded by ``probe_timeout_s``: a SIGSTOPped
+or wedged engine still accepts TCP connections but never answers, and heartbeating "registered, load 0"
+for it would keep it first in line for new requests.  Such a probe makes the heartbeat carry
+``Load(healthy=False, unhealthy_reason=...)`` until the engine answers again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import shutil
 import signal
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -26,6 +34,7 @@ import zmq.asyncio
 from prometheus_client.parser import text_string_to_metric_families
 
 from pdkit.errors import ConfigError
+from pdkit.parent_death import wrap as tie_to_parent
 from pdkit.protocol import (
     Ack,
     Deregister,
@@ -41,6 +50,13 @@ from pdkit.streams import output_lines
 EXIT_ENGINE_DIED = 3
 EXIT_STARTUP_TIMEOUT = 4
 EXIT_BAD_ENGINE_BUILD = 5
+# The engine cannot bind one of its ports because another process holds it: restarting cannot help.
+EXIT_PORT_BUSY = 6
+
+# What a failed bind prints: Python's OSError (vLLM's API server, aiohttp) and ZMQ (KV-event replay) alike.
+PORT_BUSY_NEEDLE = "address already in use"
+# Seconds one probe of the engine may take before the heartbeat reports it unhealthy (PDKIT_PROBE_TIMEOUT_S).
+DEFAULT_PROBE_TIMEOUT_S = 3.0
 
 # Engine log lines that mean "this start is broken even if it comes up": LMCache without its compiled
 # extension (torch ABI mismatch) silently falls back to slow torch code paths.
@@ -85,7 +101,14 @@ def parse_load(metrics_text: str) -> Load:
                 values[key] = max(values[key], sample.value)
             else:
                 values[key] += sample.value
-    return Load(running=int(values["running"]), waiting=int(values["waiting"]), kv_usage=values["kv_usage"], **counters)
+    return Load.model_validate(
+        {
+            "running": int(values["running"]),
+            "waiting": int(values["waiting"]),
+            "kv_usage": values["kv_usage"],
+            **counters,
+        }
+    )
 
 
 @dataclass
@@ -100,6 +123,7 @@ class AgentSettings:
     startup_timeout_s: float = 900.0
     heartbeat_interval_s: float = 1.0
     stop_grace_s: float = 30.0
+    probe_timeout_s: float = DEFAULT_PROBE_TIMEOUT_S
 
 
 class WorkerAgent:
@@ -115,6 +139,8 @@ class WorkerAgent:
         self._registered = False
         self._forward: asyncio.Task[None] | None = None
         self.fatal: str | None = None
+        self.port_busy_line: str | None = None  # the engine's own "address already in use" line, if any
+        self._load = Load()  # the last probe's result; the engine had just answered /health
 
     @property
     def worker_id(self) -> str:
@@ -128,12 +154,17 @@ class WorkerAgent:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
         try:
+            busy = busy_port(self.s.info)
+            if busy:
+                self._log(f"error: {busy}")
+                return EXIT_PORT_BUSY
             await self._start_engine()
             ready = await self._wait_healthy()
             if self.fatal:
                 return EXIT_BAD_ENGINE_BUILD
             if ready != 0:
                 return ready
+            await self._learn_max_model_len()
             self._connect()
             await self._register()
             rc = await self._serve()
@@ -150,7 +181,7 @@ class WorkerAgent:
             os.makedirs(prom_dir, exist_ok=True)
         self._log(f"starting engine: {' '.join(self.s.engine_argv[:6])} ...")
         self.engine = await asyncio.create_subprocess_exec(
-            *self.s.engine_argv,
+            *tie_to_parent(self.s.engine_argv),
             env=env,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
@@ -166,6 +197,8 @@ class WorkerAgent:
             out.write(raw)
             out.flush()
             line = raw.decode(errors="replace")
+            if self.port_busy_line is None and PORT_BUSY_NEEDLE in line.lower():
+                self.port_busy_line = line.strip()[-300:]
             for needle, why in FATAL_ENGINE_LINES.items():
                 if needle in line:
                     self._log(f"error: {why}; stopping the engine")
@@ -179,8 +212,7 @@ class WorkerAgent:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as http:
             while time.monotonic() < deadline:
                 if self.engine.returncode is not None:
-                    self._log(f"engine exited during start-up with code {self.engine.returncode}")
-                    return EXIT_ENGINE_DIED
+                    return self._engine_exit_code("during start-up")
                 if self._stop.is_set():
                     return 0
                 with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError, OSError):
@@ -217,6 +249,7 @@ class WorkerAgent:
         tasks = [
             asyncio.create_task(self._heartbeats()),
             asyncio.create_task(self._acks()),
+            asyncio.create_task(self._probe_loop()),
         ]
         engine_done = asyncio.create_task(self.engine.wait())
         stop = asyncio.create_task(self._stop.wait())
@@ -227,10 +260,49 @@ class WorkerAgent:
                 t.cancel()
         if engine_done in done:
             rc = self.engine.returncode
+            if self.port_busy_line is not None:
+                return self._engine_exit_code("")
             self._log(f"engine exited with code {rc}")
             return EXIT_ENGINE_DIED if rc == 0 else (rc or EXIT_ENGINE_DIED)
         engine_done.cancel()
         return 0
+
+    def _engine_exit_code(self, when: str) -> int:
+        """The agent's exit code for an engine that exited, with one line saying why."""
+        assert self.engine is not None
+        rc = self.engine.returncode
+        if self.port_busy_line is not None:
+            self._log(
+                f"error: the engine could not bind a port (another process holds it): {self.port_busy_line}; "
+                "stop that process or move this worker to free ports"
+            )
+            return EXIT_PORT_BUSY
+        self._log(f"engine exited {when} with code {rc}".replace("  ", " "))
+        return EXIT_ENGINE_DIED
+
+    async def _learn_max_model_len(self) -> None:
+        """Fill ``WorkerInfo.max_model_len`` from the engine's ``/v1/models`` before registering."""
+        if self.s.info.max_model_len is not None:
+            return
+        found = await engine_max_model_len(self.s.info.url, self.s.info.model, self.s.probe_timeout_s)
+        if found is not None:
+            self.s.info = self.s.info.model_copy(update={"max_model_len": found})
+
+    async def _probe_loop(self) -> None:
+        """Probe the engine once per heartbeat interval; each probe bounded by ``probe_timeout_s``.
+
+        Runs beside the heartbeats rather than inside them, so a hung engine delays no heartbeat: the
+        frontend keeps hearing from the agent (and learns the engine is unhealthy) instead of reaping it.
+        """
+        async with aiohttp.ClientSession() as http:
+            while True:
+                load = await probe_engine(http, self.s.info.url, self.s.probe_timeout_s)
+                if load.healthy != self._load.healthy:
+                    self._log(
+                        f"engine unhealthy: {load.unhealthy_reason}" if not load.healthy else "engine healthy again"
+                    )
+                self._load = load
+                await asyncio.sleep(self.s.heartbeat_interval_s)
 
     async def _heartbeats(self) -> None:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as http:
@@ -241,11 +313,8 @@ class WorkerAgent:
                 await asyncio.sleep(self.s.heartbeat_interval_s)
 
     async def _scrape(self, http: aiohttp.ClientSession) -> Load:
-        try:
-            async with http.get(f"{self.s.info.url}/metrics") as resp:
-                return parse_load(await resp.text())
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError):
-            return Load(running=0, waiting=0, kv_usage=0.0)
+        """The load (and health) of the engine's last probe: :meth:`_probe_loop` keeps it current."""
+        return self._load
 
     async def _acks(self) -> None:
         assert self._sock is not None
@@ -271,6 +340,90 @@ class WorkerAgent:
         if self._forward is not None:
             with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
                 await asyncio.wait_for(self._forward, timeout=2)
+
+
+def busy_port(info: WorkerInfo) -> str | None:
+    """A line naming the first of the engine's ports another process already listens on, else None.
+
+    Checked before the engine starts: an engine that fails to bind prints a long traceback and exits,
+    and restarting it cannot help.  Binds with SO_REUSEADDR like servers do, so ports in TIME_WAIT after
+    a previous engine of this worker do not count; only EADDRINUSE counts (a host that is not local is
+    the engine's own business).
+    """
+    from urllib.parse import urlparse
+
+    url = urlparse(info.url)
+    ports: list[tuple[str, str | None, int | None]] = [("HTTP", url.hostname, url.port)]
+    if info.kv_events_replay_endpoint:
+        replay = urlparse(info.kv_events_replay_endpoint)
+        ports.append(("KV-event replay", replay.hostname, replay.port))
+    if info.nixl_side_channel and ":" in info.nixl_side_channel:
+        side_host, _, side_port = info.nixl_side_channel.rpartition(":")
+        ports.append(("NIXL side channel", side_host, int(side_port) if side_port.isdigit() else None))
+    for what, named_host, port in ports:
+        if port is None:
+            continue
+        host = "0.0.0.0" if not named_host or named_host == "*" else named_host
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((host.strip("[]"), port))
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE:
+                    continue
+                return (
+                    f"port {port} ({what} of the engine at {host}) is already in use by another process; "
+                    f"stop it (`ss -ltnp 'sport = :{port}'` shows it) or give this worker free ports"
+                )
+    return None
+
+
+async def probe_engine(http: aiohttp.ClientSession, base_url: str, timeout_s: float) -> Load:
+    """One look at the engine: ``/health``, then ``/metrics``, each within ``timeout_s``.
+
+    Returns the scraped load, or ``healthy=False`` with the reason when either does not answer in time,
+    fails or answers an error (vLLM answers 503 on /health once its engine core is dead).  Both requests
+    run in the calling task (aiohttp's own timeout, no helper tasks): a probe cancelled when the agent
+    stops leaves no orphaned task behind to log a traceback.
+    """
+    timeout = aiohttp.ClientTimeout(total=timeout_s)
+    text = ""
+    for path in ("/health", "/metrics"):
+        try:
+            async with http.get(f"{base_url}{path}", timeout=timeout) as resp:
+                status, text = resp.status, await resp.text()
+        except asyncio.TimeoutError:
+            return Load(
+                healthy=False,
+                unhealthy_reason=f"engine did not answer {path} within {timeout_s:g} s (hung or stopped)",
+            )
+        except (aiohttp.ClientError, OSError) as exc:
+            detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            return Load(healthy=False, unhealthy_reason=f"engine {path} failed: {detail}"[:500])
+        if status != 200:
+            return Load(healthy=False, unhealthy_reason=f"engine {path} answered HTTP {status}")
+    try:
+        return parse_load(text)
+    except ValueError as exc:
+        return Load(healthy=False, unhealthy_reason=f"engine /metrics is not a Prometheus page: {exc}"[:500])
+
+
+async def engine_max_model_len(base_url: str, model: str, timeout_s: float) -> int | None:
+    """``max_model_len`` of ``model`` in the engine's ``/v1/models`` (vLLM reports it), else None."""
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as http:
+            async with http.get(f"{base_url}/v1/models") as resp:
+                data = await resp.json(content_type=None) if resp.status == 200 else None
+    except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError):
+        return None
+    entries = data.get("data") if isinstance(data, dict) else None
+    if not isinstance(entries, list):
+        return None
+    entries = [e for e in entries if isinstance(e, dict)]
+    chosen = next((e for e in entries if e.get("id") == model), entries[0] if entries else None)
+    value = chosen.get("max_model_len") if chosen else None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
 async def stop_process(proc: asyncio.subprocess.Process | None, grace_s: float) -> None:
@@ -328,8 +481,23 @@ def run_agent_cli(ctx: Any, **opts: Any) -> int:
         token=os.environ.get("PDKIT_TOKEN"),
         startup_timeout_s=float(opts.get("startup_timeout_s") or 900.0),
         heartbeat_interval_s=float(opts.get("heartbeat_interval_s") or 1.0),
+        probe_timeout_s=_probe_timeout_from_env(),
     )
     return asyncio.run(WorkerAgent(settings).run())
+
+
+def _probe_timeout_from_env() -> float:
+    """``PDKIT_PROBE_TIMEOUT_S`` (``pdkit launch`` sets it from ``supervision.probe_timeout_s``)."""
+    raw = os.environ.get("PDKIT_PROBE_TIMEOUT_S", "")
+    if not raw:
+        return DEFAULT_PROBE_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = 0.0
+    if value <= 0:
+        raise ConfigError("PDKIT_PROBE_TIMEOUT_S", f"{raw!r} is not a positive number of seconds", "e.g. 3")
+    return value
 
 
 def prefix_caching_enabled(engine_argv: list[str]) -> bool:

@@ -108,6 +108,24 @@ class NixlConfig(_Strict):
     verify_transfers: bool = False
 
 
+class SupervisionConfig(_Strict):
+    """How ``pdkit launch`` keeps processes up (``supervision:`` section).
+
+    A crashed process is restarted with exponential backoff while it crashed fewer than ``max_restarts``
+    times within the last ``restart_window_s``: the budget refills as old crashes age out, so a worker
+    that crashes once an hour is never given up on, while one in a crash loop is.  A worker whose budget
+    is spent stays down and the deployment serves with the rest; it stops only when a role the mode
+    cannot do without is gone.  ``probe_timeout_s`` bounds each agent probe of its engine (/health,
+    /metrics): a slower answer marks the worker unhealthy, so the frontend sends it nothing new.
+    """
+
+    max_restarts: int = Field(default=5, ge=0)
+    restart_window_s: float = Field(default=600.0, gt=0)
+    restart_backoff_s: float = Field(default=2.0, ge=0)
+    max_backoff_s: float = Field(default=30.0, ge=0)
+    probe_timeout_s: float = Field(default=3.0, gt=0)
+
+
 # share_gpus: the part of one GPU's memory its workers split when gpu_memory_utilization is unset, and
 # the most an explicit per-worker share may add up to (the rest is CUDA contexts and NCCL/NIXL buffers).
 SHARED_GPU_MEMORY_BUDGET = 0.9
@@ -152,6 +170,7 @@ class Deployment(_Strict):
     decode: WorkerGroupConfig = Field(default_factory=lambda: _default_group("decode"))
     lmcache: LMCacheConfig = Field(default_factory=LMCacheConfig)
     nixl: NixlConfig = Field(default_factory=NixlConfig)
+    supervision: SupervisionConfig = Field(default_factory=SupervisionConfig)
 
     @model_validator(mode="before")
     @classmethod

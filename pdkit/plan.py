@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from pdkit.config import Deployment, Role
+from pdkit.config import Deployment, Role, SupervisionConfig
 from pdkit.errors import ConfigError
 from pdkit.kv_config import kv_transfer_config
 from pdkit.model_files import has_weights, is_synthetic
@@ -57,6 +57,7 @@ class LaunchPlan(BaseModel):
     frontend_url: str
     processes: list[ProcessSpec]
     warnings: list[str] = Field(default_factory=list)
+    supervision: SupervisionConfig = Field(default_factory=SupervisionConfig)
 
     def workers(self) -> list[ProcessSpec]:
         return [p for p in self.processes if p.role != "frontend"]
@@ -285,6 +286,7 @@ def build_plan(dep: Deployment) -> LaunchPlan:
         run_dir=str(run_dir),
         frontend_url=f"http://{dep.frontend.host}:{dep.frontend.port}",
         processes=procs,
+        supervision=dep.supervision,
     )
 
 

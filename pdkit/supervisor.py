@@ -5,6 +5,14 @@ children) lives in the agent's group, so one ``killpg`` reaches all of them and 
 reaches only the supervisor, which then stops everything in order: the frontend first (it stops
 admitting and lets in-flight requests finish within the grace period), then the workers (SIGTERM, then
 SIGKILL).  Nothing is left running and no port stays bound.
+
+Why supervision degrades instead of dying: a deployment with one prefill worker in a crash loop can
+still serve (its decode workers prefill locally), so a process whose restart budget (``max_restarts``
+within ``restart_window_s``) is spent stays down and is reported, and the rest keeps serving.  Only the
+loss of what the mode cannot do without stops everything: the frontend, the last agg worker (agg) or
+the last decode worker (disagg).  Before an agent is restarted, whatever is left of its process group
+(an engine that outlived it, vLLM's engine cores) is killed, so the new engine finds its ports free.
+A process that failed because another process holds its port is not restarted at all.
 """
 
 from __future__ import annotations
@@ -23,15 +31,23 @@ from typing import IO
 
 import aiohttp
 
-from pdkit.agent import EXIT_BAD_ENGINE_BUILD
+from pdkit.agent import EXIT_BAD_ENGINE_BUILD, EXIT_PORT_BUSY, PORT_BUSY_NEEDLE
 from pdkit.plan import LaunchPlan, ProcessSpec
 from pdkit.streams import output_lines
 
 TAIL_LINES = 30
+GROUP_EXIT_WAIT_S = 5.0  # how long a dead agent's leftover processes get to vanish after SIGKILL
+
+# The roles a mode cannot serve without (the frontend is always required).
+REQUIRED_ROLE = {"agg": "agg", "disagg": "decode"}
 
 
 class StartupError(RuntimeError):
     """A process failed to come up; the message quotes its last log lines."""
+
+
+class PortBusyError(StartupError):
+    """A process could not bind a port another process holds: ``pdkit launch`` exits with code 2."""
 
 
 @dataclass
@@ -46,6 +62,8 @@ class Managed:
     tail: deque[str] = field(default_factory=lambda: deque(maxlen=TAIL_LINES))
     log: IO[str] | None = None
     pump: asyncio.Task[None] | None = None
+    crashes: deque[float] = field(default_factory=deque)  # monotonic times of exits within the window
+    down: str | None = None  # why it stays down for good (budget spent, busy port, broken build)
 
     @property
     def alive(self) -> bool:
@@ -53,6 +71,14 @@ class Managed:
 
     def last_lines(self) -> str:
         return "\n".join(f"    {line}" for line in self.tail) or "    (no output)"
+
+    def port_busy_line(self) -> str | None:
+        """The agent's (or frontend's) own line about a port held by another process, if it printed one."""
+        lines = list(self.tail)
+        for line in reversed(lines):
+            if "error:" in line and ("already in use" in line or PORT_BUSY_NEEDLE in line.lower()):
+                return line
+        return next((line for line in reversed(lines) if PORT_BUSY_NEEDLE in line.lower()), None)
 
 
 class Supervisor:
@@ -63,18 +89,23 @@ class Supervisor:
         plan: LaunchPlan,
         *,
         console: bool = True,
-        max_restarts: int = 3,
-        restart_backoff_s: float = 2.0,
+        max_restarts: int | None = None,
+        restart_window_s: float | None = None,
+        restart_backoff_s: float | None = None,
         stop_grace_s: float = 30.0,
     ) -> None:
+        """Restart settings default to the plan's ``supervision`` section; arguments override them."""
+        sv = plan.supervision
         self.plan = plan
         self.console = console
-        self.max_restarts = max_restarts
-        self.restart_backoff_s = restart_backoff_s
+        self.max_restarts = sv.max_restarts if max_restarts is None else max_restarts
+        self.restart_window_s = sv.restart_window_s if restart_window_s is None else restart_window_s
+        self.restart_backoff_s = sv.restart_backoff_s if restart_backoff_s is None else restart_backoff_s
+        self.max_backoff_s = sv.max_backoff_s
         self.stop_grace_s = stop_grace_s
         self.procs = {spec.name: Managed(spec) for spec in plan.processes}
         self.stopping = False
-        self.failed: str | None = None
+        self.failed: str | None = None  # what made the deployment stop (one line), set by watch()
 
     # ---------------------------------------------------------------------------------------- start
 
@@ -111,6 +142,8 @@ class Supervisor:
     async def _spawn(self, m: Managed) -> None:
         spec = m.spec
         env = {**os.environ, **spec.env}
+        if spec.role != "frontend":
+            env.setdefault("PDKIT_PROBE_TIMEOUT_S", f"{self.plan.supervision.probe_timeout_s:g}")
         Path(spec.log_file).parent.mkdir(parents=True, exist_ok=True)
         if m.log is None:
             m.log = open(spec.log_file, "w", buffering=1)  # noqa: SIM115 - closed in stop()
@@ -125,6 +158,7 @@ class Supervisor:
         )
         m.started_at = time.monotonic()
         m.ready_after_s = None
+        m.tail.clear()  # this run's lines only: an earlier run's "address already in use" must not count
         m.pump = asyncio.create_task(self._pump(m, m.proc))
         self._say(f"started {spec.name} (pid {m.proc.pid})")
 
@@ -171,6 +205,9 @@ class Supervisor:
 
     def _raise_if_exited(self, m: Managed) -> None:
         if m.proc is not None and m.proc.returncode is not None:
+            busy = m.port_busy_line()
+            if m.proc.returncode == EXIT_PORT_BUSY or busy is not None:
+                raise PortBusyError(f"{m.spec.name} cannot start: {busy or 'one of its ports is taken'}")
             raise StartupError(
                 f"{m.spec.name} exited during start-up with code {m.proc.returncode}; "
                 f"last lines of {m.spec.log_file}:\n{m.last_lines()}"
@@ -198,42 +235,120 @@ class Supervisor:
     # ---------------------------------------------------------------------------------------- watch
 
     async def watch(self, stop: asyncio.Event) -> int:
-        """Restart crashed processes with bounded backoff until ``stop`` is set; 1 if restarts ran out."""
-        while not stop.is_set():
-            waits = {asyncio.create_task(m.proc.wait()): m for m in self.procs.values() if m.proc is not None}
-            stopper = asyncio.create_task(stop.wait())
-            done, pending = await asyncio.wait({stopper, *waits}, return_when=asyncio.FIRST_COMPLETED)
-            for t in pending:
-                t.cancel()
-            if stopper in done:
-                return 0
-            for task in done:
-                m = waits[task]
-                if not await self._restart(m):
-                    self.failed = m.spec.name
-                    return 1
-        return 0
+        """Keep every process up until ``stop`` is set (0), or until the deployment cannot serve (1).
 
-    async def _restart(self, m: Managed) -> bool:
+        Each process has its own keeper task, so one worker's restart backoff never delays noticing
+        another's crash.
+        """
+        lost = asyncio.Event()
+        keepers = [asyncio.create_task(self._keep(m, lost)) for m in self.procs.values() if m.proc is not None]
+        stopper = asyncio.create_task(stop.wait())
+        loser = asyncio.create_task(lost.wait())
+        try:
+            await asyncio.wait({stopper, loser}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (stopper, loser, *keepers):
+                task.cancel()
+            await asyncio.gather(*keepers, return_exceptions=True)
+        return 1 if self.failed else 0
+
+    async def _keep(self, m: Managed, lost: asyncio.Event) -> None:
+        """Restart ``m`` whenever it exits, until its budget is spent; then report what that means."""
+        while True:
+            assert m.proc is not None
+            await m.proc.wait()
+            if self.stopping:
+                return
+            await self._reap_group(m)
+            delay = self._next_restart(m)
+            if delay is None:
+                self._report_down(m)
+                if self._check_serving():
+                    lost.set()
+                return
+            await asyncio.sleep(delay)
+            if self.stopping:
+                return
+            try:
+                await self._spawn(m)
+            except OSError as exc:  # e.g. the run directory became unwritable: it cannot come back
+                m.down = f"it cannot be started again: {exc}"
+                self._report_down(m)
+                if self._check_serving():
+                    lost.set()
+                return
+
+    def _next_restart(self, m: Managed) -> float | None:
+        """Seconds until ``m`` is restarted, or None (``m.down`` says why) when it stays down."""
         assert m.proc is not None
         rc = m.proc.returncode
         if rc == EXIT_BAD_ENGINE_BUILD:
-            self._say(f"{m.spec.name} has a broken engine build (see its log); not restarting it")
-            return False
-        if m.restarts >= self.max_restarts:
-            self._say(
-                f"{m.spec.name} exited with code {rc} and was restarted {m.restarts} times already; "
-                f"giving up. Last lines of {m.spec.log_file}:\n{m.last_lines()}"
+            m.down = "its engine build is broken (see its log)"
+            return None
+        if rc == EXIT_PORT_BUSY or m.port_busy_line() is not None:
+            m.down = f"another process holds its port ({m.port_busy_line() or 'see its log'})"
+            return None
+        now = time.monotonic()
+        while m.crashes and now - m.crashes[0] > self.restart_window_s:
+            m.crashes.popleft()
+        if len(m.crashes) >= self.max_restarts:
+            m.down = (
+                f"it exited with code {rc} and was restarted {len(m.crashes)} times within "
+                f"{self.restart_window_s:g} s (supervision.max_restarts={self.max_restarts})"
             )
-            return False
-        delay = self.restart_backoff_s * (2**m.restarts)
+            return None
+        delay = min(self.restart_backoff_s * (2 ** len(m.crashes)), self.max_backoff_s)
+        m.crashes.append(now)
         m.restarts += 1
-        self._say(f"{m.spec.name} exited with code {rc}; restart {m.restarts}/{self.max_restarts} in {delay:.0f} s")
-        await asyncio.sleep(delay)
-        if self.stopping:
-            return True
-        await self._spawn(m)
-        return True
+        self._say(
+            f"{m.spec.name} exited with code {rc}; restart {len(m.crashes)}/{self.max_restarts} "
+            f"(within {self.restart_window_s:g} s) in {delay:g} s"
+        )
+        return delay
+
+    def _report_down(self, m: Managed) -> None:
+        self._say(
+            f"{m.spec.name} is down for good: {m.down}; not restarting it. Last lines of {m.spec.log_file}:\n"
+            f"{m.last_lines()}"
+        )
+
+    def _check_serving(self) -> bool:
+        """After a process went down for good: True (and ``self.failed`` set) if the deployment must stop."""
+        if self.procs["frontend"].down is not None:
+            self.failed = f"the frontend is down for good ({self.procs['frontend'].down}); stopping the deployment"
+        else:
+            required = REQUIRED_ROLE.get(self.plan.mode, "decode")
+            for role in {m.spec.role for m in self.procs.values()} - {"frontend"}:
+                group = [m for m in self.procs.values() if m.spec.role == role]
+                if any(m.down is None for m in group):
+                    continue
+                names = ", ".join(m.spec.name for m in group)
+                if role == required:
+                    self.failed = (
+                        f"no {role} worker left ({names} down for good): a {self.plan.mode} deployment cannot "
+                        f"serve without one; stopping the deployment"
+                    )
+                elif role == "prefill":
+                    self._say(f"no prefill worker left ({names} down for good): decode workers prefill locally")
+        if self.failed:
+            self._say(f"error: {self.failed}")
+        return self.failed is not None
+
+    async def _reap_group(self, m: Managed) -> None:
+        """SIGKILL what is left of a dead process's group and wait (bounded) until it is gone.
+
+        An agent that died by SIGKILL leaves its engine's children (and, without PR_SET_PDEATHSIG, the
+        engine) holding ports and GPU memory; a restart would then fail on "Address already in use".
+        """
+        assert m.proc is not None
+        pgid = m.proc.pid
+        _signal_group(m, signal.SIGKILL)
+        deadline = time.monotonic() + GROUP_EXIT_WAIT_S
+        while group_alive(pgid):
+            if time.monotonic() > deadline:
+                self._say(f"warning: processes of {m.spec.name}'s group {pgid} survive SIGKILL; restarting anyway")
+                return
+            await asyncio.sleep(0.05)
 
     # ----------------------------------------------------------------------------------------- stop
 
@@ -274,6 +389,29 @@ def _signal_group(m: Managed, sig: int) -> None:
         return
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(m.proc.pid, sig)
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether a process group still has a running (not zombie) member."""
+    proc = Path("/proc")
+    if not proc.is_dir():  # not Linux: signal 0 reaches zombies too, which is good enough here
+        try:
+            os.killpg(pgid, 0)
+        except (ProcessLookupError, PermissionError):
+            return False
+        return True
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # "pid (comm) state ppid pgrp ...": comm may hold spaces and parentheses; split after the last ')'
+        fields = stat[stat.rfind(")") + 2 :].split()
+        if len(fields) > 2 and fields[2] == str(pgid) and fields[0] not in ("Z", "X"):
+            return True
+    return False
 
 
 def registered_ids(workers_json: object) -> set[str]:
@@ -324,6 +462,9 @@ async def _launch(plan: LaunchPlan, smoke_test: bool) -> int:
             return 0 if await smoke_request(plan) else 1
         rc = await sup.watch(stop)
         return rc
+    except PortBusyError as exc:
+        sup._say(f"error: {exc}")
+        return 2
     except StartupError as exc:
         sup._say(f"error: {exc}")
         return 1

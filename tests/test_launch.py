@@ -198,7 +198,7 @@ def test_crashed_worker_is_restarted_and_registers_again(tmp_path: Path) -> None
         engines = children_of(before["pid"])
         assert engines, "the agent should have its engine as a child"
         os.kill(engines[0], signal.SIGKILL)  # the engine dies
-        wait_for(lambda: "restart 1/3" in launched.text(), 30, "restart message")
+        wait_for(lambda: "restart 1/5" in launched.text(), 30, "restart message")
 
         def re_registered() -> bool:
             now = workers_of(launched.url).get("decode-0")
