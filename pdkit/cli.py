@@ -53,6 +53,20 @@ SmokeOpt = Annotated[
     bool, typer.Option("--smoke-test", help="Start, serve one chat completion through the frontend, stop.")
 ]
 TpOpt = Annotated[int | None, typer.Option("--tp", help="Tensor-parallel size of every worker.")]
+MaxInflightOpt = Annotated[
+    int | None,
+    typer.Option("--max-inflight-per-worker", help="Frontend: requests per worker at most; more wait in its queue."),
+]
+MaxQueuedOpt = Annotated[
+    int | None, typer.Option("--max-queued", help="Frontend: requests that may wait for a slot; more get 503.")
+]
+QueueTimeoutOpt = Annotated[
+    float | None, typer.Option("--queue-timeout-s", help="Frontend: longest wait for a worker slot before 503.")
+]
+ApiKeyOpt = Annotated[
+    str | None,
+    typer.Option("--api-key", envvar="PDKIT_API_KEY", help="Frontend: require Authorization: Bearer KEY on /v1/*."),
+]
 ShareOpt = Annotated[
     bool,
     typer.Option(
@@ -93,6 +107,10 @@ def _common_overrides(**kw: Any) -> dict[str, Any]:
         "max_model_len": "max_model_len",
         "gpu_memory_utilization": "gpu_memory_utilization",
         "block_size": "block_size",
+        "max_inflight_per_worker": "frontend.max_inflight_per_worker",
+        "max_queued": "frontend.max_queued",
+        "queue_timeout_s": "frontend.queue_timeout_s",
+        "api_key": "frontend.api_key",
     }
     out = {mapping[k]: (str(v) if isinstance(v, Path) else v) for k, v in kw.items() if k in mapping}
     if kw.get("no_lmcache"):
@@ -150,6 +168,10 @@ def launch_agg(
     gpu_memory_utilization: MemOpt = None,
     block_size: BlockOpt = None,
     no_lmcache: NoLmcOpt = False,
+    max_inflight_per_worker: MaxInflightOpt = None,
+    max_queued: MaxQueuedOpt = None,
+    queue_timeout_s: QueueTimeoutOpt = None,
+    api_key: ApiKeyOpt = None,
     share_gpus: ShareOpt = False,
     dry_run: DryRunOpt = False,
     json_: JsonOpt = False,
@@ -195,6 +217,10 @@ def launch_disagg(
     gpu_memory_utilization: MemOpt = None,
     block_size: BlockOpt = None,
     no_lmcache: NoLmcOpt = False,
+    max_inflight_per_worker: MaxInflightOpt = None,
+    max_queued: MaxQueuedOpt = None,
+    queue_timeout_s: QueueTimeoutOpt = None,
+    api_key: ApiKeyOpt = None,
     share_gpus: ShareOpt = False,
     dry_run: DryRunOpt = False,
     json_: JsonOpt = False,

@@ -50,6 +50,14 @@ class FrontendConfig(_Strict):
     disagg_min_prompt_tokens: int = Field(default=0, ge=0)
     max_inflight_per_worker: int = Field(default=256, gt=0)
     prefill_timeout_s: float = Field(default=60.0, gt=0)
+    # Admission queue (docs/frontend.md): requests over max_inflight_per_worker wait, oldest first, up to
+    # max_queued of them for at most queue_timeout_s, before a 503.
+    max_queued: int = Field(default=4096, ge=0)
+    queue_timeout_s: float = Field(default=600.0, gt=0)
+    # A streamed decode hop without its first byte by then is a failed (hung) hop, retried elsewhere.
+    decode_first_byte_timeout_s: float = Field(default=120.0, gt=0)
+    # vLLM's --api-key: every /v1/* request needs "Authorization: Bearer <api_key>" (also env PDKIT_API_KEY).
+    api_key: str | None = None
     # KV-aware routing tokenizes prompts as the workers do: a local folder with the served model's
     # tokenizer.json / tokenizer_config.json.  None: the deployment's model folder (or the embedded one).
     model_dir: str | None = None

@@ -108,7 +108,12 @@ def frontend_spec(dep: Deployment, run_dir: Path) -> ProcessSpec:
         "--disagg-min-prompt-tokens", str(fe.disagg_min_prompt_tokens),
         "--max-inflight-per-worker", str(fe.max_inflight_per_worker),
         "--prefill-timeout-s", str(fe.prefill_timeout_s),
+        "--max-queued", str(fe.max_queued),
+        "--queue-timeout-s", str(fe.queue_timeout_s),
+        "--decode-first-byte-timeout-s", str(fe.decode_first_byte_timeout_s),
     ]  # fmt: skip
+    if dep.max_model_len:
+        argv += ["--max-model-len", str(dep.max_model_len)]
     model_dir = fe.model_dir or dep.model_path
     if (Path(model_dir).expanduser() / "tokenizer.json").is_file():
         argv += [
@@ -127,6 +132,8 @@ def frontend_spec(dep: Deployment, run_dir: Path) -> ProcessSpec:
     else:
         argv.append("--no-kv-events")
     env = {"PDKIT_TOKEN": fe.token} if fe.token else {}
+    if fe.api_key:
+        env["PDKIT_API_KEY"] = fe.api_key  # by env, not argv: argv is visible to every local user (ps)
     return ProcessSpec(
         name="frontend",
         role="frontend",

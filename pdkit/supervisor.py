@@ -137,6 +137,8 @@ class Supervisor:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             raise
+        # Every worker registered; /readiness also needs each role live and healthy (docs/frontend.md).
+        await self._wait_http(frontend, f"{frontend.spec.url}/readiness", timeout_s=30.0)
         self._print_table()
 
     async def _spawn(self, m: Managed) -> None:
@@ -172,8 +174,9 @@ class Supervisor:
             if self.console:
                 print(f"[{m.spec.name}] {line}", flush=True)
 
-    async def _wait_http(self, m: Managed, url: str) -> None:
-        deadline = m.started_at + m.spec.startup_timeout_s
+    async def _wait_http(self, m: Managed, url: str, timeout_s: float | None = None) -> None:
+        """Until ``url`` answers 200; for ``timeout_s`` from now, or the process's start-up timeout."""
+        deadline = m.started_at + m.spec.startup_timeout_s if timeout_s is None else time.monotonic() + timeout_s
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as http:
             while True:
                 self._raise_if_exited(m)
@@ -431,8 +434,10 @@ async def smoke_request(plan: LaunchPlan) -> bool:
         "max_tokens": 16,
         "temperature": 0,
     }
+    api_key = next((p.env.get("PDKIT_API_KEY") for p in plan.processes if p.role == "frontend"), None)
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as http:
-        async with http.post(f"{plan.frontend_url}/v1/chat/completions", json=body) as resp:
+        async with http.post(f"{plan.frontend_url}/v1/chat/completions", json=body, headers=headers) as resp:
             text = await resp.text()
             print(f"chat completion ({resp.status}): {text}", flush=True)
             if resp.status != 200:

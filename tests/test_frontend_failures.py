@@ -217,8 +217,9 @@ async def test_client_disconnect_aborts_upstream(http: aiohttp.ClientSession) ->
 
 
 async def test_saturation_and_no_workers_give_503_with_retry_after(http: aiohttp.ClientSession) -> None:
+    # max_queued=0: no admission queue, so a request over the cap is refused at once (queue full)
     async with AsyncExitStack() as st:
-        fe = await frontend(st, {}, mode="agg", max_inflight_per_worker=1)
+        fe = await frontend(st, {}, mode="agg", max_inflight_per_worker=1, max_queued=0)
         status, headers, body = await post(http, fe.url + "/v1/completions", {"prompt": "hi"})
         assert status == 503 and headers["Retry-After"] == "1"
         err = json.loads(body)["error"]
@@ -235,7 +236,9 @@ async def test_saturation_and_no_workers_give_503_with_retry_after(http: aiohttp
             await r.content.readany()  # holds the worker's only slot
             status, headers, body = await post(http, fe.url + "/v1/completions", {"prompt": "hi"})
             assert status == 503 and "Retry-After" in headers
-            assert "max-inflight-per-worker=1" in json.loads(body)["error"]["message"]
+            message = json.loads(body)["error"]["message"]
+            assert "frontend.max_queued" in message and "--max-queued" in message
+            assert "--max-inflight-per-worker" in message
             r.close()
         m = fe.metrics.render().decode()
         assert metric(m, "pdkit_requests_total", mode="agg", status="503") == 2

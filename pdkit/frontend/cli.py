@@ -8,6 +8,7 @@ drains in-flight requests for ``--stop-grace-s``.  Misuse ends as one line on st
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import sys
@@ -40,8 +41,25 @@ def frontend(
         float | None, typer.Option("--liveness-timeout-s", help="Drop a silent worker after this (default 3 beats).")
     ] = None,
     max_inflight_per_worker: Annotated[
-        int, typer.Option("--max-inflight-per-worker", help="Above this per worker: 503 + Retry-After.")
+        int, typer.Option("--max-inflight-per-worker", help="Requests per worker at most; more wait in the queue.")
     ] = 256,
+    max_queued: Annotated[
+        int, typer.Option("--max-queued", help="Requests that may wait for a worker slot; more get 503.")
+    ] = 4096,
+    queue_timeout_s: Annotated[
+        float, typer.Option("--queue-timeout-s", help="Longest wait for a worker slot before 503.")
+    ] = 600.0,
+    decode_first_byte_timeout_s: Annotated[
+        float,
+        typer.Option("--decode-first-byte-timeout-s", help="A streamed decode hop without a first byte by then fails."),
+    ] = 120.0,
+    api_key: Annotated[
+        str | None,
+        typer.Option("--api-key", envvar="PDKIT_API_KEY", help="Require Authorization: Bearer KEY on /v1/*."),
+    ] = None,
+    max_model_len: Annotated[
+        int | None, typer.Option("--max-model-len", help="Context length (default: what workers report).")
+    ] = None,
     tokenizer: Annotated[
         str | None, typer.Option("--tokenizer", help="tokenizer.json for exact prompt lengths (default chars/4).")
     ] = None,
@@ -79,6 +97,11 @@ def frontend(
         heartbeat_interval_s=heartbeat_interval_s,
         liveness_timeout_s=liveness_timeout_s,
         max_inflight_per_worker=max_inflight_per_worker,
+        max_queued=max_queued,
+        queue_timeout_s=queue_timeout_s,
+        decode_first_byte_timeout_s=decode_first_byte_timeout_s,
+        api_key=api_key or None,
+        max_model_len=max_model_len,
         tokenizer=tokenizer,
         kv_events_port=kv_events_port if kv_events else None,
         hash_seed=hash_seed,
@@ -107,7 +130,7 @@ def frontend(
 
 async def serve(settings: object, stop_grace_s: float = 30.0) -> int:
     """Run a frontend until SIGINT/SIGTERM; returns the exit code (2 when a port is taken)."""
-    from pdkit.frontend.server import Frontend
+    from pdkit.frontend.server import BindError, Frontend
     from pdkit.frontend.settings import FrontendSettings
 
     assert isinstance(settings, FrontendSettings)
@@ -116,13 +139,13 @@ async def serve(settings: object, stop_grace_s: float = 30.0) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    import zmq
-
     try:
         await fe.start()
-    except (OSError, zmq.ZMQError) as exc:
-        print(f"pdkit frontend: cannot bind ({exc}); choose free --port/--zmq-port/--kv-events-port", file=sys.stderr)
-        await fe.stop(0)
+    except BindError as exc:
+        print(f"pdkit frontend: {exc}", file=sys.stderr, flush=True)
+        # Close what did bind, but never wait long for it: the launcher waits on this exit.
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(fe.stop(0), timeout=2.0)
         return 2
     print(f"pdkit frontend ({settings.mode}) serving at {fe.url}/v1, registry at {fe.zmq_endpoint}", file=sys.stderr)
     await stop.wait()

@@ -73,8 +73,24 @@ class FrontendMetrics:
             ["worker"],
             registry=r,
         )
+        # Admission queue (pdkit.frontend.admission): ``role`` is what the request waits for first
+        # (prefill for a disaggregated request, which needs a prefill and a decode slot at once).
+        self.queue_depth = Gauge(
+            "pdkit_admission_queue_depth", "Requests waiting for a worker slot", ["role"], registry=r
+        )
+        self.queue_wait = Histogram(
+            "pdkit_admission_queue_wait_seconds", "Arrival to admission (0 when a slot was free)", ["role"],
+            buckets=(0.0,) + _LAT + (300.0, 600.0), registry=r,
+        )  # fmt: skip
+        self.admission_rejections = Counter(
+            "pdkit_admission_rejections",
+            "Requests refused 503 by admission: queue_full, queue_timeout, no_worker, draining",
+            ["reason"],
+            registry=r,
+        )
         for role in ("prefill", "decode", "agg"):
             self.workers.labels(role=role).set(0)
+            self.queue_depth.labels(role).set(0)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

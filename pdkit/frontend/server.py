@@ -12,6 +12,10 @@ KV routing (docs/kv_routing.md): when ``FrontendSettings.kv_events_enabled`` the
 :class:`~pdkit.routing.kv_aware.KvRouting` (SUB socket, index, ``pdkit_kv_*`` metrics) that follows the
 registry; its policy is the frontend's policy when ``policy="kv_aware"``.
 
+Admission (docs/frontend.md, :mod:`pdkit.frontend.admission`): before any hop a request takes every
+worker slot it needs at once -- in disagg a prefill *and* a decode slot, so a finished prefill is never
+refused by a full decode worker -- or waits for them in a bounded FIFO queue.
+
 Failure rules (docs/frontend.md): prefill error/timeout → next prefill worker, then prefill on the
 decode worker (no params); decode failure before the first byte → next decode worker (prefilling
 locally if the failed one may have consumed the KV lease); failure after the first streamed byte → an
@@ -23,22 +27,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import logging
 import sys
 import time
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import aiohttp
 import msgspec
 from aiohttp import web
 
+from pdkit.frontend.admission import AdmissionQueue
 from pdkit.frontend.metrics import ActualHits, FrontendMetrics
 from pdkit.frontend.policies import KV_AWARE, Policy, RequestContext, make_policy
 from pdkit.frontend.registry import Registry, RegistryServer, WorkerState
 from pdkit.frontend.requests import RequestError, TokenEstimator, error_body, error_obj, extract_prompt, parse_body
-from pdkit.frontend.settings import FrontendSettings
+from pdkit.frontend.settings import FrontendSettings, is_loopback
+from pdkit.frontend.validation import check_context_length, validate_request
+from pdkit.protocol import Load
 
 UPSTREAM_KEEPALIVE_S = 4.0
 
@@ -68,6 +78,42 @@ class _HopFailed(Exception):
         self.reached = reached
         self.status = status
         self.body = body
+
+
+class BindError(Exception):
+    """A port the frontend must bind is taken; the text names the port, its flag and its YAML key."""
+
+    def __init__(self, what: str, host: str, port: int, flag: str, key: str, cause: BaseException) -> None:
+        super().__init__(
+            f"cannot bind the {what} port {host}:{port} ({cause}); stop what holds it or choose another "
+            f"with {flag} (YAML {key})"
+        )
+
+
+class _StopCut(Exception):
+    """Set on an upstream stream's reader when the stop grace ran out: the relay ends it with an error event."""
+
+
+@dataclass(eq=False)
+class _Route:
+    """What admission granted one request: the held slots (each released once, when its hop is over).
+
+    ``worker``: the decode (or agg) worker, held from admission to the last byte; ``prefill``: the prefill
+    worker of a disaggregated request, held until its prefill hop ends (None: prefill on the decode worker).
+    """
+
+    mode: str
+    ctx: RequestContext
+    worker: WorkerState | None
+    prefill: WorkerState | None = None
+
+
+@dataclass(eq=False)
+class _Relay:
+    """One stream being relayed, so that :meth:`Frontend.stop` can cut it with an error event."""
+
+    resp: aiohttp.ClientResponse
+    cut: bool = False
 
 
 class _Passthrough(Exception):
@@ -111,9 +157,17 @@ class Frontend:
         self._local_pick: Callable[..., WorkerState | None] | None = getattr(policy, "local_prefill_worker", None)
         self._kv_closed = False
         self.actual_hits = ActualHits(self.metrics)
-        self.registry = Registry(
-            settings.liveness_s, on_change=self._registry_changed, on_heartbeat=self.actual_hits.observe
+        self.admission: AdmissionQueue[_Route] = AdmissionQueue(
+            max_queued=settings.max_queued,
+            timeout_s=settings.queue_timeout_s,
+            retry_after_s=settings.retry_after_s,
+            release=self._release_route,
+            metrics=self.metrics,
+            all_roles=_roles_of(settings.mode),
         )
+        self._relays: set[_Relay] = set()
+        self._api_key_hash = hashlib.sha256(settings.api_key.encode()).digest() if settings.api_key else None
+        self.registry = Registry(settings.liveness_s, on_change=self._registry_changed, on_heartbeat=self._heartbeat)
         self._zmq = RegistryServer(
             self.registry,
             settings.host,
@@ -149,9 +203,19 @@ class Frontend:
 
     async def start(self) -> tuple[int, int]:
         """Bind ZMQ and HTTP (port 0 = any free port) and serve; returns the bound ports."""
+        import zmq
+
+        host = self.s.host
         if self.kv is not None:
-            self.kv.start()  # bind the KV-event SUB first: workers publish as soon as they run
-        self.zmq_port = self._zmq.bind()
+            try:
+                self.kv.start()  # bind the KV-event SUB first: workers publish as soon as they run
+            except (OSError, zmq.ZMQError) as exc:
+                port = self.s.kv_events_port or 0
+                raise BindError("KV-events", host, port, "--kv-events-port", "frontend.kv_events_port", exc) from None
+        try:
+            self.zmq_port = self._zmq.bind()
+        except (OSError, zmq.ZMQError) as exc:
+            raise BindError("registry (ZMQ)", host, self.s.zmq_port, "--zmq-port", "frontend.zmq_port", exc) from None
         self._zmq.start()
         # vLLM's uvicorn closes idle keep-alive connections after 5 s; reusing one it already closed fails
         # with ServerDisconnectedError.  Drop idle connections before the server does (and see
@@ -165,11 +229,13 @@ class Frontend:
             auto_decompress=False,
             skip_auto_headers=("User-Agent",),
         )
-        app = web.Application(client_max_size=64 * 1024 * 1024)
+        middlewares = [self._require_api_key] if self._api_key_hash is not None else []
+        app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=middlewares)
         app.router.add_post("/v1/completions", self._generate)
         app.router.add_post("/v1/chat/completions", self._generate)
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/health", self._health)
+        app.router.add_get("/readiness", self._readiness)
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/workers", self._workers)
         # handler_cancellation: a client that hangs up cancels its handler, which closes the upstream
@@ -177,19 +243,35 @@ class Frontend:
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False, handler_cancellation=True)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.s.host, self.s.port, backlog=4096)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            raise BindError("HTTP", host, self.s.port, "--port", "frontend.port", exc) from None
         self.http_port = int(self._runner.addresses[0][1])
         log.info("frontend (%s, %s) at %s, registry at %s, KV events at %s", self.s.mode, self.policy.name, self.url,
                  self.zmq_endpoint, self.kv_events_endpoint or "off")  # fmt: skip
+        if not is_loopback(self.s.host) and self._api_key_hash is None:
+            log.warning(
+                "!!! the frontend's HTTP API at %s is open to anyone who can reach %s: no API key is set. "
+                "Pass --api-key (YAML frontend.api_key, env PDKIT_API_KEY) to require one.", self.url, self.s.host
+            )  # fmt: skip
         return self.http_port, self.zmq_port
 
     async def stop(self, grace_s: float = 30.0) -> None:
-        """Refuse new requests (503), let in-flight ones finish within ``grace_s``, then close all."""
+        """Refuse new requests (503), answer queued ones 503 at once, let in-flight ones finish within
+        ``grace_s``; streams still running then end with an SSE error event and ``[DONE]``; close all."""
         self._draining = True
+        self.admission.drain()
         if self._active:
             self._idle.clear()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), timeout=grace_s)
+        if self._relays:
+            for relay in list(self._relays):
+                relay.cut = True
+                relay.resp.content.set_exception(_StopCut())  # wakes the relay's pending read
+            with contextlib.suppress(asyncio.TimeoutError):  # let each relay write its error event
+                await asyncio.wait_for(self._idle.wait(), timeout=2.0)
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -215,6 +297,40 @@ class Frontend:
             return web.Response(status=503, body=error_body(503, "frontend is shutting down"), content_type=_JSON)
         return web.Response(status=200)
 
+    async def _readiness(self, request: web.Request) -> web.Response:
+        """200 when every role the mode needs has a live, healthy worker; 503 naming the missing roles.
+
+        Disagg needs prefill *and* decode to be ready, although a decode worker alone can serve (it
+        prefills locally): "ready" means the deployment serves as configured, not merely that it answers.
+        """
+        roles = _roles_of(self.s.mode)
+        live = {role: 0 for role in roles}
+        for w in self.registry.workers.values():
+            if w.info.role in live and w.load.healthy:
+                live[w.info.role] += 1
+        missing = [role for role in roles if not live[role]]
+        ready = not missing and not self._draining
+        data: dict[str, Any] = {"ready": ready, "mode": self.s.mode, "live": live, "missing": missing}
+        if self._draining:
+            data["reason"] = "shutting down"
+        return web.json_response(data, status=200 if ready else 503)
+
+    @web.middleware
+    async def _require_api_key(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        """vLLM's ``--api-key`` rule: ``/v1/*`` needs ``Authorization: Bearer KEY``; the rest stays open.
+
+        Both sides are hashed first so the constant-time compare does not leak the key's length either.
+        """
+        if request.path.startswith("/v1") and request.method != "OPTIONS":
+            scheme, _, given = (request.headers.get("Authorization") or "").partition(" ")
+            digest = hashlib.sha256(given.encode()).digest()
+            assert self._api_key_hash is not None
+            if scheme.lower() != "bearer" or not hmac.compare_digest(digest, self._api_key_hash):
+                return web.json_response({"error": "Unauthorized"}, status=401)
+        return await handler(request)
+
     async def _metrics(self, request: web.Request) -> web.Response:
         return web.Response(body=self.metrics.render(), headers={"Content-Type": "text/plain; version=0.0.4"})
 
@@ -223,6 +339,7 @@ class Frontend:
         workers = []
         for w in sorted(self.registry.workers.values(), key=lambda w: w.worker_id):
             entry = w.as_json(now)
+            entry["healthy"] = w.load.healthy
             if self.kv is not None:
                 entry["kv_index_blocks"] = self.kv.index.size(w.worker_id)
             workers.append(entry)
@@ -239,6 +356,11 @@ class Frontend:
         ]
         return web.json_response({"object": "list", "data": data})
 
+    def _heartbeat(self, worker: WorkerState, load: Load) -> None:
+        self.actual_hits.observe(worker, load)
+        if len(self.admission):
+            self.admission.pump()  # a worker may have turned healthy again
+
     def _registry_changed(self) -> None:
         for role in ("prefill", "decode", "agg"):
             self.metrics.workers.labels(role=role).set(len(self.registry.of_role(role)))
@@ -252,6 +374,7 @@ class Frontend:
         self.actual_hits.retain(self.registry.workers)
         if self.kv is not None:
             self.kv.sync_workers(self.registry.workers.values(), keep=self.registry.reaped)
+        self.admission.pump()  # new workers have free slots; waiters for a vanished role get 503
 
     # ------------------------------------------------------------------------------ request path
 
@@ -260,24 +383,21 @@ class Frontend:
         mode: str = self.s.mode
         status = "500"
         self._active += 1
+        route: _Route | None = None
         try:
             if self._draining:
                 raise RequestError(503, "frontend is shutting down; retry on another frontend", retry_after=1)
             ctx = self._context(request, await request.read())
             if self._prepare is not None:
                 await self._prepare(ctx)
-            if self.s.mode == "agg":
-                resp, status = await self._decode(request, ctx, "agg", None, mode, t0)
-            elif ctx.prompt_tokens < self.s.disagg_min_prompt_tokens:
-                mode = "direct"
-                resp, status = await self._decode(request, ctx, "decode", None, mode, t0)
-            elif (local := self._local_prefill_worker(ctx)) is not None:
-                mode = "direct_cached"
-                resp, status = await self._decode(request, ctx, "decode", None, mode, t0, first=local)
+            await self._check_context_length(ctx)
+            route = await self._admit(ctx)
+            mode = route.mode
+            if mode == "disagg":
+                params = await self._prefill(ctx, route)
+                resp, status = await self._decode(request, ctx, "decode", params, mode, t0, route)
             else:
-                self._check_role(ctx, "decode")  # refuse before spending a prefill on a request with no decoder
-                params = await self._prefill(ctx)
-                resp, status = await self._decode(request, ctx, "decode", params, mode, t0)
+                resp, status = await self._decode(request, ctx, _role_of(mode), None, mode, t0, route)
             return resp
         except RequestError as exc:
             status = str(exc.status)
@@ -299,6 +419,8 @@ class Frontend:
                 content_type=_JSON,
             )
         finally:
+            if route is not None:
+                self._release_route(route)  # whatever slot an early end (error, disconnect) left held
             self.metrics.requests.labels(mode, status).inc()
             self.metrics.e2e.labels(mode).observe(time.perf_counter() - t0)
             self._active -= 1
@@ -308,6 +430,7 @@ class Frontend:
     def _context(self, request: web.Request, raw: bytes) -> RequestContext:
         body = parse_body(raw)
         text, ids = extract_prompt(request.path, body)
+        validate_request(request.path, body)  # vLLM's own 400s for bad sampling parameters, before any hop
         rid = request.headers.get("X-Request-Id") or uuid.uuid4().hex
         model = body.get("model")
         workers = self.registry.workers.values()
@@ -333,53 +456,144 @@ class Frontend:
                 headers[name] = value
         return headers
 
-    def _local_prefill_worker(self, ctx: RequestContext) -> WorkerState | None:
-        """Conditional disaggregation: a decode worker whose cached prefix leaves fewer than
-        ``disagg_min_prompt_tokens`` prompt tokens to compute prefills the request itself (one hop, no
-        transfer).  Only with a policy that knows the caches (``local_prefill_worker``, KV-aware)."""
-        if self._local_pick is None or self.s.disagg_min_prompt_tokens <= 0:
-            return None
-        usable, _ = self._candidates(ctx, "decode", set())
-        if not usable:
-            return None
-        return self._local_pick(usable, ctx, self.s.disagg_min_prompt_tokens - 1)
+    # -------------------------------------------------------------------------- context length
 
-    def _candidates(self, ctx: RequestContext, role: str, exclude: set[str]) -> tuple[list[WorkerState], int]:
-        """(usable workers, registered workers) of ``role`` serving the requested model."""
+    def _max_model_len(self, ctx: RequestContext) -> int | None:
+        """The deployment's context length, else the smallest one the model's workers report."""
+        if self.s.max_model_len is not None:
+            return self.s.max_model_len
+        lens = [
+            w.info.max_model_len
+            for w in self.registry.workers.values()
+            if w.info.max_model_len is not None and (ctx.model is None or w.info.model == ctx.model)
+        ]
+        return min(lens) if lens else None
+
+    async def _check_context_length(self, ctx: RequestContext) -> None:
+        """Refuse (400) a prompt + max_tokens that cannot fit, before a prefill is spent on it.
+
+        Cheap on the hot path: a prompt's UTF-8 byte length plus a generous allowance for the chat
+        template bounds its token count from above (a byte-level BPE token is at least one byte), so
+        only a request whose bound does not fit is tokenized exactly -- in a thread, like KV-aware
+        routing does -- and judged by ``check_context_length(exact=True)``.
+        """
+        max_len = self._max_model_len(ctx)
+        if max_len is None:
+            return
+        body = ctx.body
+        if ctx.prompt_token_ids is not None:
+            check_context_length(len(ctx.prompt_token_ids), body, max_len, exact=True)
+            return
+        max_tokens = body.get("max_completion_tokens") if ctx.is_chat else None
+        if max_tokens is None:
+            max_tokens = body.get("max_tokens")
+        wanted = max_tokens if isinstance(max_tokens, int) and max_tokens > 0 else 1
+        if _prompt_token_bound(ctx) + wanted <= max_len:
+            return
+        from pdkit.model_files import default_model_dir
+        from pdkit.routing.prompt_tokens import PromptError, load_prompt_tokenizer
+
+        model_dir = str(self.s.model_dir or default_model_dir())
+
+        def count() -> int:
+            return len(load_prompt_tokenizer(model_dir).request_ids(body, ctx.is_chat))
+
+        try:
+            exact = await asyncio.to_thread(count)
+        except (PromptError, OSError, ValueError, TypeError, KeyError) as exc:
+            log.debug("exact prompt length unknown (%s); the engine judges the context length", exc)
+            return
+        check_context_length(exact, body, max_len, exact=True)
+
+    # ------------------------------------------------------------------------------- admission
+
+    async def _admit(self, ctx: RequestContext) -> _Route:
+        """Take the request's worker slots now, or wait for them in the admission queue."""
+        if self.s.mode == "agg":
+            label, roles = "agg", ("agg",)
+        elif ctx.prompt_tokens < self.s.disagg_min_prompt_tokens:
+            label, roles = "decode", ("decode",)
+        else:
+            label, roles = "prefill", ("prefill", "decode")
+        return await self.admission.admit(label, roles, lambda: self._try_route(ctx))
+
+    def _try_route(self, ctx: RequestContext) -> _Route | None:
+        """Choose and hold every slot the request needs, all at once, or None when one is full.
+
+        Runs on the event loop without awaiting, so nothing can take a slot between the check and the
+        hold.  Raises 503 when a needed role has no live, healthy worker at all (waiting cannot help).
+        """
+        if self.s.mode == "agg":
+            usable, live = self._candidates(ctx, "agg", ())
+            if not live:
+                raise self._unavailable("agg", ctx)
+            return _Route("agg", ctx, self._hold(self.policy.choose("agg", usable, ctx))) if usable else None
+        decode, live = self._candidates(ctx, "decode", ())
+        if not live:
+            raise self._unavailable("decode", ctx)
+        if not decode:
+            return None
+        if ctx.prompt_tokens < self.s.disagg_min_prompt_tokens:
+            return _Route("direct", ctx, self._hold(self.policy.choose("decode", decode, ctx)))
+        if self._local_pick is not None and self.s.disagg_min_prompt_tokens > 0:
+            # Conditional disaggregation: a decode worker whose cached prefix leaves fewer than
+            # disagg_min_prompt_tokens to compute prefills the request itself (one hop, no transfer).
+            local = self._local_pick(decode, ctx, self.s.disagg_min_prompt_tokens - 1)
+            if local is not None:
+                return _Route("direct_cached", ctx, self._hold(local))
+        prefill, prefill_live = self._candidates(ctx, "prefill", ())
+        if prefill_live and not prefill:
+            return None  # wait for a prefill slot rather than prefill on the (scarcer) decode worker
+        p = self._hold(self.policy.choose("prefill", prefill, ctx)) if prefill else None
+        ctx.remote_kv = p is not None
+        d = self._hold(self.policy.choose("decode", decode, ctx))
+        return _Route("disagg", ctx, d, p)
+
+    def _candidates(
+        self, ctx: RequestContext, role: str, exclude: set[str] | tuple[()]
+    ) -> tuple[list[WorkerState], int]:
+        """(usable workers, live workers) of ``role`` serving the requested model.  Live = registered and
+        healthy by its last heartbeat; usable = live, under the in-flight cap and not in ``exclude``."""
         usable: list[WorkerState] = []
-        total = 0
+        live = 0
+        cap = self.s.max_inflight_per_worker
         for w in self.registry.workers.values():
-            if w.info.role != role or (ctx.model is not None and w.info.model != ctx.model):
+            if w.info.role != role or (ctx.model is not None and w.info.model != ctx.model) or not w.load.healthy:
                 continue
-            total += 1
-            if w.worker_id not in exclude and w.inflight < self.s.max_inflight_per_worker:
+            live += 1
+            if w.inflight < cap and w.worker_id not in exclude:
                 usable.append(w)
-        return usable, total
+        return usable, live
 
-    def _check_role(self, ctx: RequestContext, role: str) -> None:
-        usable, total = self._candidates(ctx, role, set())
-        if not usable:
-            raise self._unavailable(role, total)
+    def _still_usable(self, w: WorkerState) -> bool:
+        return self.registry.workers.get(w.worker_id) is w and w.load.healthy
 
-    def _unavailable(self, role: str, total: int) -> RequestError:
-        if total == 0:
+    def _unavailable(self, role: str, ctx: RequestContext) -> RequestError:
+        sick = [
+            w
+            for w in self.registry.workers.values()
+            if w.info.role == role and (ctx.model is None or w.info.model == ctx.model)
+        ]
+        if sick:
+            reasons = sorted({w.load.unhealthy_reason or "unhealthy" for w in sick})
             return RequestError(
                 503,
-                f"no {role} worker is registered with the frontend; start one (`pdkit worker --role {role} ...` "
-                f"or `pdkit launch`) and check its log: workers drop out after {self.s.liveness_s:g} s "
-                "without a heartbeat",
+                f"all {len(sick)} {role} worker(s) report an unhealthy engine ({'; '.join(reasons)}); "
+                "they get requests again once their agent's health probe passes -- see the worker logs",
                 retry_after=self.s.retry_after_s,
             )
         return RequestError(
             503,
-            f"all {total} {role} worker(s) are at --max-inflight-per-worker={self.s.max_inflight_per_worker}; "
-            "retry later, add workers or raise the limit",
+            f"no {role} worker is registered with the frontend; start one (`pdkit worker --role {role} ...` "
+            f"or `pdkit launch`) and check its log: workers drop out after {self.s.liveness_s:g} s "
+            "without a heartbeat",
             retry_after=self.s.retry_after_s,
         )
 
-    def _acquire(self, w: WorkerState) -> None:
+    def _hold(self, w: WorkerState) -> WorkerState:
         w.inflight += 1
         self.metrics.inflight.labels(w.worker_id, w.role).set(w.inflight)
+        return w
 
     def _release(self, w: WorkerState, ctx: RequestContext) -> None:
         w.inflight -= 1
@@ -387,12 +601,27 @@ class Frontend:
             self.metrics.inflight.labels(w.worker_id, w.role).set(w.inflight)
         if self._hop_done is not None:
             self._hop_done(w, ctx)  # KV-aware routing: the request's blocks are no longer "about to be cached"
+        self.admission.pump()  # a slot freed: the oldest waiter that fits takes it
+
+    def _release_route(self, route: _Route) -> None:
+        """Give back every slot the route still holds (each exactly once)."""
+        for w in (route.prefill, route.worker):
+            if w is not None:
+                self._release(w, route.ctx)
+        route.prefill = route.worker = None
 
     # ---------------------------------------------------------------------------------- prefill
 
-    async def _prefill(self, ctx: RequestContext) -> dict[str, Any] | None:
-        """kv_transfer_params from a prefill worker, or None = prefill locally on the decode worker."""
+    async def _prefill(self, ctx: RequestContext, route: _Route) -> dict[str, Any] | None:
+        """kv_transfer_params from a prefill worker, or None = prefill locally on the decode worker.
+
+        The first attempt runs on the prefill worker admission held; a retry takes a free slot on another
+        one or, with none free, falls back to the local prefill (the decode slot is held already)."""
         assert self._session is not None
+        reason = "no_prefill_worker"
+        if route.prefill is None:
+            self.metrics.fallbacks.labels(reason).inc()
+            return None
         body = dict(ctx.body)
         body["max_tokens"] = 1
         body["min_tokens"] = 1
@@ -403,19 +632,17 @@ class Frontend:
         body["kv_transfer_params"] = PREFILL_KV_PARAMS
         payload = msgspec.json.encode(body)
         tried: set[str] = set()
-        reason = "no_prefill_worker"
         for attempt in range(self.s.max_prefill_attempts):
-            usable, total = self._candidates(ctx, "prefill", tried)
-            if not usable:
-                if total and not tried:
-                    raise self._unavailable("prefill", total)  # registered but all saturated: shed load
-                break
-            if attempt:
+            if attempt == 0:
+                w = route.prefill
+            else:
+                usable, _ = self._candidates(ctx, "prefill", tried)
+                if not usable:
+                    break
                 self.metrics.retries.labels("prefill", reason).inc()
-            w = self.policy.choose("prefill", usable, ctx)
+                w = route.prefill = self._hold(self.policy.choose("prefill", usable, ctx))
             tried.add(w.worker_id)
             t0 = time.perf_counter()
-            self._acquire(w)
             try:
                 params = await _with_timeout(self._prefill_hop(w, ctx, payload), self.s.prefill_timeout_s)
             except asyncio.TimeoutError:
@@ -427,6 +654,7 @@ class Frontend:
                 log.warning("prefill on %s failed: %s", w.worker_id, exc.reason)
                 continue
             finally:
+                route.prefill = None
                 self._release(w, ctx)
             self.metrics.prefill_hop.observe(time.perf_counter() - t0)
             return params
@@ -478,46 +706,50 @@ class Frontend:
         params: dict[str, Any] | None,
         mode: str,
         t0: float,
-        first: WorkerState | None = None,
+        route: _Route,
     ) -> tuple[web.StreamResponse, str]:
-        """The decode (or only) hop; ``first``: the worker already chosen for the first attempt.
+        """The decode (or only) hop, first on the worker admission held (``route.worker``).
 
-        A failed attempt moves on to another worker of the role.  When the failure came after the worker
-        had the request *with* the prefill's KV (a failed or expired transfer, a reset connection) and no
-        other worker is left -- the common 1P1D case -- the same worker gets one more try with a local
-        prefill (no KV to fetch), instead of the client getting a 502 for a transient transfer problem.
+        A failed attempt moves on to another worker of the role with a free slot (taken before the held
+        one is given back, so the cap holds and no waiter can take it in between).  When the failure
+        came after the worker had the request *with* the prefill's KV (a failed or expired transfer, a
+        reset connection) and no other worker is left -- the common 1P1D case -- the same worker gets one
+        more try with a local prefill (no KV to fetch), instead of the client getting a 502 for a
+        transient transfer problem.  A worker that did not send its first byte in time is not tried again.
         """
         tried: set[str] = set()
         last: _HopFailed | None = None
-        again: WorkerState | None = None  # the worker that may be retried with a local prefill
-        for _ in range(self.s.max_decode_attempts):
-            usable, total = self._candidates(ctx, role, tried)
-            if not usable and again is not None:
-                usable = [w for w in self._candidates(ctx, role, set())[0] if w is again]
-            again = None
-            if not usable:
-                if last is None:
-                    raise self._unavailable(role, total)
-                break
-            if last is not None:
+        again = False  # the held worker may be retried with a local prefill
+        for attempt in range(self.s.max_decode_attempts):
+            held = route.worker
+            assert held is not None
+            if attempt:
+                usable, _ = self._candidates(ctx, role, tried)
+                if usable:
+                    ctx.remote_kv = params is not None
+                    w = self._hold(self.policy.choose(role, usable, ctx))
+                    route.worker = w
+                    self._release(held, ctx)
+                    held = w
+                elif not (again and self._still_usable(held)):
+                    break
+                assert last is not None
                 self.metrics.retries.labels(role, last.reason).inc()
-            ctx.remote_kv = params is not None
-            w = first if first is not None and first in usable else self.policy.choose(role, usable, ctx)
-            first = None
-            tried.add(w.worker_id)
+            again = False
+            tried.add(held.worker_id)
             if params is None:
                 payload = ctx.extra["raw"]  # one hop: the client's bytes, untouched
             else:
                 payload = msgspec.json.encode({**ctx.body, "kv_transfer_params": params})
             try:
-                return await self._decode_hop(request, w, ctx, payload, mode, t0)
+                return await self._decode_hop(request, held, ctx, payload, mode, t0)
             except _HopFailed as exc:
-                log.warning("%s hop on %s failed before the first byte: %s", role, w.worker_id, exc.reason)
+                log.warning("%s hop on %s failed before the first byte: %s", role, held.worker_id, exc.reason)
                 last = exc
                 if exc.reached and params is not None:
                     # The failed decode may have read (and released) the prefill's blocks: prefill locally.
                     params = None
-                    again = w
+                    again = exc.reason != FIRST_BYTE_TIMEOUT
                     self.metrics.fallbacks.labels(f"decode_{exc.reason}").inc()
         assert last is not None
         if last.status is not None and last.body:
@@ -527,39 +759,61 @@ class Frontend:
     async def _decode_hop(
         self, request: web.Request, w: WorkerState, ctx: RequestContext, payload: bytes, mode: str, t0: float
     ) -> tuple[web.StreamResponse, str]:
-        assert self._session is not None
+        """One hop to ``w`` (whose slot the caller holds).  A streamed hop must deliver its first byte
+        within ``decode_first_byte_timeout_s`` (a hung engine is a failed hop, retried elsewhere); a
+        non-streamed answer only comes whole at the end, so it has no such deadline."""
         stream = bool(ctx.body.get("stream"))
         hop0 = time.perf_counter()
-        self._acquire(w)
-        resp: aiohttp.ClientResponse | None = None
+        opened: list[aiohttp.ClientResponse] = []
         try:
-            try:
-                resp = await self._post(w.url + ctx.path, payload, ctx.extra["headers"])
-                if resp.status >= 500:
-                    raise _HopFailed(f"status_{resp.status}", True, resp.status, await resp.read())
-                if resp.status != 200 or not stream:
-                    data = await resp.read()
-                    ct = resp.headers.get("Content-Type", _JSON)
-                    self.metrics.decode_hop.labels(mode).observe(time.perf_counter() - hop0)
-                    out = web.Response(status=resp.status, body=data, headers={"Content-Type": ct})
-                    out.headers["X-Request-Id"] = ctx.request_id
-                    return out, str(resp.status)
-                first = await resp.content.readany()
-            except (aiohttp.ClientError, OSError) as exc:
-                reached = not isinstance(exc, aiohttp.ClientConnectorError)
-                log.warning("decode hop to %s: %s: %s", w.worker_id, type(exc).__name__, exc)
-                raise _HopFailed("connect_error" if not reached else "io_error", reached) from None
-            if not first:
-                raise _HopFailed("empty_stream", True)
-            if first.startswith(b'data: {"error"'):
-                # vLLM sends headers before the first token, so a failed KV load arrives as an error event
-                # in a 200 stream; nothing has reached the client yet, so another worker can still serve it.
-                raise _HopFailed("stream_error_event", True, 500, _sse_error_payload(first))
-            return await self._relay_stream(request, resp, first, mode, t0, hop0, ctx)
+            if stream:
+                try:
+                    first = await _with_timeout(
+                        self._open_hop(w, ctx, payload, stream, opened), self.s.decode_first_byte_timeout_s
+                    )
+                except asyncio.TimeoutError:
+                    log.warning(
+                        "decode hop to %s sent no first byte within %g s (decode_first_byte_timeout_s)",
+                        w.worker_id, self.s.decode_first_byte_timeout_s,
+                    )  # fmt: skip
+                    raise _HopFailed(FIRST_BYTE_TIMEOUT, True) from None
+            else:
+                first = await self._open_hop(w, ctx, payload, stream, opened)
+            if isinstance(first, web.Response):
+                self.metrics.decode_hop.labels(mode).observe(time.perf_counter() - hop0)
+                return first, str(first.status)
+            return await self._relay_stream(request, opened[0], first, mode, t0, hop0, ctx)
         finally:
-            self._release(w, ctx)
-            if resp is not None:
+            for resp in opened:
                 resp.close()
+
+    async def _open_hop(
+        self, w: WorkerState, ctx: RequestContext, payload: bytes, stream: bool, opened: list[aiohttp.ClientResponse]
+    ) -> bytes | web.Response:
+        """Send the hop; the whole answer (not streamed, or an error) or the stream's first bytes."""
+        try:
+            resp = await self._post(w.url + ctx.path, payload, ctx.extra["headers"])
+            opened.append(resp)
+            if resp.status >= 500:
+                raise _HopFailed(f"status_{resp.status}", True, resp.status, await resp.read())
+            if resp.status != 200 or not stream:
+                data = await resp.read()
+                out = web.Response(status=resp.status, body=data, headers={"Content-Type": resp.headers.get(
+                    "Content-Type", _JSON)})  # fmt: skip
+                out.headers["X-Request-Id"] = ctx.request_id
+                return out
+            first = await resp.content.readany()
+        except (aiohttp.ClientError, OSError) as exc:
+            reached = not isinstance(exc, aiohttp.ClientConnectorError)
+            log.warning("decode hop to %s: %s: %s", w.worker_id, type(exc).__name__, exc)
+            raise _HopFailed("connect_error" if not reached else "io_error", reached) from None
+        if not first:
+            raise _HopFailed("empty_stream", True)
+        if first.startswith(b'data: {"error"'):
+            # vLLM sends headers before the first token, so a failed KV load arrives as an error event
+            # in a 200 stream; nothing has reached the client yet, so another worker can still serve it.
+            raise _HopFailed("stream_error_event", True, 500, _sse_error_payload(first))
+        return first
 
     async def _relay_stream(
         self,
@@ -582,6 +836,8 @@ class Frontend:
         itl = self.metrics.itl.labels(mode)
         status = "200"
         last = now
+        relay = _Relay(resp)
+        self._relays.add(relay)
         try:
             while True:
                 chunk = await resp.content.readany()
@@ -591,6 +847,12 @@ class Frontend:
                 itl.observe(now - last)
                 last = now
                 await out.write(chunk)
+        except _StopCut:
+            status = "shutdown_cut"
+            self.metrics.stream_errors.inc()
+            msg = error_obj(503, "the frontend is shutting down and its stop grace ran out; the stream was cut")
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                await out.write(b"data: " + msgspec.json.encode(msg) + b"\n\ndata: [DONE]\n\n")
         except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
             if isinstance(exc, ConnectionResetError) and request.transport is None:
                 raise asyncio.CancelledError from None  # the client left; resp.close() aborts upstream
@@ -600,10 +862,43 @@ class Frontend:
             msg = error_obj(502, f"the worker's stream broke after the first byte ({type(exc).__name__})")
             with contextlib.suppress(ConnectionError, RuntimeError):
                 await out.write(b"data: " + msgspec.json.encode(msg) + b"\n\ndata: [DONE]\n\n")
+        finally:
+            self._relays.discard(relay)
         self.metrics.decode_hop.labels(mode).observe(time.perf_counter() - hop0)
         with contextlib.suppress(ConnectionError, RuntimeError):
             await out.write_eof()
         return out, status
+
+
+FIRST_BYTE_TIMEOUT = "first_byte_timeout"  # _HopFailed reason of a decode hop past decode_first_byte_timeout_s
+
+# What a chat template adds around the messages, in tokens, at most: per message (role header, end
+# marker) and once (BOS, generation prompt).  Generous on purpose: it only decides when to count exactly.
+_CHAT_TOKENS_PER_MESSAGE = 16
+_TEMPLATE_TOKENS = 64
+
+
+def _roles_of(mode: str) -> tuple[str, ...]:
+    """The worker roles a frontend of ``mode`` routes to (and /readiness waits for)."""
+    return ("agg",) if mode == "agg" else ("prefill", "decode")
+
+
+def _role_of(mode: str) -> str:
+    """The role of the single hop of a one-hop routing mode (agg, direct, direct_cached)."""
+    return "agg" if mode == "agg" else "decode"
+
+
+def _prompt_token_bound(ctx: RequestContext) -> int:
+    """An upper bound of the prompt's token count without tokenizing (see _check_context_length)."""
+    body = ctx.body
+    n = len((ctx.prompt_text or "").encode()) + _TEMPLATE_TOKENS
+    if ctx.is_chat:
+        messages = body.get("messages")
+        n += _CHAT_TOKENS_PER_MESSAGE * (len(messages) if isinstance(messages, list) else 1)
+        for key in ("tools", "documents", "chat_template_kwargs"):
+            if body.get(key):
+                n += len(msgspec.json.encode(body[key]))
+    return n
 
 
 async def _with_timeout(coro: Coroutine[Any, Any, _T], timeout_s: float) -> _T:

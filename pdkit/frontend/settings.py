@@ -20,7 +20,14 @@ class FrontendSettings:
     prefill hop and go straight to a decode worker (which prefills them itself); 0 disaggregates all.
     ``liveness_timeout_s``: a worker silent this long is dropped (None = 3 heartbeat intervals).
     ``max_inflight_per_worker``: requests this frontend keeps on one worker at most; when every worker
-    of a role is full the client gets 503 + Retry-After instead of an unbounded queue.
+    of a role is full a request waits in the admission queue (docs/frontend.md, "Admission"), oldest
+    first, for at most ``queue_timeout_s``; with ``max_queued`` requests already waiting the client gets
+    503 + Retry-After.  The defaults (4096 waiting, 600 s) let a burst that vLLM itself would queue be
+    queued here too.  ``decode_first_byte_timeout_s``: a streamed decode hop whose first token byte does
+    not arrive in time counts as a failed hop (a hung engine) and is retried by the usual rules.
+    ``api_key``: when set, every ``/v1/*`` request needs ``Authorization: Bearer <api_key>`` (vLLM's
+    ``--api-key``).  ``max_model_len``: the deployment's context length, for refusing prompts that
+    cannot fit before any hop (None: the smallest ``max_model_len`` the model's workers report).
 
     KV events (docs/kv_routing.md): ``kv_events_port`` is where the frontend binds the SUB socket every
     worker's KV-event publisher connects to.  None (the in-process default) binds it only when the
@@ -53,6 +60,11 @@ class FrontendSettings:
     hash_seed: str | int | None = 0
     model_dir: str | None = None
     block_size: int = 16
+    max_queued: int = 4096
+    queue_timeout_s: float = 600.0
+    decode_first_byte_timeout_s: float = 120.0
+    api_key: str | None = None
+    max_model_len: int | None = None
 
     @property
     def kv_events_enabled(self) -> bool:
@@ -86,6 +98,19 @@ class FrontendSettings:
             raise ValueError("block_size must be at least 1 (the workers' --block-size)")
         if self.kv_events_port is not None and not 0 <= self.kv_events_port <= 65535:
             raise ValueError(f"kv_events_port {self.kv_events_port} is not a port (0 = any free port)")
+        if self.max_queued < 0:
+            raise ValueError("max_queued must be >= 0 (frontend.max_queued, --max-queued; 0 = no queue)")
+        if self.queue_timeout_s <= 0:
+            raise ValueError("queue_timeout_s must be positive (frontend.queue_timeout_s, --queue-timeout-s)")
+        if self.decode_first_byte_timeout_s <= 0:
+            raise ValueError(
+                "decode_first_byte_timeout_s must be positive "
+                "(frontend.decode_first_byte_timeout_s, --decode-first-byte-timeout-s)"
+            )
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError("max_model_len must be at least 1 (--max-model-len)")
+        if self.api_key is not None and not self.api_key:
+            raise ValueError("api_key is empty; pass a non-empty --api-key or leave it unset")
         from pdkit.frontend.policies import policy_names
 
         if self.policy not in policy_names():

@@ -90,10 +90,14 @@ class KvEventSubscriber:
         host = f"[{self.host}]" if ":" in self.host and not self.host.startswith("[") else self.host
         if ":" in self.host:
             sock.setsockopt(zmq.IPV6, 1)
-        if self.port == 0:
-            self.port = sock.bind_to_random_port(f"tcp://{host}")
-        else:
-            sock.bind(f"tcp://{host}:{self.port}")
+        try:
+            if self.port == 0:
+                self.port = sock.bind_to_random_port(f"tcp://{host}")
+            else:
+                sock.bind(f"tcp://{host}:{self.port}")
+        except zmq.ZMQError:
+            sock.close(linger=0)  # an open socket would make close()'s ctx.term() wait forever
+            raise
         self._sock = sock
         return self.port
 
