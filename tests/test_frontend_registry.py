@@ -42,7 +42,9 @@ async def test_register_heartbeat_deregister(fe: Frontend) -> None:
     assert isinstance(data, dict)
     [w] = data["workers"]
     assert (
-        w["worker_id"] == "d0" and w["role"] == "decode" and w["load"] == {"running": 2, "waiting": 1, "kv_usage": 0.25}
+        w["worker_id"] == "d0"
+        and w["role"] == "decode"
+        and w["load"] == {"running": 2, "waiting": 1, "kv_usage": 0.25, "healthy": True}
     )
     models = await get_json(fe.url + "/v1/models")
     assert [m["id"] for m in models["data"]] == ["synth"]  # type: ignore[index]

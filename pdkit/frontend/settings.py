@@ -53,6 +53,12 @@ class FrontendSettings:
     hash_seed: str | int | None = 0
     model_dir: str | None = None
     block_size: int = 16
+    # Registry bound (docs/security.md): registrations beyond it are refused.
+    max_workers: int = 4096
+    # Legacy: bind one SUB socket on kv_events_port that workers' publishers connect to.  Unauthenticated
+    # (any process reaching the port can write into the index), so only in-process tools set it;
+    # by default the frontend connects to each registered worker's own publisher instead.
+    kv_events_shared_sub: bool = False
 
     @property
     def kv_events_enabled(self) -> bool:
