@@ -139,7 +139,7 @@ class WorkerAgent:
             if ready != 0:
                 return ready
             self._connect()
-            await self._register()
+            await self._register(wait_s=5.0)
             rc = await self._serve()
             return EXIT_BAD_ENGINE_BUILD if self.fatal else rc
         finally:
@@ -211,8 +211,13 @@ class WorkerAgent:
         assert self._sock is not None
         await self._sock.send(encode(msg))
 
-    async def _register(self) -> None:
+    async def _register(self, wait_s: float = 0.0) -> None:
+        """Send the registration; with ``wait_s``, read its ack first (the first registration, before
+        the ack reader runs), so that the first heartbeat already carries the session key."""
         await self._send(Register(token=self.s.token, worker=self.s.info, session_key=self._session_key))
+        if wait_s > 0 and self._sock is not None:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await self._on_reply(await asyncio.wait_for(self._sock.recv(), timeout=wait_s))
         self._registered = True
         self._log(f"registered with {self.s.frontend} as {self.s.info.role} at {self.s.info.url}")
 
@@ -263,24 +268,28 @@ class WorkerAgent:
         assert self._sock is not None
         while True:
             raw = await self._sock.recv()
-            try:
-                msg = parse_message(raw)
-            except ValueError:
-                theirs = peek_version(raw)
-                if theirs is not None and not self._version_warned:
-                    self._version_warned = True
-                    self._log(f"error: the frontend answers in {version_mismatch(theirs, 'this agent')}")
-                continue
-            if not isinstance(msg, Ack):
-                continue
-            if msg.ok and msg.session_key and msg.worker_id == self.worker_id:
-                self._session_key = msg.session_key
-            elif not msg.ok:
-                self._log(f"frontend says: {msg.error}")
-                if msg.reregister:
-                    # The frontend restarted or reaped us: our key is void, a fresh registration gets one.
-                    self._session_key = None
-                    await self._register()
+            await self._on_reply(raw)
+
+    async def _on_reply(self, raw: bytes) -> None:
+        """One frame from the frontend: keep the session key, report refusals, re-register on request."""
+        try:
+            msg = parse_message(raw)
+        except ValueError:
+            theirs = peek_version(raw)
+            if theirs is not None and not self._version_warned:
+                self._version_warned = True
+                self._log(f"error: cannot read the frontend's reply: {version_mismatch(theirs, 'this agent')}")
+            return
+        if not isinstance(msg, Ack):
+            return
+        if msg.ok and msg.session_key and msg.worker_id == self.worker_id:
+            self._session_key = msg.session_key
+        elif not msg.ok:
+            self._log(f"frontend says: {msg.error}")
+            if msg.reregister:
+                # The frontend restarted or reaped us: our key is void, a fresh registration gets one.
+                self._session_key = None
+                await self._register()
 
     async def _shutdown(self) -> None:
         if self._sock is not None:

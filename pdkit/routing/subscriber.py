@@ -81,6 +81,7 @@ class KvEventSubscriber:
         self._replay: dict[str, str | None] = {}
         # worker id -> (connected endpoint, its SUB socket's receive task)
         self._links: dict[str, tuple[str, asyncio.Task[None]]] = {}
+        self._unlinking: set[asyncio.Task[None]] = set()  # cancelled links still closing their socket
         self.processed = 0  # batches handled (applied, dropped or repaired): tests wait on it
 
     @property
@@ -120,8 +121,9 @@ class KvEventSubscriber:
             self._task = asyncio.create_task(self._run(), name="pdkit-kv-subscriber")
 
     async def close(self) -> None:
-        links = [task for _, task in self._links.values()]
+        links = [task for _, task in self._links.values()] + list(self._unlinking)
         self._links.clear()
+        self._unlinking.clear()
         for task in links:
             task.cancel()
         for task in links:
@@ -171,7 +173,7 @@ class KvEventSubscriber:
             self._topics[t] = worker_id
         link = self._links.get(worker_id)
         if link is not None and link[0] != target:
-            self._links.pop(worker_id)[1].cancel()
+            self._unlink(worker_id)
             link = None
         if target is not None and link is None:
             sock = self._ctx.socket(zmq.SUB)
@@ -194,11 +196,19 @@ class KvEventSubscriber:
         t = self._topic_of.pop(worker_id, None)
         if t is not None and self._topics.get(t) == worker_id:
             del self._topics[t]
-        link = self._links.pop(worker_id, None)
-        if link is not None:
-            link[1].cancel()
+        self._unlink(worker_id)
         self._replay.pop(worker_id, None)
         self.index.remove_worker(worker_id)
+
+    def _unlink(self, worker_id: str) -> None:
+        """Stop receiving from a worker; its socket closes when the task sees the cancellation (close()
+        awaits the stragglers, so the context is never terminated with a socket open)."""
+        link = self._links.pop(worker_id, None)
+        if link is not None:
+            task = link[1]
+            task.cancel()
+            self._unlinking.add(task)
+            task.add_done_callback(self._unlinking.discard)
 
     def worker_ids(self) -> list[str]:
         return list(self._replay)
