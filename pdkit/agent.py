@@ -44,6 +44,8 @@ from pdkit.protocol import (
     WorkerInfo,
     encode,
     parse_message,
+    peek_version,
+    version_mismatch,
 )
 from pdkit.streams import output_lines
 
@@ -137,6 +139,8 @@ class WorkerAgent:
         self._sock: zmq.asyncio.Socket | None = None
         self._seq = 0
         self._registered = False
+        self._session_key: str | None = None  # from the registration's ack: proves this agent owns its id
+        self._version_warned = False
         self._forward: asyncio.Task[None] | None = None
         self.fatal: str | None = None
         self.port_busy_line: str | None = None  # the engine's own "address already in use" line, if any
@@ -166,7 +170,7 @@ class WorkerAgent:
                 return ready
             await self._learn_max_model_len()
             self._connect()
-            await self._register()
+            await self._register(wait_s=5.0)
             rc = await self._serve()
             return EXIT_BAD_ENGINE_BUILD if self.fatal else rc
         finally:
@@ -239,8 +243,13 @@ class WorkerAgent:
         assert self._sock is not None
         await self._sock.send(encode(msg))
 
-    async def _register(self) -> None:
-        await self._send(Register(token=self.s.token, worker=self.s.info))
+    async def _register(self, wait_s: float = 0.0) -> None:
+        """Send the registration; with ``wait_s``, read its ack first (the first registration, before
+        the ack reader runs), so that the first heartbeat already carries the session key."""
+        await self._send(Register(token=self.s.token, worker=self.s.info, session_key=self._session_key))
+        if wait_s > 0 and self._sock is not None:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await self._on_reply(await asyncio.wait_for(self._sock.recv(), timeout=wait_s))
         self._registered = True
         self._log(f"registered with {self.s.frontend} as {self.s.info.role} at {self.s.info.url}")
 
@@ -309,7 +318,15 @@ class WorkerAgent:
             while True:
                 load = await self._scrape(http)
                 self._seq += 1
-                await self._send(Heartbeat(token=self.s.token, worker_id=self.worker_id, seq=self._seq, load=load))
+                await self._send(
+                    Heartbeat(
+                        token=self.s.token,
+                        worker_id=self.worker_id,
+                        session_key=self._session_key,
+                        seq=self._seq,
+                        load=load,
+                    )
+                )
                 await asyncio.sleep(self.s.heartbeat_interval_s)
 
     async def _scrape(self, http: aiohttp.ClientSession) -> Load:
@@ -320,20 +337,41 @@ class WorkerAgent:
         assert self._sock is not None
         while True:
             raw = await self._sock.recv()
-            try:
-                msg = parse_message(raw)
-            except ValueError:
-                continue
-            if isinstance(msg, Ack) and not msg.ok:
-                self._log(f"frontend says: {msg.error}")
-                if msg.error and "register" in msg.error.lower():
-                    await self._register()  # the frontend restarted and forgot us
+            await self._on_reply(raw)
+
+    async def _on_reply(self, raw: bytes) -> None:
+        """One frame from the frontend: keep the session key, report refusals, re-register on request."""
+        try:
+            msg = parse_message(raw)
+        except ValueError:
+            theirs = peek_version(raw)
+            if theirs is not None and not self._version_warned:
+                self._version_warned = True
+                self._log(f"error: cannot read the frontend's reply: {version_mismatch(theirs, 'this agent')}")
+            return
+        if not isinstance(msg, Ack):
+            return
+        if msg.ok and msg.session_key and msg.worker_id == self.worker_id:
+            self._session_key = msg.session_key
+        elif not msg.ok:
+            self._log(f"frontend says: {msg.error}")
+            if msg.reregister:
+                # The frontend restarted or reaped us: our key is void, a fresh registration gets one.
+                self._session_key = None
+                await self._register()
 
     async def _shutdown(self) -> None:
         if self._sock is not None:
             with contextlib.suppress(Exception):
                 if self._registered:
-                    await self._send(Deregister(token=self.s.token, worker_id=self.worker_id, reason="agent stopping"))
+                    await self._send(
+                        Deregister(
+                            token=self.s.token,
+                            worker_id=self.worker_id,
+                            session_key=self._session_key,
+                            reason="agent stopping",
+                        )
+                    )
                     await asyncio.sleep(0.05)
             self._sock.close()
         await stop_process(self.engine, self.s.stop_grace_s)
@@ -466,19 +504,23 @@ def run_agent_cli(ctx: Any, **opts: Any) -> int:
         model=opts.get("served_model_name") or "synth",
         engine=opts.get("engine") or "vllm",
         nixl_side_channel=opts.get("nixl_side_channel"),
-        kv_events_endpoint=None,
+        kv_events_endpoint=opts.get("kv_events_endpoint"),
         kv_events_replay_endpoint=opts.get("kv_events_replay_endpoint"),
         kv_events_topic=opts.get("kv_events_topic") or worker_id,
         block_size=opts.get("block_size") or 16,
         prefix_caching=prefix_caching_enabled(engine_argv),
         pid=os.getpid(),
     )
+    from pdkit.secret import TOKEN_ENV, prepare_ipc_dirs, resolve_token
+
+    # The engine binds its KV-event sockets in the deployment's private directory: make it first.
+    prepare_ipc_dirs([info.kv_events_endpoint, info.kv_events_replay_endpoint])
     settings = AgentSettings(
         info=info,
         frontend=opts["frontend"],
         engine_argv=engine_argv,
         engine_env=env,
-        token=os.environ.get("PDKIT_TOKEN"),
+        token=resolve_token(os.environ.get(TOKEN_ENV), opts.get("token_file")),
         startup_timeout_s=float(opts.get("startup_timeout_s") or 900.0),
         heartbeat_interval_s=float(opts.get("heartbeat_interval_s") or 1.0),
         probe_timeout_s=_probe_timeout_from_env(),
@@ -559,7 +601,11 @@ def _engine_from_config(opts: dict[str, Any]) -> tuple[list[str], dict[str, str]
     if "nixl_side_channel" in spec.ports:
         opts["nixl_side_channel"] = opts.get("nixl_side_channel") or f"{host}:{spec.ports['nixl_side_channel']}"
     events = spec.kv_events_config or {}
+    opts["kv_events_endpoint"] = opts.get("kv_events_endpoint") or events.get("endpoint")
     opts["kv_events_replay_endpoint"] = opts.get("kv_events_replay_endpoint") or events.get("replay_endpoint")
     opts["kv_events_topic"] = events.get("topic")  # the engine publishes under the plan's topic
     opts["served_model_name"] = dep.served_name
-    return spec.engine_argv, spec.env, opts
+    from pdkit.secret import TOKEN_ENV
+
+    engine_env = {k: v for k, v in spec.env.items() if k != TOKEN_ENV}  # the plan's placeholder, not a secret
+    return spec.engine_argv, engine_env, opts

@@ -303,6 +303,12 @@ def worker(
     engine: Annotated[str, typer.Option("--engine", help="vllm | sim.")] = "vllm",
     startup_timeout_s: Annotated[float, typer.Option("--startup-timeout-s")] = 900.0,
     kv_events_replay_endpoint: Annotated[str | None, typer.Option("--kv-events-replay-endpoint")] = None,
+    kv_events_endpoint: Annotated[
+        str | None, typer.Option("--kv-events-endpoint", help="The engine's bound KV-event publisher.")
+    ] = None,
+    token_file: Annotated[
+        str | None, typer.Option("--token-file", help="File holding the deployment token (else env PDKIT_TOKEN).")
+    ] = None,
     nixl_side_channel: Annotated[str | None, typer.Option("--nixl-side-channel", help="HOST:PORT")] = None,
     block_size: Annotated[int, typer.Option("--block-size")] = 16,
     heartbeat_interval_s: Annotated[float, typer.Option("--heartbeat-interval-s")] = 1.0,

@@ -15,10 +15,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from pdkit.config import Deployment, Role, SupervisionConfig
+from pdkit.config import Deployment, Role, SupervisionConfig, is_loopback
 from pdkit.errors import ConfigError
 from pdkit.kv_config import kv_transfer_config
 from pdkit.model_files import has_weights, is_synthetic
+from pdkit.secret import TOKEN_ENV, TOKEN_PLACEHOLDER, ipc_dir
 
 DEFAULT_RUN_DIR = Path("pdkit-run")
 VLLM_ENTRY = ["-m", "vllm.entrypoints.cli.main", "serve"]
@@ -58,6 +59,9 @@ class LaunchPlan(BaseModel):
     processes: list[ProcessSpec]
     warnings: list[str] = Field(default_factory=list)
     supervision: SupervisionConfig = Field(default_factory=SupervisionConfig)
+    # The configured frontend.token, never dumped (--dry-run --json): the processes' env holds a
+    # placeholder until the supervisor puts the real secret (this one, or a generated one) there.
+    secret: str | None = Field(default=None, exclude=True, repr=False)
 
     def workers(self) -> list[ProcessSpec]:
         return [p for p in self.processes if p.role != "frontend"]
@@ -131,7 +135,7 @@ def frontend_spec(dep: Deployment, run_dir: Path) -> ProcessSpec:
         )
     else:
         argv.append("--no-kv-events")
-    env = {"PDKIT_TOKEN": fe.token} if fe.token else {}
+    env = {TOKEN_ENV: TOKEN_PLACEHOLDER}  # the supervisor puts the deployment's secret here
     if fe.api_key:
         env["PDKIT_API_KEY"] = fe.api_key  # by env, not argv: argv is visible to every local user (ps)
     return ProcessSpec(
@@ -140,7 +144,7 @@ def frontend_spec(dep: Deployment, run_dir: Path) -> ProcessSpec:
         host=fe.host,
         argv=argv,
         env=env,
-        ports={"http": fe.port, "zmq": fe.zmq_port, "kv_events": fe.kv_events_port},
+        ports={"http": fe.port, "zmq": fe.zmq_port},
         url=f"http://{fe.host}:{fe.port}",
         log_file=str(run_dir / "frontend.log"),
         startup_timeout_s=60.0,
@@ -188,9 +192,33 @@ def _sim_argv(dep: Deployment, role: Role, port: int, host: str, ev: dict) -> li
     argv += ["--block-size", str(dep.block_size or 16), "--hash-seed", str(dep.hash_seed)]
     if dep.max_model_len:
         argv += ["--max-model-len", str(dep.max_model_len)]
-    argv += ["--kv-events-endpoint", ev["endpoint"], "--kv-events-replay-endpoint", ev["replay_endpoint"]]
+    argv += ["--kv-events-endpoint", ev["endpoint"]]
+    if ev.get("replay_endpoint"):
+        argv += ["--kv-events-replay-endpoint", ev["replay_endpoint"]]
     argv += ["--kv-events-topic", ev["topic"]]
     return argv + dep.group(role).extra_args
+
+
+def kv_events_config(dep: Deployment, role: Role, index: int, run_dir: Path) -> dict[str, Any]:
+    """The worker's ``--kv-events-config``: its publisher *binds*, the frontend connects to it.
+
+    KV events carry prompt token ids and steer routing, so nobody but the frontend may read or write
+    them (docs/security.md).  A worker on the frontend's machine binds ``ipc://`` files in the
+    deployment's 0700 socket directory (vLLM binds ``ipc://`` endpoints): only the deployment's user
+    can connect.  A worker on another host binds ``tcp://*:<kv_events_port_base + index>`` (vLLM binds
+    only wildcard TCP endpoints) and has no replay socket, whose port would be a second open door; that
+    link is as private as the network between the hosts (see docs/security.md, multi-node).
+    """
+    group = dep.group(role)
+    name = f"{role}-{index}"
+    events: dict[str, Any] = {"enable_kv_cache_events": True, "publisher": "zmq", "topic": name}
+    if is_loopback(group.host) or group.host == dep.frontend.host:
+        sockets = ipc_dir(run_dir)
+        events["endpoint"] = f"ipc://{sockets / name}.pub"
+        events["replay_endpoint"] = f"ipc://{sockets / name}.replay"
+    else:
+        events["endpoint"] = f"tcp://*:{group.kv_events_port_base + index}"
+    return events
 
 
 def worker_spec(dep: Deployment, role: Role, index: int, run_dir: Path) -> ProcessSpec:
@@ -199,19 +227,10 @@ def worker_spec(dep: Deployment, role: Role, index: int, run_dir: Path) -> Proce
     name = f"{role}-{index}"
     host = group.host
     http_port = group.http_port_base + index
-    replay_port = group.kv_events_port_base + index
     side_port = group.nixl_side_channel_port_base + index
     gpus = group.gpus[index] if index < len(group.gpus) else []
     fe = dep.frontend
-    events: dict[str, Any] = {
-        "enable_kv_cache_events": True,
-        "publisher": "zmq",
-        # The frontend binds one SUB socket; each worker's PUB connects to it and publishes under its
-        # own topic (vLLM's batches carry no worker id).  Replay stays per worker.
-        "endpoint": f"tcp://{fe.host}:{fe.kv_events_port}",
-        "replay_endpoint": f"tcp://{host}:{replay_port}",
-        "topic": name,
-    }
+    events = kv_events_config(dep, role, index, run_dir)
     uses_nixl = role != "agg" and dep.engine == "vllm"
     role_kv = kv_transfer_config(
         role,
@@ -236,7 +255,9 @@ def worker_spec(dep: Deployment, role: Role, index: int, run_dir: Path) -> Proce
     else:
         engine_argv = _sim_argv(dep, role, http_port, host, events)
     url = f"http://{host}:{http_port}"
-    ports = {"http": http_port, "kv_events_replay": replay_port}
+    ports = {"http": http_port}
+    if events["endpoint"].startswith("tcp://"):
+        ports["kv_events"] = group.kv_events_port_base + index
     if uses_nixl:
         ports["nixl_side_channel"] = side_port
     agent_argv = _pdkit_cli() + [
@@ -248,17 +269,18 @@ def worker_spec(dep: Deployment, role: Role, index: int, run_dir: Path) -> Proce
         "--served-model-name", dep.served_name,
         "--engine", dep.engine,
         "--startup-timeout-s", str(group.startup_timeout_s),
-        "--kv-events-replay-endpoint", events["replay_endpoint"],
+        "--kv-events-endpoint", events["endpoint"],
         "--block-size", str(dep.block_size or 16),
     ]  # fmt: skip
+    if events.get("replay_endpoint"):
+        agent_argv += ["--kv-events-replay-endpoint", events["replay_endpoint"]]
     if uses_nixl:
         agent_argv += ["--nixl-side-channel", f"{host}:{side_port}"]
     agent_argv += ["--", *engine_argv]
     cuda = ",".join(str(g) for g in gpus) if dep.engine == "vllm" else None
     if cuda is not None:
         env["CUDA_VISIBLE_DEVICES"] = cuda
-    if fe.token:
-        env["PDKIT_TOKEN"] = fe.token
+    env[TOKEN_ENV] = TOKEN_PLACEHOLDER  # the supervisor puts the deployment's secret here
     return ProcessSpec(
         name=name,
         role=role,
@@ -285,6 +307,7 @@ def build_plan(dep: Deployment) -> LaunchPlan:
         procs += [worker_spec(dep, role, i, run_dir) for i in range(dep.group(role).num_workers)]
     warnings = check_handshake_compat(procs) if dep.mode == "disagg" and dep.engine == "vllm" else []
     return LaunchPlan(
+        secret=dep.frontend.token,
         warnings=warnings,
         mode=dep.mode,
         engine=dep.engine,
@@ -346,7 +369,7 @@ def format_plan(plan: LaunchPlan) -> str:
         lines.append("  ports: " + ", ".join(f"{k}={v}" for k, v in p.ports.items()))
         if p.kv_transfer_config is not None:
             lines.append(f"  kv-transfer-config: {json.dumps(p.kv_transfer_config)}")
-        env = {k: v for k, v in p.env.items() if k != "PDKIT_TOKEN"}
+        env = {k: (v if k != TOKEN_ENV else "***") for k, v in p.env.items()}
         if env:
             lines.append("  env: " + " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(env.items())))
         lines.append(f"  command: {shlex.join(p.engine_argv or p.argv)}")

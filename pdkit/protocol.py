@@ -1,4 +1,4 @@
-"""ZMQ registry messages between worker agents and the frontend (protocol version 1).
+"""ZMQ registry messages between worker agents and the frontend (protocol version 2).
 
 Why its own module: the agent and the frontend are separate processes, possibly on separate hosts and
 of separate pdkit versions during a rolling upgrade, so the wire format must be explicit, versioned and
@@ -8,7 +8,13 @@ from the network is remote code execution), validated by pydantic and discrimina
 Transport: the frontend binds a ROUTER socket, each agent connects a DEALER.  Agents send
 ``register`` / ``heartbeat`` / ``deregister``; the frontend answers every one with an ``ack``.  A
 heartbeat for a worker the frontend does not know gets ``ok=false`` with an error that mentions
-"register", which tells the agent to register again (the frontend restarted).
+"register", which tells the agent to register again (the frontend restarted).  No other error may
+contain that word: an agent would re-register in a loop.
+
+Version 2 (docs/security.md): a registration's ack carries a random per-worker ``session_key``; the
+worker's heartbeats and its deregistration must present it, so a process that knows only a worker's id
+(or even the deployment token) cannot steer, starve or remove another agent's worker.  A second
+registration of a live id is refused unless it presents that key.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 Role = Literal["prefill", "decode", "agg"]
 Engine = Literal["vllm", "sim"]
@@ -76,11 +82,17 @@ class Load(_Model):
     unhealthy_reason: str | None = Field(default=None, max_length=512)
 
 
+SessionKey = Annotated[str, Field(min_length=1, max_length=128)]
+
+
 class Register(_Model):
     type: Literal["register"] = "register"
     version: int = PROTOCOL_VERSION
     token: str | None = None
     worker: WorkerInfo
+    # The key of an earlier registration of this id (an agent re-registering after a frontend hiccup):
+    # lets it take its live record back; without it a live id is refused.
+    session_key: SessionKey | None = None
 
 
 class Heartbeat(_Model):
@@ -88,6 +100,7 @@ class Heartbeat(_Model):
     version: int = PROTOCOL_VERSION
     token: str | None = None
     worker_id: str = Field(min_length=1, max_length=256)
+    session_key: SessionKey | None = None
     seq: int = Field(default=0, ge=0)
     load: Load = Field(default_factory=Load)
 
@@ -97,7 +110,8 @@ class Deregister(_Model):
     version: int = PROTOCOL_VERSION
     token: str | None = None
     worker_id: str = Field(min_length=1, max_length=256)
-    reason: str = ""
+    session_key: SessionKey | None = None
+    reason: str = Field(default="", max_length=512)
 
 
 class Ack(_Model):
@@ -108,6 +122,12 @@ class Ack(_Model):
     ok: bool = True
     error: str | None = None
     heartbeat_interval_s: float | None = None
+    # Set on the ack of a successful registration only: the worker's key for its later messages.
+    worker_id: str | None = None
+    session_key: str | None = None
+    # True only when the frontend does not know the worker (it restarted, or reaped it): register again.
+    # Agents act on this flag, not on the error text, so no error wording can make them loop.
+    reregister: bool = False
 
 
 Message = Annotated[Register | Heartbeat | Deregister | Ack, Field(discriminator="type")]
@@ -119,7 +139,27 @@ MAX_MESSAGE_BYTES = 64 * 1024
 
 
 class ProtocolError(ValueError):
-    """A frame that is not a valid version-1 message; the text says what is wrong, for the ack."""
+    """A frame that is not a valid message of this version; the text says what is wrong, for the ack."""
+
+
+def version_mismatch(theirs: object, side: str = "frontend") -> str:
+    """The one line both sides print when the other speaks another protocol version."""
+    return (
+        f"protocol version {theirs} not supported ({side} speaks {PROTOCOL_VERSION}); "
+        "run the same pdkit version on agents and frontend"
+    )
+
+
+def peek_version(raw: bytes) -> object:
+    """The ``version`` field of a frame that failed to parse (None when it has none): an agent uses it to
+    say "the frontend speaks version 1" instead of silently ignoring an ack it cannot read."""
+    import json
+
+    try:
+        obj = json.loads(raw[:MAX_MESSAGE_BYTES])
+    except ValueError:
+        return None
+    return obj.get("version") if isinstance(obj, dict) else None
 
 
 def parse_message(raw: bytes) -> Register | Heartbeat | Deregister | Ack:
@@ -133,14 +173,15 @@ def parse_message(raw: bytes) -> Register | Heartbeat | Deregister | Ack:
     try:
         msg = _ADAPTER.validate_json(raw)
     except ValidationError as exc:
+        theirs = peek_version(raw)
+        if isinstance(theirs, int) and theirs != PROTOCOL_VERSION:
+            # Another version's frame may not fit this version's schema: name the mismatch, not a field.
+            raise ProtocolError(version_mismatch(theirs)) from None
         first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": str(exc)}
         where = ".".join(str(p) for p in first.get("loc", ()))
         raise ProtocolError(f"invalid message: {where}: {first.get('msg')}".replace(": :", ":")) from None
     if msg.version != PROTOCOL_VERSION:
-        raise ProtocolError(
-            f"protocol version {msg.version} not supported (frontend speaks {PROTOCOL_VERSION}); "
-            "run the same pdkit version on agents and frontend"
-        )
+        raise ProtocolError(version_mismatch(msg.version))
     return msg
 
 
@@ -160,7 +201,10 @@ __all__ = [
     "ProtocolError",
     "Register",
     "Role",
+    "SessionKey",
     "WorkerInfo",
     "encode",
     "parse_message",
+    "peek_version",
+    "version_mismatch",
 ]

@@ -33,6 +33,7 @@ import aiohttp
 
 from pdkit.agent import EXIT_BAD_ENGINE_BUILD, EXIT_PORT_BUSY, PORT_BUSY_NEEDLE
 from pdkit.plan import LaunchPlan, ProcessSpec
+from pdkit.secret import install_secret
 from pdkit.streams import output_lines
 
 TAIL_LINES = 30
@@ -111,6 +112,7 @@ class Supervisor:
 
     async def start(self) -> None:
         Path(self.plan.run_dir).mkdir(parents=True, exist_ok=True)
+        install_secret(self.plan)  # per-deployment token in <run_dir>/token (0600) and every PDKIT_TOKEN
         for warning in self.plan.warnings:
             self._say(f"warning: {warning}")
         frontend = self.procs["frontend"]

@@ -309,7 +309,8 @@ async def run_policy(policy: str, fleet: FleetSpec, wl: Workload, disagg_min: in
 
     fe = Frontend(
         FrontendSettings(
-            port=0, zmq_port=0, kv_events_port=0, mode="disagg", policy=policy, hash_seed=fleet.hash_seed,
+            port=0, zmq_port=0, kv_events_port=0, kv_events_shared_sub=True, mode="disagg", policy=policy,
+            hash_seed=fleet.hash_seed,
             heartbeat_interval_s=fleet.heartbeat_s, disagg_min_prompt_tokens=disagg_min,
             max_inflight_per_worker=4096, prefill_timeout_s=600,
         )

@@ -57,7 +57,7 @@ async def fleet(**settings: Any) -> AsyncIterator[Fleet]:
     fe = Frontend(FrontendSettings(port=0, zmq_port=0, mode="disagg", policy="kv_aware", hash_seed=SEED,
                                    heartbeat_interval_s=0.2, **settings))  # fmt: skip
     await fe.start()
-    assert fe.kv_events_endpoint is not None
+    assert fe.kv_events_endpoint is None  # no shared SUB: the frontend connects to each worker's publisher
     sims: dict[str, SimWorker] = {}
     clients: list[RegistryClient] = []
     try:
@@ -65,7 +65,7 @@ async def fleet(**settings: Any) -> AsyncIterator[Fleet]:
             for wid in ("p0", "p1", "d0", "d1"):
                 role = "prefill" if wid.startswith("p") else "decode"
                 settings = SimSettings(role=role, time_scale=0, hash_seed=SEED, kv_capacity_blocks=4000,
-                                       kv_events_endpoint=fe.kv_events_endpoint, kv_events_bind=False,
+                                       kv_events_endpoint="tcp://127.0.0.1:0", kv_events_bind=True,
                                        kv_events_replay_endpoint="tcp://127.0.0.1:0", kv_events_topic=wid)  # fmt: skip
                 w = SimWorker(settings)
                 await w.start()
@@ -77,6 +77,7 @@ async def fleet(**settings: Any) -> AsyncIterator[Fleet]:
                         role,
                         wid,
                         kv_events_topic=wid,
+                        kv_events_endpoint=w.kv_events_endpoint,
                         kv_events_replay_endpoint=w.kv_events_replay_endpoint,
                     )  # fmt: skip
                 )
@@ -223,9 +224,10 @@ async def test_a_worker_that_misses_heartbeats_keeps_its_index() -> None:
 async def test_index_under_another_policy_and_kv_events_off() -> None:
     """Any policy can keep the index (``/workers`` shows its sizes); without a port it is off."""
     async with Frontend(FrontendSettings(port=0, zmq_port=0, policy="round_robin", kv_events_port=0)) as fe:
-        assert fe.policy.name == "round_robin" and fe.kv_events_endpoint is not None
+        assert fe.policy.name == "round_robin" and fe.kv is not None
+        assert fe.kv_events_endpoint is None  # nothing bound for publishers: the frontend connects to each
         async with aiohttp.ClientSession() as http, http.get(fe.url + "/workers") as r:
-            assert (await r.json())["kv_events_endpoint"] == fe.kv_events_endpoint
+            assert (await r.json())["kv_events_endpoint"] is None
     async with Frontend(FrontendSettings(port=0, zmq_port=0)) as fe:
         assert fe.kv is None and fe.kv_events_endpoint is None
 

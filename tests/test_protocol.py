@@ -1,4 +1,4 @@
-"""The ZMQ registry wire format (pdkit.protocol): JSON frames, discriminated by type, version 1."""
+"""The ZMQ registry wire format (pdkit.protocol): JSON frames, discriminated by type, version 2."""
 
 from __future__ import annotations
 
@@ -51,19 +51,22 @@ def test_round_trip(msg: object) -> None:
 
 def test_wire_shape_matches_architecture_doc() -> None:
     data = json.loads(encode(Register(token="t", worker=INFO)))
-    assert set(data) == {"type", "version", "token", "worker"}
+    assert set(data) == {"type", "version", "token", "worker", "session_key"}
     assert set(data["worker"]) == {
         "worker_id", "role", "url", "model", "engine", "nixl_side_channel", "kv_events_endpoint",
-        "kv_events_replay_endpoint", "kv_events_topic", "block_size", "prefix_caching", "pid",
+        "kv_events_replay_endpoint", "kv_events_topic", "block_size", "prefix_caching", "max_model_len", "pid",
     }  # fmt: skip
     assert data["worker"]["url"] == "http://127.0.0.1:8200"  # trailing slash dropped
     hb = json.loads(encode(Heartbeat(worker_id="w", seq=1)))
-    assert set(hb) == {"type", "version", "token", "worker_id", "seq", "load"}
+    assert set(hb) == {"type", "version", "token", "worker_id", "session_key", "seq", "load"}
     assert set(hb["load"]) == {
         "running", "waiting", "kv_usage", "prefix_cache_hits", "prefix_cache_queries", "lmcache_hit_tokens",
+        "healthy", "unhealthy_reason",
     }  # fmt: skip
     ack = json.loads(encode(Ack()))
-    assert set(ack) == {"type", "version", "ok", "error", "heartbeat_interval_s"}
+    assert set(ack) == {
+        "type", "version", "ok", "error", "heartbeat_interval_s", "worker_id", "session_key", "reregister",
+    }  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -72,15 +75,16 @@ def test_wire_shape_matches_architecture_doc() -> None:
         (b"not json", "invalid message"),
         (b"[1, 2]", "invalid message"),
         (b'{"type": "launch_missiles"}', "does not match"),
-        (b'{"type": "heartbeat", "version": 1}', "worker_id"),
-        (b'{"type": "heartbeat", "version": 2, "worker_id": "w"}', "protocol version 2 not supported"),
+        (b'{"type": "heartbeat", "version": 2}', "worker_id"),
+        (b'{"type": "heartbeat", "version": 1, "worker_id": "w"}', "protocol version 1 not supported"),
+        (b'{"type": "heartbeat", "version": 3, "worker_id": "w"}', "protocol version 3 not supported"),
         (
-            b'{"type": "register", "version": 1, "worker": {"worker_id": "w", "role": "boss", "url": "http://h:1",'
+            b'{"type": "register", "version": 2, "worker": {"worker_id": "w", "role": "boss", "url": "http://h:1",'
             b' "model": "m"}}',
             "role",
         ),  # fmt: skip
         (
-            b'{"type": "register", "version": 1, "worker": {"worker_id": "w", "role": "decode", "url": "ftp://h",'
+            b'{"type": "register", "version": 2, "worker": {"worker_id": "w", "role": "decode", "url": "ftp://h",'
             b' "model": "m"}}',
             "url",
         ),  # fmt: skip
@@ -101,6 +105,6 @@ def test_pickle_is_never_accepted() -> None:
 
 
 def test_unknown_fields_are_ignored_for_forward_compatibility() -> None:
-    raw = b'{"type": "heartbeat", "version": 1, "worker_id": "w", "seq": 2, "new_field": 5}'
+    raw = b'{"type": "heartbeat", "version": 2, "worker_id": "w", "seq": 2, "new_field": 5}'
     msg = parse_message(raw)
     assert isinstance(msg, Heartbeat) and msg.seq == 2

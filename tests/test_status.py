@@ -20,11 +20,11 @@ from pdkit.status import fetch_status, render_status
 async def test_status_shows_workers_caches_hits_and_outcomes() -> None:
     async with Frontend(FrontendSettings(port=0, zmq_port=0, mode="agg", policy="kv_aware", hash_seed="0",
                                          heartbeat_interval_s=0.1)) as fe:  # fmt: skip
-        assert fe.kv_events_endpoint is not None
-        sim = SimWorker(SimSettings(role="agg", time_scale=0, hash_seed="0", kv_events_endpoint=fe.kv_events_endpoint,
-                                    kv_events_bind=False, kv_events_topic="a0"))  # fmt: skip
+        sim = SimWorker(SimSettings(role="agg", time_scale=0, hash_seed="0", kv_events_endpoint="tcp://127.0.0.1:0",
+                                    kv_events_bind=True, kv_events_topic="a0"))  # fmt: skip
         async with sim:
-            client = await announce(fe.zmq_endpoint, sim.url, "agg", "a0", kv_events_topic="a0", interval_s=0.05)
+            client = await announce(fe.zmq_endpoint, sim.url, "agg", "a0", kv_events_topic="a0", interval_s=0.05,
+                                    kv_events_endpoint=sim.kv_events_endpoint)  # fmt: skip
             try:
                 async with aiohttp.ClientSession() as http:
                     for _ in range(3):

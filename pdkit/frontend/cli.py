@@ -28,6 +28,9 @@ def frontend(
     token: Annotated[
         str | None, typer.Option("--token", envvar="PDKIT_TOKEN", help="Shared registry token (env PDKIT_TOKEN).")
     ] = None,
+    token_file: Annotated[
+        str | None, typer.Option("--token-file", help="File holding the registry token (mode 0600).")
+    ] = None,
     disagg_min_prompt_tokens: Annotated[
         int, typer.Option("--disagg-min-prompt-tokens", help="Shorter prompts skip the prefill hop (0 = never).")
     ] = 0,
@@ -85,6 +88,14 @@ def frontend(
     from pdkit.frontend.settings import FrontendSettings
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from pdkit.errors import ConfigError
+    from pdkit.secret import resolve_token
+
+    try:
+        token = resolve_token(token, token_file)
+    except ConfigError as exc:
+        print(f"pdkit frontend: {exc}", file=sys.stderr)
+        raise typer.Exit(2) from None
     settings = FrontendSettings(
         host=host,
         port=port,

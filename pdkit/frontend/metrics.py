@@ -139,6 +139,10 @@ class ActualHits:
             else:
                 self.metrics.actual_hit_tokens.labels(wid, source).inc(delta)
 
+    def forget(self, worker_id: str) -> None:
+        """Forget one worker's baseline (it left; O(1), for the registry's per-worker hook)."""
+        self._last.pop(worker_id, None)
+
     def retain(self, worker_ids: Container[str]) -> None:
         """Forget baselines of workers that left (a returning worker starts a new baseline)."""
         for wid in [w for w in self._last if w not in worker_ids]:

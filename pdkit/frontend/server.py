@@ -26,6 +26,7 @@ and the upstream connection is closed at once, which is how vLLM notices an abor
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hashlib
 import hmac
@@ -143,7 +144,7 @@ class Frontend:
                 hash_seed=settings.hash_seed,
                 registry=self.metrics.registry,
                 host=settings.host,
-                port=settings.kv_events_port or 0,
+                port=(settings.kv_events_port or 0) if settings.kv_events_shared_sub else None,
                 block_size=settings.block_size,
             )
         if policy is None:
@@ -167,7 +168,19 @@ class Frontend:
         )
         self._relays: set[_Relay] = set()
         self._api_key_hash = hashlib.sha256(settings.api_key.encode()).digest() if settings.api_key else None
-        self.registry = Registry(settings.liveness_s, on_change=self._registry_changed, on_heartbeat=self._heartbeat)
+        if not settings.token:
+            log.warning(
+                "no registry token: any local process can register workers (pdkit launch makes one; "
+                "pass --token/--token-file or PDKIT_TOKEN; docs/security.md)"
+            )
+        self.registry = Registry(
+            settings.liveness_s,
+            on_heartbeat=self._heartbeat,
+            max_workers=settings.max_workers,
+            on_added=self._worker_added,
+            on_removed=self._worker_removed,
+            on_forgotten=self._worker_forgotten,
+        )
         self._zmq = RegistryServer(
             self.registry,
             settings.host,
@@ -183,6 +196,10 @@ class Frontend:
         self._active = 0
         self._idle = asyncio.Event()
         self._gauge_ids: set[tuple[str, str]] = set()
+        self._worker_roles: dict[str, str] = {}  # worker id -> role its gauges are labelled with
+        self._role_counts: collections.Counter[str] = collections.Counter({"prefill": 0, "decode": 0, "agg": 0})
+        for role in self._role_counts:
+            self.metrics.workers.labels(role=role).set(0)
         self.http_port = 0
         self.zmq_port = 0
 
@@ -361,20 +378,42 @@ class Frontend:
         if len(self.admission):
             self.admission.pump()  # a worker may have turned healthy again
 
-    def _registry_changed(self) -> None:
-        for role in ("prefill", "decode", "agg"):
-            self.metrics.workers.labels(role=role).set(len(self.registry.of_role(role)))
-        live = {(w.worker_id, w.role) for w in self.registry.workers.values()}
-        for key in self._gauge_ids - live:
-            with contextlib.suppress(KeyError):
-                self.metrics.inflight.remove(*key)
-        for wid, role in live - self._gauge_ids:
-            self.metrics.inflight.labels(wid, role).set(0)
-        self._gauge_ids = live
-        self.actual_hits.retain(self.registry.workers)
+    # Registry hooks, one worker per call: a change costs O(1), never a pass over the fleet (a flood of
+    # registrations used to resync the KV subscriber over all workers on each one).
+
+    def _worker_added(self, w: WorkerState) -> None:
+        old_role = self._worker_roles.get(w.worker_id)
+        if old_role != w.role:
+            if old_role is not None:  # re-registered under another role
+                self._role_left(w.worker_id, old_role)
+            self._worker_roles[w.worker_id] = w.role
+            self._role_counts[w.role] += 1
+            self.metrics.workers.labels(role=w.role).set(self._role_counts[w.role])
+            self.metrics.inflight.labels(w.worker_id, w.role).set(w.inflight)
+            self._gauge_ids.add((w.worker_id, w.role))
         if self.kv is not None:
-            self.kv.sync_workers(self.registry.workers.values(), keep=self.registry.reaped)
-        self.admission.pump()  # new workers have free slots; waiters for a vanished role get 503
+            self.kv.add_worker(w)
+        self.admission.pump()  # a new worker has free slots
+
+    def _worker_removed(self, w: WorkerState, reaped: bool) -> None:
+        role = self._worker_roles.pop(w.worker_id, None)
+        if role is not None:
+            self._role_left(w.worker_id, role)
+        self.actual_hits.forget(w.worker_id)
+        if self.kv is not None:
+            self.kv.worker_left(w, reaped)
+        self.admission.pump()  # waiters for a vanished role get 503
+
+    def _worker_forgotten(self, worker_id: str) -> None:
+        if self.kv is not None and worker_id not in self.registry.workers:
+            self.kv.remove_worker(worker_id)
+
+    def _role_left(self, worker_id: str, role: str) -> None:
+        self._role_counts[role] -= 1
+        self._gauge_ids.discard((worker_id, role))
+        self.metrics.workers.labels(role=role).set(self._role_counts[role])
+        with contextlib.suppress(KeyError):
+            self.metrics.inflight.remove(worker_id, role)
 
     # ------------------------------------------------------------------------------ request path
 

@@ -65,6 +65,12 @@ class FrontendSettings:
     decode_first_byte_timeout_s: float = 120.0
     api_key: str | None = None
     max_model_len: int | None = None
+    # Registry bound (docs/security.md): registrations beyond it are refused.
+    max_workers: int = 4096
+    # Legacy: bind one SUB socket on kv_events_port that workers' publishers connect to.  Unauthenticated
+    # (any process reaching the port can write into the index), so only in-process tools set it;
+    # by default the frontend connects to each registered worker's own publisher instead.
+    kv_events_shared_sub: bool = False
 
     @property
     def kv_events_enabled(self) -> bool:

@@ -36,6 +36,7 @@ class RegistryClient:
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.connect(endpoint)
         self._seq = 0
+        self.session_key: str | None = None  # from the registration's ack (protocol version 2)
         self._beating = False
         self._beats: asyncio.Task[None] | None = None
 
@@ -48,16 +49,27 @@ class RegistryClient:
         return ack
 
     async def register(self) -> Ack:
-        return await self.request(Register(token=self.token, worker=self.info))
+        ack = await self.request(Register(token=self.token, worker=self.info, session_key=self.session_key))
+        if ack.ok and ack.session_key:
+            self.session_key = ack.session_key
+        return ack
 
     async def heartbeat(self) -> Ack:
         self._seq += 1
         return await self.request(
-            Heartbeat(token=self.token, worker_id=self.info.worker_id, seq=self._seq, load=self.load)
+            Heartbeat(
+                token=self.token,
+                worker_id=self.info.worker_id,
+                session_key=self.session_key,
+                seq=self._seq,
+                load=self.load,
+            )
         )
 
     async def deregister(self, reason: str = "done") -> Ack:
-        return await self.request(Deregister(token=self.token, worker_id=self.info.worker_id, reason=reason))
+        return await self.request(
+            Deregister(token=self.token, worker_id=self.info.worker_id, session_key=self.session_key, reason=reason)
+        )
 
     def start_heartbeats(self) -> None:
         self._beating = True
@@ -70,7 +82,8 @@ class RegistryClient:
                 if not self._beating:
                     break
                 ack = await self.heartbeat()
-                if not ack.ok and ack.error and "register" in ack.error:
+                if not ack.ok and ack.reregister:
+                    self.session_key = None
                     await self.register()
 
         self._beats = asyncio.create_task(beat())

@@ -329,12 +329,16 @@ class KvRouting:
 
     Lifecycle, inside the frontend's event loop::
 
-        kv = KvRouting(model_dir, hash_seed="0", registry=metrics.registry, host=fe_host, port=fe_kv_port)
-        kv.start()                               # binds the SUB socket (kv.port) and starts receiving
+        kv = KvRouting(model_dir, hash_seed="0", registry=metrics.registry, port=None)
+        kv.start()                               # starts receiving (and binds a shared SUB if port is set)
         frontend = Frontend(settings, policy=kv.policy)
-        registry on_change -> kv.sync_workers(registry.workers.values())
+        registry on_added -> kv.add_worker(state)          # connects a SUB to the worker's publisher
+        registry on_removed -> kv.remove_worker(id) unless reaped; on_forgotten -> kv.remove_worker(id)
         ...
         await kv.close()
+
+    ``port`` None: no shared SUB socket (deployments: each worker's own publisher is connected);
+    an int binds the legacy shared socket (0 = a free port) for in-process tools.
     """
 
     def __init__(
@@ -344,7 +348,7 @@ class KvRouting:
         hash_seed: str | int | None,
         registry: CollectorRegistry,
         host: str = "127.0.0.1",
-        port: int = 0,
+        port: int | None = 0,
         block_size: int = 16,
         hash_algo: str = DEFAULT_HASH_ALGO,
         tier_weights: Mapping[str, float] | None = None,
@@ -378,11 +382,12 @@ class KvRouting:
         return self.subscriber.port
 
     @property
-    def endpoint(self) -> str:
+    def endpoint(self) -> str | None:
+        """The legacy shared SUB socket's address; None when workers' own publishers are connected."""
         return self.subscriber.endpoint
 
     def start(self) -> int:
-        """Bind (if not yet) and start receiving; returns the bound port."""
+        """Bind the shared socket (only when ``port`` was given) and start receiving; returns its port."""
         self.subscriber.start()
         return self.subscriber.port
 
@@ -399,6 +404,7 @@ class KvRouting:
             getattr(info, "kv_events_replay_endpoint", None),
             topic=getattr(info, "kv_events_topic", None) or None,
             host=host,
+            endpoint=getattr(info, "kv_events_endpoint", None) or None,
         )
 
     def remove_worker(self, worker_id: str) -> None:
@@ -406,8 +412,15 @@ class KvRouting:
         if self.pending is not None:
             self.pending.remove_worker(worker_id)
 
+    def worker_left(self, worker: Any, reaped: bool) -> None:
+        """Registry hook: a deregistered worker is forgotten at once; a reaped one (missed heartbeats) is
+        kept -- its index and event link stay, see :meth:`sync_workers` -- until ``forget``."""
+        if not reaped:
+            self.remove_worker(str(worker.worker_id))
+
     def sync_workers(self, workers: Iterable[Any], keep: Container[str] = ()) -> None:
-        """Make the tracked set equal to ``workers`` (call it from the registry's change hook).
+        """Make the tracked set equal to ``workers`` (O(all workers): for tests and tools; the frontend
+        uses the per-worker hooks :meth:`add_worker` / :meth:`worker_left` / :meth:`remove_worker`).
 
         ``keep``: ids of workers that left the registry but may come back (dropped for missed
         heartbeats, not deregistered).  Their index stays and their events keep being applied -- the
