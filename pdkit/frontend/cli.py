@@ -67,11 +67,17 @@ def frontend(
         str | None, typer.Option("--tokenizer", help="tokenizer.json for exact prompt lengths (default chars/4).")
     ] = None,
     kv_events_port: Annotated[
-        int, typer.Option("--kv-events-port", help="ZMQ SUB port workers' KV-event publishers connect to.")
+        int,
+        typer.Option(
+            "--kv-events-port",
+            help="Unused: the frontend reads each registered worker's own KV-event socket (docs/security.md).",
+        ),
     ] = 8101,
     kv_events: Annotated[
         bool,
-        typer.Option("--kv-events/--no-kv-events", help="Keep a KV index (required by kv_aware; off: no SUB socket)."),
+        typer.Option(
+            "--kv-events/--no-kv-events", help="Keep a KV index (required by kv_aware; off: no KV-event sockets)."
+        ),
     ] = True,
     hash_seed: Annotated[
         str, typer.Option("--hash-seed", help="The workers' PYTHONHASHSEED (the deployment's hash_seed).")
