@@ -63,7 +63,7 @@ PortOffsetOpt = Annotated[
     typer.Option(
         "--port-offset",
         help="Add N to every port of the deployment (frontend, ZMQ, KV events, every worker's bases) "
-        "to run a second deployment beside the first (config: port_offset).",
+        "to run a second deployment beside the first, e.g. 1000 (config: port_offset).",
     ),
 ]
 TpOpt = Annotated[int | None, typer.Option("--tp", help="Tensor-parallel size of every worker.")]
