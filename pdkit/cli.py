@@ -363,7 +363,7 @@ def _one_line(text: str) -> str:
 
 
 def _usage_error_line(exc: UsageError) -> str:
-    """``pdkit: error: <click's message>; see 'pdkit launch disagg --help'`` -- one line, no usage block."""
+    """``pdkit: error: <click's message> (see 'pdkit launch disagg --help')``: one line, no usage block."""
     line = f"pdkit: error: {_one_line(exc.format_message())}"
     ctx = exc.ctx
     if ctx is not None and ctx.command.get_help_option(ctx) is not None:

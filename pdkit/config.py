@@ -295,14 +295,16 @@ def load_deployment(
     return deployment
 
 
+def _port_names(section: BaseModel) -> list[str]:
+    """A section's port settings, found by name so a port field added later is shifted too."""
+    names = type(section).model_fields
+    return [n for n in names if n.endswith(("port", "_port_base")) and isinstance(getattr(section, n), int)]
+
+
 def port_fields(dep: Deployment) -> list[tuple[str, int]]:
-    """Every port setting of ``dep`` as ``(config key, value)``: the frontend's ``*port`` fields and each
-    role's ``*_port_base`` fields (found by name, so a port added to a section is shifted too)."""
-    out = [(f"frontend.{name}", getattr(dep.frontend, name)) for name in type(dep.frontend).model_fields]
-    for role in ROLES:
-        group = dep.group(role)
-        out += [(f"{role}.{name}", getattr(group, name)) for name in type(group).model_fields]
-    return [(key, value) for key, value in out if key.endswith(("port", "_port_base")) and isinstance(value, int)]
+    """Every port setting of ``dep`` as ``(config key, value)``: the frontend's ports, each role's bases."""
+    sections: list[tuple[str, BaseModel]] = [("frontend", dep.frontend), *((r, dep.group(r)) for r in ROLES)]
+    return [(f"{name}.{field}", getattr(sec, field)) for name, sec in sections for field in _port_names(sec)]
 
 
 def apply_port_offset(dep: Deployment) -> Deployment:
@@ -313,17 +315,18 @@ def apply_port_offset(dep: Deployment) -> Deployment:
     offset = dep.port_offset
     if not offset:
         return dep
-    for key, value in port_fields(dep):
-        role = key.split(".")[0]
-        top = value + offset + (max(dep.group(role).num_workers - 1, 0) if key.endswith("_base") else 0)
-        if top > 65535:
-            problem = f"{key} {value} + port_offset {offset} reaches port {top} (> 65535)"
-            raise ConfigError("port_offset", problem, "use a smaller offset")
-    frontend_update = {k.split(".")[1]: v + offset for k, v in port_fields(dep) if k.startswith("frontend.")}
-    update: dict[str, Any] = {"frontend": dep.frontend.model_copy(update=frontend_update)}
-    for role in ROLES:
-        group_update = {k.split(".")[1]: v + offset for k, v in port_fields(dep) if k.startswith(f"{role}.")}
-        update[role] = dep.group(role).model_copy(update=group_update)
+    update: dict[str, BaseModel] = {}
+    for name, section in [("frontend", dep.frontend), *((r, dep.group(r)) for r in ROLES)]:
+        last_index = max(section.num_workers - 1, 0) if isinstance(section, WorkerGroupConfig) else 0
+        shifted = {}
+        for field in _port_names(section):
+            value = getattr(section, field)
+            top = value + offset + (last_index if field.endswith("_base") else 0)
+            if top > 65535:
+                problem = f"{name}.{field} {value} + port_offset {offset} reaches port {top} (> 65535)"
+                raise ConfigError("port_offset", problem, "use a smaller offset")
+            shifted[field] = value + offset
+        update[name] = section.model_copy(update=shifted)
     return dep.model_copy(update=update)
 
 
