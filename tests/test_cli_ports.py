@@ -161,3 +161,18 @@ def test_two_sim_deployments_run_side_by_side_with_offsets(tmp_path) -> None:
         except subprocess.TimeoutExpired:
             first.kill()
             first.wait()
+
+
+def test_only_ports_of_this_machine_are_checked() -> None:
+    """A worker on another node (an address this machine does not own) is not reported busy."""
+    from pdkit.ports import bind_problem
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        held = sock.getsockname()[1]
+        assert bind_problem("127.0.0.1", held) == "in use"
+        assert bind_problem("0.0.0.0", held) == "in use"  # a wildcard bind collides with it too
+        assert bind_problem("192.0.2.10", held) is None  # TEST-NET-1: not an address of this machine
+        assert bind_problem("no-such-host.invalid", held) is None
+    assert bind_problem("127.0.0.1", held) is None  # released: free again
