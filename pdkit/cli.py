@@ -17,12 +17,18 @@ import typer
 from pdkit.config import Deployment, Role, load_deployment
 from pdkit.errors import ConfigError
 
+try:  # typer >= 0.29 bundles its own click and raises its exceptions, not click's
+    from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError
+except ImportError:  # older typer: the real click
+    from click.exceptions import ClickException, NoArgsIsHelpError, UsageError  # type: ignore[assignment]
+
 app = typer.Typer(
     name="pdkit",
     help="Disaggregated prefill/decode serving on vLLM in one command.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    rich_markup_mode=None,
 )
 launch_app = typer.Typer(help="Start a frontend and its vLLM (or simulated) workers.", no_args_is_help=True)
 config_app = typer.Typer(help="Inspect the configuration pdkit generates.", no_args_is_help=True)
@@ -51,6 +57,14 @@ BlockOpt = Annotated[int | None, typer.Option("--block-size", help="KV block siz
 NoLmcOpt = Annotated[bool, typer.Option("--no-lmcache", help="Run without LMCache offloading.")]
 SmokeOpt = Annotated[
     bool, typer.Option("--smoke-test", help="Start, serve one chat completion through the frontend, stop.")
+]
+PortOffsetOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--port-offset",
+        help="Add N to every port of the deployment (frontend, ZMQ, KV events, every worker's bases) "
+        "to run a second deployment beside the first, e.g. 1000 (config: port_offset).",
+    ),
 ]
 TpOpt = Annotated[int | None, typer.Option("--tp", help="Tensor-parallel size of every worker.")]
 MaxInflightOpt = Annotated[
@@ -111,6 +125,7 @@ def _common_overrides(**kw: Any) -> dict[str, Any]:
         "max_queued": "frontend.max_queued",
         "queue_timeout_s": "frontend.queue_timeout_s",
         "api_key": "frontend.api_key",
+        "port_offset": "port_offset",
     }
     out = {mapping[k]: (str(v) if isinstance(v, Path) else v) for k, v in kw.items() if k in mapping}
     if kw.get("no_lmcache"):
@@ -136,11 +151,14 @@ def _group_overrides(role: Role, gpus: list[list[int]] | None, tp: int | None, c
 
 def _run_launch(dep: Deployment, dry_run: bool, as_json: bool, smoke_test: bool) -> None:
     from pdkit.plan import build_plan, format_plan
+    from pdkit.ports import busy_port_warnings, check_ports_free
 
     plan = build_plan(dep)
     if dry_run:
+        plan.warnings += busy_port_warnings(plan, dep.port_offset)  # a dry run starts nothing: warn only
         typer.echo(plan.model_dump_json(indent=2) if as_json else format_plan(plan))
         return
+    check_ports_free(plan, dep.port_offset)  # before anything starts: one line naming port and key
     from pdkit.supervisor import run_launch
 
     raise typer.Exit(run_launch(plan, smoke_test=smoke_test))
@@ -173,6 +191,7 @@ def launch_agg(
     queue_timeout_s: QueueTimeoutOpt = None,
     api_key: ApiKeyOpt = None,
     share_gpus: ShareOpt = False,
+    port_offset: PortOffsetOpt = None,
     dry_run: DryRunOpt = False,
     json_: JsonOpt = False,
     smoke_test: SmokeOpt = False,
@@ -222,6 +241,7 @@ def launch_disagg(
     queue_timeout_s: QueueTimeoutOpt = None,
     api_key: ApiKeyOpt = None,
     share_gpus: ShareOpt = False,
+    port_offset: PortOffsetOpt = None,
     dry_run: DryRunOpt = False,
     json_: JsonOpt = False,
     smoke_test: SmokeOpt = False,
@@ -335,8 +355,23 @@ def status(
 ) -> None:
     from pdkit.status import fetch_status, render_status
 
-    st = fetch_status(endpoint)
+    st = fetch_status(_http_url("--endpoint", endpoint))
     typer.echo(json.dumps(st.to_json(), indent=1) if as_json else render_status(st))
+
+
+def _http_url(flag: str, url: str) -> str:
+    """``url`` if it is an ``http(s)://host[:port]`` URL; anything else is the caller's mistake."""
+    from urllib.parse import urlsplit
+
+    fix = "give the frontend's URL, e.g. http://127.0.0.1:8000"
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number or out of range
+    except ValueError as exc:
+        raise ConfigError(flag, f"'{url}' is not a valid URL ({exc})", fix) from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(flag, f"'{url}' is not an http:// or https:// URL with a host", fix)
+    return url
 
 
 def _register_component_commands() -> None:
@@ -354,25 +389,46 @@ def _register_component_commands() -> None:
 _register_component_commands()
 
 
+def _one_line(text: str) -> str:
+    """Click messages may span lines (suggestions, lists); the rule is one line per error."""
+    return "; ".join(part.strip() for part in text.strip().splitlines() if part.strip())
+
+
+def _usage_error_line(exc: UsageError) -> str:
+    """``pdkit: error: <click's message> (see 'pdkit launch disagg --help')``: one line, no usage block."""
+    line = f"pdkit: error: {_one_line(exc.format_message())}"
+    ctx = exc.ctx
+    if ctx is not None and ctx.command.get_help_option(ctx) is not None:
+        line += f" (see '{ctx.command_path} {ctx.help_option_names[0]}')"
+    return line
+
+
 def main() -> None:
-    """Console entry point: ConfigError -> one line on stderr, exit code 2."""
+    """Console entry point: every mistake of the caller ends as one line on stderr and exit code 2.
+
+    Why ``standalone_mode=False`` and our own handlers: click's standalone handling prints a usage
+    block plus an error (several lines), and typer >= 0.29 raises exceptions of its bundled click
+    (``typer._click``), which an ``import click`` check never matches -- they escaped as tracebacks.
+    """
     try:
-        rv = app(standalone_mode=False)
+        rv = app(prog_name="pdkit", standalone_mode=False)
     except ConfigError as exc:
-        typer.echo(f"pdkit: error: {exc}", err=True)
+        typer.echo(f"pdkit: error: {_one_line(str(exc))}", err=True)
         sys.exit(2)
+    except NoArgsIsHelpError as exc:  # ``pdkit`` / ``pdkit launch`` alone: the help is the answer
+        typer.echo(exc.format_message())
+        sys.exit(2)
+    except UsageError as exc:  # bad flag, value, missing option or subcommand (BadParameter, NoSuchOption...)
+        typer.echo(_usage_error_line(exc), err=True)
+        sys.exit(2)
+    except ClickException as exc:  # e.g. FileError: not a usage mistake, still one line
+        typer.echo(f"pdkit: error: {_one_line(exc.format_message())}", err=True)
+        sys.exit(exc.exit_code if exc.exit_code else 1)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
-    except typer.Abort:
+    except (typer.Abort, KeyboardInterrupt):
         typer.echo("Aborted.", err=True)
         sys.exit(130)
-    except Exception as exc:  # click usage errors
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        raise
     sys.exit(rv if isinstance(rv, int) else 0)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections import Counter
+from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -171,6 +172,9 @@ class Deployment(_Strict):
     kv_cache_dtype: str = "auto"
     hash_seed: int = 0
     share_gpus: bool = False
+    # Added to every port of the deployment (frontend ports, each role's bases) by load_deployment, so
+    # two deployments run side by side with one flag; the port fields of a loaded Deployment include it.
+    port_offset: int = Field(default=0, ge=0)
     run_dir: Path | None = None
     frontend: FrontendConfig = Field(default_factory=FrontendConfig)
     agg: WorkerGroupConfig = Field(default_factory=lambda: _default_group("agg"))
@@ -241,10 +245,12 @@ def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
-    """Read a preset; a missing file or non-mapping YAML is a ConfigError, not a traceback."""
+    """Read a preset; a missing file, a folder or non-mapping YAML is a ConfigError, not a traceback."""
+    names = preset_names()
+    hint = f"give a YAML file or a preset: {', '.join(names)}" if names else "give an existing YAML file"
+    if path.is_dir():
+        raise ConfigError("--config", f"{path} is a directory, not a YAML file", hint)
     if not path.is_file():
-        names = sorted(p.stem for p in REPO_CONFIGS_DIR.glob("*.yaml")) if REPO_CONFIGS_DIR.is_dir() else []
-        hint = f"presets: {', '.join(names)}" if names else "give an existing YAML file"
         raise ConfigError("--config", f"file {path} does not exist", hint)
     try:
         data = yaml.safe_load(path.read_text()) or {}
@@ -257,11 +263,40 @@ def read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+def presets_dir() -> Path:
+    """The folder of the shipped presets (``configs/*.yaml``).
+
+    Why importlib.resources: from a wheel the presets live in the installed package ``pdkit.configs``
+    (pyproject maps it to the top-level ``configs/``), from an editable install the same name resolves to
+    the checkout's ``configs/``; only a bare checkout on ``sys.path`` (no install) falls back to the repo.
+    """
+    try:
+        found = resources.files("pdkit.configs")
+    except ModuleNotFoundError:
+        return REPO_CONFIGS_DIR
+    path = Path(str(found))
+    return path if path.is_dir() else REPO_CONFIGS_DIR
+
+
+def preset_names() -> list[str]:
+    folder = presets_dir()
+    return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+
+
 def resolve_config_path(config: str) -> Path:
     """A preset name (``disagg-1p1d``) or a path to a YAML file."""
     path = Path(config)
     if not path.suffix and not path.exists():
-        return REPO_CONFIGS_DIR / f"{config}.yaml"
+        return presets_dir() / f"{config}.yaml"
+    return path
+
+
+def _config_file(config: str) -> Path:
+    """:func:`resolve_config_path`, with a name that is neither a file nor a preset said as such."""
+    path = resolve_config_path(config)
+    if path != Path(config) and not path.is_file():
+        names = ", ".join(preset_names()) or "none found"
+        raise ConfigError("--config", f"'{config}' is neither a file nor a preset", f"presets: {names}")
     return path
 
 
@@ -273,7 +308,7 @@ def load_deployment(
     ``check=False`` skips the whole-deployment checks (used by a lone ``pdkit worker``, which is one
     part of a deployment described elsewhere).
     """
-    data: dict[str, Any] = read_yaml(resolve_config_path(str(config))) if config is not None else {}
+    data: dict[str, Any] = read_yaml(_config_file(str(config))) if config is not None else {}
     for key, value in (overrides or {}).items():
         if value is not None:
             _set_path(data, key, value)
@@ -281,9 +316,45 @@ def load_deployment(
         deployment = Deployment.model_validate(data)
     except ValidationError as exc:
         raise _one_line(exc) from None
+    deployment = apply_port_offset(deployment)
     if check:
         validate_deployment(deployment)
     return deployment
+
+
+def _port_names(section: BaseModel) -> list[str]:
+    """A section's port settings, found by name so a port field added later is shifted too."""
+    names = type(section).model_fields
+    return [n for n in names if n.endswith(("port", "_port_base")) and isinstance(getattr(section, n), int)]
+
+
+def port_fields(dep: Deployment) -> list[tuple[str, int]]:
+    """Every port setting of ``dep`` as ``(config key, value)``: the frontend's ports, each role's bases."""
+    sections: list[tuple[str, BaseModel]] = [("frontend", dep.frontend), *((r, dep.group(r)) for r in ROLES)]
+    return [(f"{name}.{field}", getattr(sec, field)) for name, sec in sections for field in _port_names(sec)]
+
+
+def apply_port_offset(dep: Deployment) -> Deployment:
+    """``dep`` with ``port_offset`` added to every port; a port pushed past 65535 is a ConfigError.
+
+    The highest port of a role is its base + (workers - 1), so that is what is checked for bases.
+    """
+    offset = dep.port_offset
+    if not offset:
+        return dep
+    update: dict[str, BaseModel] = {}
+    for name, section in [("frontend", dep.frontend), *((r, dep.group(r)) for r in ROLES)]:
+        last_index = max(section.num_workers - 1, 0) if isinstance(section, WorkerGroupConfig) else 0
+        shifted = {}
+        for field in _port_names(section):
+            value = getattr(section, field)
+            top = value + offset + (last_index if field.endswith("_base") else 0)
+            if top > 65535:
+                problem = f"{name}.{field} {value} + port_offset {offset} reaches port {top} (> 65535)"
+                raise ConfigError("port_offset", problem, "use a smaller offset")
+            shifted[field] = value + offset
+        update[name] = section.model_copy(update=shifted)
+    return dep.model_copy(update=update)
 
 
 _FIX_BY_TYPE = {
@@ -331,7 +402,9 @@ def _looks_like_path(model: str) -> bool:
 
 def validate_deployment(dep: Deployment) -> None:
     """Everything pydantic cannot see field by field: GPUs, ports, TP, model path, roles."""
-    if dep.model is not None and _looks_like_path(dep.model):
+    if dep.engine == "sim":
+        _check_sim_model(dep)
+    elif dep.model is not None and _looks_like_path(dep.model):
         path = Path(dep.model).expanduser()
         if not path.is_dir():
             raise ConfigError("model", f"path {dep.model} does not exist", "pass an existing folder or a hub name")
@@ -349,6 +422,20 @@ def validate_deployment(dep: Deployment) -> None:
         _check_group(dep, role)
     _check_gpus(dep)
     _check_ports(dep)
+
+
+def _check_sim_model(dep: Deployment) -> None:
+    """The simulated engine tokenizes with the model folder's tokenizer.json (pdkit.sim.text) and never
+    downloads: a hub name is refused here, not as a traceback once the workers start."""
+    if dep.model is None:
+        return  # the embedded synthetic model ships its tokenizer
+    path = Path(dep.model).expanduser()
+    fix = "give --engine sim a local model folder with tokenizer.json (or leave --model out: embedded model)"
+    if not path.is_dir():
+        what = "does not exist" if _looks_like_path(dep.model) else "is not a local folder (the sim downloads nothing)"
+        raise ConfigError("model", f"{dep.model} {what}", fix)
+    if not (path / "tokenizer.json").is_file():
+        raise ConfigError("model", f"{dep.model} has no tokenizer.json, which the simulated engine needs", fix)
 
 
 def _check_group(dep: Deployment, role: Role) -> None:

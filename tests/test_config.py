@@ -93,3 +93,62 @@ def test_share_gpus_splits_the_gpu_or_checks_the_given_share() -> None:
     with pytest.raises(ConfigError, match=r"2 workers share one GPU .*at most 0\.47"):
         load_deployment(None, {"prefill.gpus": [[0]], "share_gpus": True, "gpu_memory_utilization": 0.6})
     assert load_deployment(None, {}).effective_gpu_memory_utilization is None  # vLLM's own default
+
+
+def test_config_folder_and_unknown_preset_are_named_as_such(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="is a directory, not a YAML file"):
+        load_deployment(str(tmp_path))
+    with pytest.raises(ConfigError, match="'disagg-9p9d' is neither a file nor a preset.*disagg-2p2d"):
+        load_deployment("disagg-9p9d")
+
+
+def test_presets_resolve_through_the_installed_package() -> None:
+    from pdkit.config import preset_names, presets_dir, resolve_config_path
+
+    assert (presets_dir() / "disagg-2p2d.yaml").is_file()
+    assert {"agg", "disagg-1p1d", "disagg-2p2d", "disagg-tp2", "sim-4p8d"} <= set(preset_names())
+    assert resolve_config_path("sim-4p8d") == presets_dir() / "sim-4p8d.yaml"
+
+
+@pytest.mark.parametrize(
+    ("model", "words"),
+    [
+        ("meta-llama/Llama-3.1-8B-Instruct", "is not a local folder"),
+        ("./no/such/folder", "does not exist"),
+    ],
+)
+def test_sim_engine_refuses_a_model_it_cannot_tokenize(model: str, words: str) -> None:
+    """The simulator reads tokenizer.json from a local folder (pdkit.sim.settings) and downloads nothing."""
+    with pytest.raises(ConfigError, match=words) as exc:
+        load_deployment(None, {"engine": "sim", "model": model})
+    assert "tokenizer.json" in str(exc.value)
+
+
+def test_sim_engine_takes_a_local_folder_with_tokenizer_json(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="has no tokenizer.json"):
+        load_deployment(None, {"engine": "sim", "model": str(tmp_path)})
+    (tmp_path / "tokenizer.json").write_text("{}")
+    assert load_deployment(None, {"engine": "sim", "model": str(tmp_path)}).model == str(tmp_path)
+
+
+def test_port_offset_shifts_every_port_once() -> None:
+    from pdkit.config import port_fields
+
+    plain = dict(port_fields(load_deployment(None, {})))
+    dep = load_deployment(None, {"port_offset": 1000, "frontend.port": 8500})
+    shifted = dict(port_fields(dep))
+    assert set(shifted) == set(plain) and len(plain) == 12  # 3 frontend ports + 3 bases x 3 roles
+    assert shifted["frontend.port"] == 9500  # a port given explicitly moves too
+    assert all(shifted[k] == v + 1000 for k, v in plain.items() if k != "frontend.port")
+    assert Deployment.model_validate(dep.model_dump()).frontend.port == 9500  # round trip does not shift again
+
+
+def test_port_offset_may_not_push_a_port_past_65535() -> None:
+    assert load_deployment(None, {"port_offset": 57000}).decode.http_port_base == 65400
+    with pytest.raises(ConfigError, match=r"port_offset: frontend\.port 8000 \+ port_offset 58000 .*> 65535"):
+        load_deployment(None, {"port_offset": 58000})
+    # the highest port of a group is base + (workers - 1)
+    with pytest.raises(ConfigError, match=r"decode\.http_port_base 8400 \+ port_offset 57000 reaches port 65536"):
+        load_deployment(None, {"port_offset": 57000, "engine": "sim", "decode.count": 137})
+    with pytest.raises(ConfigError, match="port_offset"):
+        load_deployment(None, {"port_offset": -1})
