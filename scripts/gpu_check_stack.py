@@ -113,6 +113,7 @@ class Options:
     workload: Workload = field(default_factory=Workload)
     free_ports: bool = False
     state: Path = STATE
+    skip_vllm_bench: bool = False
 
 
 def log(*args: object) -> None:
@@ -170,11 +171,13 @@ def deployment(stage: str, opts: Options, ports: dict[str, dict[str, int]]) -> t
                    "lmcache": {"chunk_size": 256, "cpu_gb": 10, "save_unfull_chunk": True}}  # fmt: skip
         return ["agg", *args], config
     faults = len(opts.workload.completion_tokens) + len(opts.workload.chat_tokens)  # one per pass-1 request
+    # The simulator has no prefix-cache switch (its sim-worker rejects vLLM's flag): on sim prefill keeps it.
+    no_prefix_cache = ["--no-enable-prefix-caching"] if opts.engine == "vllm" else []
     config |= {
         "mode": "disagg",
         "lmcache": {"chunk_size": 256, "cpu_gb": 20, "save_unfull_chunk": True},
         "nixl": {"verify_transfers": True},
-        "prefill": {"gpus": [[second]], **ports.get("prefill", {}), "extra_args": ["--no-enable-prefix-caching"]},
+        "prefill": {"gpus": [[second]], **ports.get("prefill", {}), "extra_args": no_prefix_cache},
         "decode": {"gpus": [[0]], **ports.get("decode", {}), "extra_env": {"PDKIT_VERIFY_INJECT_FAULT": str(faults)}},
     }
     return ["disagg", *args], config
@@ -451,18 +454,28 @@ def multiturn_bench(frontend: str, w: Workload) -> int:
     return subprocess.run(argv, timeout=300).returncode
 
 
-def vllm_bench(frontend: str, w: Workload) -> dict[str, Any]:
-    """(e) ``vllm bench serve`` through the frontend: every request must complete."""
-    if importlib.util.find_spec("vllm") is None:
-        return {"verdict": None, "status": "skipped: vllm is not importable here"}
-    name = "vllm_bench_stack.json"
-    argv = [sys.executable, "-m", "vllm.entrypoints.cli.main", "bench", "serve", "--backend", "openai",
+VLLM_BENCH_RESULT = "vllm_bench_stack.json"
+
+
+def vllm_bench_argv(frontend: str, w: Workload) -> list[str]:
+    """``vllm bench serve`` on the random dataset with the embedded model's tokenizer, result saved under OUT."""
+    return [sys.executable, "-m", "vllm.entrypoints.cli.main", "bench", "serve", "--backend", "openai",
             "--base-url", frontend, "--endpoint", "/v1/completions", "--model", SYNTHETIC_SERVED_NAME,
             "--tokenizer", str(default_model_dir()), "--dataset-name", "random",
             "--random-input-len", str(w.bench_input_len), "--random-output-len", str(w.bench_output_len),
             "--num-prompts", str(w.bench_prompts), "--request-rate", str(w.bench_rate), "--ignore-eos",
             "--seed", str(SEED), "--disable-tqdm", "--save-result", "--result-dir", str(OUT),
-            "--result-filename", name]  # fmt: skip
+            "--result-filename", VLLM_BENCH_RESULT]  # fmt: skip
+
+
+def vllm_bench(frontend: str, w: Workload, skip: bool = False) -> dict[str, Any]:
+    """(e) ``vllm bench serve`` through the frontend: every request must complete."""
+    if skip:
+        return {"verdict": None, "status": "skipped: --skip-vllm-bench"}
+    if importlib.util.find_spec("vllm") is None:
+        return {"verdict": None, "status": "skipped: vllm is not importable here"}
+    name = VLLM_BENCH_RESULT
+    argv = vllm_bench_argv(frontend, w)
     log("vllm bench:", " ".join(argv[3:]))
     t0 = time.time()
     try:
@@ -587,7 +600,7 @@ def stage_disagg(opts: Options, report: StageReport) -> None:
         report.check("d_kv_prediction_info", None, **kv_compare(kv0, kv_snapshot(dep.frontend)),
                      status="information only: prefill runs without prefix cache, its hits are LMCache tokens "
                             "(see the docstring); the verdict is the agg stage's")  # fmt: skip
-        report.check("e_vllm_bench", **_verdict(vllm_bench(dep.frontend, opts.workload)))
+        report.check("e_vllm_bench", **_verdict(vllm_bench(dep.frontend, opts.workload, opts.skip_vllm_bench)))
     finally:
         finish(dep, report, "disagg")
 
@@ -646,7 +659,7 @@ LONG_FIGURES = ("verdict", "rows", "report", "hit_ratios", "lines_to_look_at", "
 def summary(report: StageReport) -> str:
     lines = [f"stage {report.data['stage']} ({report.data['engine']}): {'PASS' if report.data['ok'] else 'FAIL'}"]
     if "error" in report.data:
-        lines.append(f"  error: {report.data['error']}")
+        lines.append(f"  error: ...{report.data['error'][-600:]}")
     for name, c in report.data["checks"].items():
         verdict = {True: "pass", False: "FAIL", None: "n/a"}[c["verdict"]]
         figures = {k: v for k, v in c.items() if k not in LONG_FIGURES}
@@ -662,10 +675,11 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="small workloads (rehearsals, tests)")
     parser.add_argument("--free-ports", action="store_true", help="free loopback ports instead of pdkit's defaults")
     parser.add_argument("--state-dir", type=Path, default=STATE, help="state between calls (the agg reference)")
+    parser.add_argument("--skip-vllm-bench", action="store_true", help="record (e) as skipped (fast CPU tests)")
     parser.add_argument("--dry-run", action="store_true", help="print the deployments' plans, start nothing")
     args = parser.parse_args()
     opts = Options(engine=args.engine, one_gpu=not args.two_gpus, workload=QUICK if args.quick else Workload(),
-                   free_ports=args.free_ports, state=args.state_dir)  # fmt: skip
+                   free_ports=args.free_ports, state=args.state_dir, skip_vllm_bench=args.skip_vllm_bench)  # fmt: skip
     stages = list(STAGES) if args.stage == "all" else [args.stage]
     if args.dry_run:
         return dry_run(opts, stages)
