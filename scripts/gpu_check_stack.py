@@ -234,8 +234,9 @@ class Deployment:
             time.sleep(1)
         raise TimeoutError(f"pdkit launch not ready in {timeout_s:.0f} s (see {self.run_dir}/launch.log)")
 
-    def stop(self) -> dict[str, Any]:
-        """Ctrl-C the launcher (as a user would) and list what of the deployment is still alive."""
+    def stop(self, vllm: bool) -> dict[str, Any]:
+        """Ctrl-C the launcher (as a user would) and list what of the deployment is still alive; ``vllm``:
+        also any ``vllm.entrypoints`` process at all (the lent GPU machine runs nothing else)."""
         self.pids |= descendants(self.proc.pid)
         t0 = time.time()
         if self.proc.poll() is None:
@@ -246,9 +247,12 @@ class Deployment:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
         time.sleep(2)
-        left = sorted(p for p in self.pids if alive(p))
+        left = {p for p in self.pids if alive(p)}
+        if vllm:
+            found = subprocess.run(["pgrep", "-f", "vllm.entrypoints"], capture_output=True, text=True).stdout
+            left |= {int(p) for p in found.split() if p.isdigit() and alive(int(p))}
         return {"stop_s": round(time.time() - t0, 1), "launcher_rc": self.proc.returncode,
-                "leftover": [cmdline(p) for p in left]}  # fmt: skip
+                "leftover": [cmdline(p) for p in sorted(left)]}  # fmt: skip
 
 
 def _proc_children() -> dict[int, list[int]]:
@@ -327,6 +331,11 @@ async def run_requests(frontend: str, reqs: list[dict[str, Any]], watch: str | N
                    "ttft_s": rec.ttft_s and round(rec.ttft_s, 4), "text": rec.text}  # fmt: skip
             if watch:
                 after = parse_load(await get_text(http, watch + "/metrics")).lmcache_hit_tokens
+                for _ in range(4):  # the counter is updated with the engine step's stats; give a late one a moment
+                    if after != before:
+                        break
+                    await asyncio.sleep(0.5)
+                    after = parse_load(await get_text(http, watch + "/metrics")).lmcache_hit_tokens
                 row["lmcache_hit_tokens"] = None if after is None else after - (before or 0.0)
             rows.append(row)
     return rows
@@ -523,7 +532,7 @@ class StageReport:
 
 
 def finish(dep: Deployment, report: StageReport, stage: str) -> None:
-    stopped = dep.stop()
+    stopped = dep.stop(vllm=report.data["engine"] == "vllm")
     save_logs(dep.run_dir, stage)
     logs = scan_logs(dep.run_dir)
     report.check("stopped_clean", not stopped["leftover"], **stopped)
