@@ -549,9 +549,10 @@ def stage_agg(opts: Options, report: StageReport) -> None:
         report.data["ready_s"] = dep.wait_ready()
         log(f"agg ready in {report.data['ready_s']} s")
         rows = asyncio.run(run_requests(dep.frontend, reqs))
-        served = all(r["ok"] and r["output_tokens"] == MAX_TOKENS for r in rows)
-        report.check("agg_reference_served", served, requests=len(rows),
-                     failed=[{k: r[k] for k in ("kind", "tokens", "error")} for r in rows if not r["ok"]])  # fmt: skip
+        served = all(r["ok"] for r in rows)  # (a greedy EOS before MAX_TOKENS is allowed: disagg must match it)
+        failed = [{k: r[k] for k in ("kind", "tokens", "error")} for r in rows if not r["ok"]]
+        outputs = [r["output_tokens"] for r in rows]
+        report.check("agg_reference_served", served, requests=len(rows), output_tokens=outputs, failed=failed)
         (opts.state / "stack-agg.json").write_text(json.dumps({"requests": reqs, "results": rows}))
         report.data["reference"] = [{k: v for k, v in r.items() if k != "text"} for r in rows]
         wait_workers(dep.frontend, 2)
