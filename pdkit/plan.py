@@ -19,7 +19,7 @@ from pdkit.config import Deployment, Role, SupervisionConfig, is_loopback
 from pdkit.errors import ConfigError
 from pdkit.kv_config import kv_transfer_config
 from pdkit.model_files import has_weights, is_synthetic
-from pdkit.secret import TOKEN_ENV, TOKEN_PLACEHOLDER, ipc_dir
+from pdkit.secret import API_KEY_ENV, API_KEY_PLACEHOLDER, TOKEN_ENV, TOKEN_PLACEHOLDER, ipc_dir
 
 DEFAULT_RUN_DIR = Path("pdkit-run")
 VLLM_ENTRY = ["-m", "vllm.entrypoints.cli.main", "serve"]
@@ -62,6 +62,8 @@ class LaunchPlan(BaseModel):
     # The configured frontend.token, never dumped (--dry-run --json): the processes' env holds a
     # placeholder until the supervisor puts the real secret (this one, or a generated one) there.
     secret: str | None = Field(default=None, exclude=True, repr=False)
+    # frontend.api_key, likewise never dumped: the frontend's env holds a placeholder until launch.
+    api_key: str | None = Field(default=None, exclude=True, repr=False)
 
     def workers(self) -> list[ProcessSpec]:
         return [p for p in self.processes if p.role != "frontend"]
@@ -137,7 +139,8 @@ def frontend_spec(dep: Deployment, run_dir: Path) -> ProcessSpec:
         argv.append("--no-kv-events")
     env = {TOKEN_ENV: TOKEN_PLACEHOLDER}  # the supervisor puts the deployment's secret here
     if fe.api_key:
-        env["PDKIT_API_KEY"] = fe.api_key  # by env, not argv: argv is visible to every local user (ps)
+        # by env, not argv (argv is visible to every local user); the value replaces the placeholder at launch
+        env[API_KEY_ENV] = API_KEY_PLACEHOLDER
     return ProcessSpec(
         name="frontend",
         role="frontend",
@@ -308,6 +311,7 @@ def build_plan(dep: Deployment) -> LaunchPlan:
     warnings = check_handshake_compat(procs) if dep.mode == "disagg" and dep.engine == "vllm" else []
     return LaunchPlan(
         secret=dep.frontend.token,
+        api_key=dep.frontend.api_key,
         warnings=warnings,
         mode=dep.mode,
         engine=dep.engine,

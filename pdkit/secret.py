@@ -27,6 +27,9 @@ TOKEN_ENV = "PDKIT_TOKEN"
 TOKEN_FILE_NAME = "token"
 # What --dry-run and config show print instead of a generated secret.
 TOKEN_PLACEHOLDER = "<generated at launch>"
+# The HTTP API key (frontend.api_key) travels the same way: a placeholder in the plan, the value at launch.
+API_KEY_ENV = "PDKIT_API_KEY"
+API_KEY_PLACEHOLDER = "<frontend.api_key>"
 # sun_path holds 108 bytes on Linux (104 on macOS); longer ipc:// paths fail to bind.
 _MAX_IPC_PATH = 100
 
@@ -120,14 +123,16 @@ def prepare_ipc_dirs(endpoints: list[str | None]) -> None:
 
 def install_secret(plan: Any) -> str:
     """At launch: the deployment's secret (the configured ``frontend.token``, else a new one) written to
-    ``<run_dir>/token`` and put into every process's ``PDKIT_TOKEN`` in place of the placeholder; the
-    private socket directories are created too.  Returns the secret."""
+    ``<run_dir>/token`` and put into every process's ``PDKIT_TOKEN`` in place of the placeholder (and the
+    configured API key into ``PDKIT_API_KEY``); the private socket directories are created too.  Returns the secret."""
     token = plan.secret or new_token()
     plan.secret = token
     write_token(Path(plan.run_dir), token)
     for spec in plan.processes:
         if spec.env.get(TOKEN_ENV) == TOKEN_PLACEHOLDER:
             spec.env[TOKEN_ENV] = token
+        if spec.env.get(API_KEY_ENV) == API_KEY_PLACEHOLDER and plan.api_key:
+            spec.env[API_KEY_ENV] = plan.api_key
         events = spec.kv_events_config or {}
         prepare_ipc_dirs([events.get("endpoint"), events.get("replay_endpoint")])
     return token

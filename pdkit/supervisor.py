@@ -436,8 +436,7 @@ async def smoke_request(plan: LaunchPlan) -> bool:
         "max_tokens": 16,
         "temperature": 0,
     }
-    api_key = next((p.env.get("PDKIT_API_KEY") for p in plan.processes if p.role == "frontend"), None)
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+    headers = {"Authorization": f"Bearer {plan.api_key}"} if plan.api_key else None
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as http:
         async with http.post(f"{plan.frontend_url}/v1/chat/completions", json=body, headers=headers) as resp:
             text = await resp.text()

@@ -63,6 +63,18 @@ def test_a_configured_token_wins_and_is_never_printed(tmp_path: Path) -> None:
     assert "PDKIT_TOKEN='***'" in text
 
 
+def test_the_api_key_is_never_printed_and_reaches_the_frontend_at_launch(tmp_path: Path) -> None:
+    plan = sim_plan(tmp_path, **{"frontend.api_key": "k3y-s3cret"})
+    assert "k3y-s3cret" not in plan.model_dump_json() and "k3y-s3cret" not in repr(plan)
+    for extra in ([], ["--json"]):
+        argv = ["launch", "disagg", "--engine", "sim", "--api-key", "k3y-s3cret", "--dry-run", *extra]
+        out = subprocess.run([sys.executable, "-m", "pdkit.cli", *argv], capture_output=True, text=True, check=True)
+        assert "k3y-s3cret" not in out.stdout + out.stderr and "PDKIT_API_KEY" in out.stdout
+    install_secret(plan)
+    [fe] = [p for p in plan.processes if p.role == "frontend"]
+    assert fe.env["PDKIT_API_KEY"] == "k3y-s3cret"
+
+
 def test_token_files_must_be_private(tmp_path: Path) -> None:
     f = tmp_path / "tok"
     f.write_text("s3cret\n")
