@@ -205,8 +205,8 @@ class _ChatFields(TypedDict, total=False):
     vllm_xargs: _XArgs | None
 
 
-_COMPLETION_FIELDS: TypeAdapter[dict[str, Any]] = TypeAdapter(_CompletionFields)
-_CHAT_FIELDS: TypeAdapter[dict[str, Any]] = TypeAdapter(_ChatFields)
+_COMPLETION_FIELDS: TypeAdapter[Any] = TypeAdapter(_CompletionFields)
+_CHAT_FIELDS: TypeAdapter[Any] = TypeAdapter(_ChatFields)
 
 # vLLM's clean_loc_for_param: pydantic-internal loc segments that are not field names.
 _BRACKETED_INTERNAL = re.compile(r"[\[\(]")
@@ -309,9 +309,8 @@ def _completion_before_validators(data: dict[str, Any]) -> None:
     _response_format_check(data)
 
 
-def _chat_before_validators(data: dict[str, Any]) -> dict[str, Any]:
-    """ChatCompletionRequest's before-validators, last defined first; returns the body as vLLM's later
-    validators see it (``check_tool_usage`` adds ``tool_choice: "auto"`` when tools come without one)."""
+def _chat_first_validators(data: dict[str, Any]) -> None:
+    """ChatCompletionRequest's before-validators that pydantic runs ahead of ``check_tool_usage``."""
     cache_salt = data.get("cache_salt")
     if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
         raise VLLMValidationError(
@@ -319,7 +318,10 @@ def _chat_before_validators(data: dict[str, Any]) -> dict[str, Any]:
         )
     if data.get("continue_final_message") and data.get("add_generation_prompt"):
         raise VLLMValidationError("Cannot set both `continue_final_message` and `add_generation_prompt` to True.")
-    data = _tool_usage_check(data)
+
+
+def _chat_last_validators(data: dict[str, Any]) -> None:
+    """The ones after ``check_tool_usage``: they (and the error text's ``input``) see its ``tool_choice``."""
     _structured_outputs_count_check(data, parameter=None)
     if data.get("logprob_token_ids") and data.get("use_beam_search"):
         raise VLLMValidationError(
@@ -341,7 +343,6 @@ def _chat_before_validators(data: dict[str, Any]) -> dict[str, Any]:
             )
     _stream_options_check(data)
     _response_format_check(data)
-    return data
 
 
 def _stream_options_check(data: dict[str, Any]) -> None:
@@ -534,10 +535,16 @@ def validate_request(path: str, body: dict[str, Any]) -> None:
     is_chat = path.endswith(CHAT_PATH)
     if not is_chat and not path.endswith(COMPLETIONS_PATH):
         return
+    seen = body  # the body as vLLM's validators see it at each step
     try:
-        seen = _chat_before_validators(body) if is_chat else (_completion_before_validators(body) or body)
+        if is_chat:  # ChatCompletionRequest's before-validators, last defined first (pydantic's order)
+            _chat_first_validators(body)
+            seen = _tool_usage_check(body)
+            _chat_last_validators(seen)
+        else:
+            _completion_before_validators(body)
     except ValueError as exc:
-        raise _model_validator_error(exc, body) from None
+        raise _model_validator_error(exc, seen) from None
     except TypeError as exc:  # vLLM's comparison on a wrongly typed value: its handler sends str(exc)
         raise RequestError(400, _sanitize(str(exc))) from None
     try:
