@@ -530,7 +530,9 @@ def validate_request(path: str, body: dict[str, Any]) -> None:
 
     ``path`` ends with ``/v1/completions`` or ``/v1/chat/completions`` (other paths are not checked);
     ``body`` is the decoded JSON object and is not modified.  The context-length checks need the prompt's
-    token count and the model's length: see ``check_context_length``.
+    token count and the model's length: call ``check_context_length`` after this.  (vLLM checks the context
+    between stages 2 and 3, so a body wrong in both ways gets vLLM's context message there and the range
+    message here; each alone gets vLLM's text.)
     """
     is_chat = path.endswith(CHAT_PATH)
     if not is_chat and not path.endswith(COMPLETIONS_PATH):
@@ -581,17 +583,25 @@ def validate_request(path: str, body: dict[str, Any]) -> None:
 def check_context_length(prompt_tokens: int, body: dict[str, Any], max_model_len: int, *, exact: bool) -> bool:
     """vLLM 0.26's context-length 400s for a body that passed ``validate_request``.
 
-    ``prompt_tokens`` is the prompt's length in tokens (for a batch of completion prompts: the longest one).
-    With ``exact=True`` it is the real count: raises ``RequestError(400, ...)`` with vLLM's message where vLLM
-    rejects, and returns ``False`` otherwise.  With ``exact=False`` it is only an upper bound (a chars/4
-    estimate must not reject a prompt that fits): it never raises for the prompt's length and returns ``True``
-    when the bound would be rejected, meaning "count exactly (or let the engine decide) before rejecting";
-    checks that do not depend on the prompt (``max_tokens`` > ``max_model_len``) raise either way.
+    ``prompt_tokens`` is the prompt's length in tokens (for a batch of completion prompts: the longest one; for
+    chat: after the chat template).  Contract:
 
-    vLLM's order and texts: the output limit against ``max_model_len`` (TokenizeParams), the prompt against
-    ``max_model_len - max_tokens`` (after ``truncate_prompt_tokens``), then, for a chat request without a limit,
-    ``max_model_len - prompt`` as ``max_tokens`` (>= 1, >= ``min_tokens``), and the engine's own
-    "prompt fills the whole context" check.
+    - ``exact=True``: it is the real count.  Raises ``RequestError(400, message, param)`` with vLLM's text where
+      vLLM rejects the request, else returns ``False``.
+    - ``exact=False``: it is only an upper bound (e.g. the prompt's UTF-8 byte count, which no byte-level BPE
+      token count exceeds before the template's special tokens; note that ``ceil(chars / 4)`` is an estimate,
+      not a bound).  It never raises on a ground that depends on the prompt's length: it returns ``True``
+      ("needs an exact count") when the bound would be rejected, and ``False`` when even the bound fits.  The
+      caller then counts exactly and calls again with ``exact=True``, or forwards and lets the engine decide.
+    - Either way it raises for what does not depend on the prompt: ``max_tokens`` (``max_completion_tokens``)
+      above ``max_model_len``, ``truncate_prompt_tokens`` above ``max_model_len - max_tokens``.
+
+    vLLM's order and texts: the output limit against ``max_model_len`` (``TokenizeParams``), the prompt against
+    ``max_model_len - max_tokens`` after ``truncate_prompt_tokens`` (a text or chat prompt is reported as "at
+    least max_input + 1" tokens because vLLM stops tokenizing there), then, for a chat request without a limit,
+    ``max_model_len - prompt`` as ``max_tokens`` (>= 1, >= ``min_tokens``), and the engine's own "prompt fills
+    the whole context" check.  Not reproduced: vLLM's pre-tokenization character check, which for a text far
+    beyond the limit reports characters instead of tokens (it needs the tokenizer's longest token).
     """
     is_chat = "messages" in body and "prompt" not in body
     # validate_request accepted lax values ("5", 5.0, true): read them as vLLM's int fields did
