@@ -300,21 +300,24 @@ async def test_context_length_is_counted_exactly_only_when_the_cheap_bound_does_
 ) -> None:
     calls: list[tuple[int, int, bool]] = []
 
-    def recorder(prompt_tokens: int, body: dict[str, Any], max_model_len: int, *, exact: bool) -> None:
-        calls.append((prompt_tokens, max_model_len, exact))  # a probe in place of the validation module
+    real = server_mod.check_context_length
+
+    def recorder(prompt_tokens: int, body: dict[str, Any], max_model_len: int, *, exact: bool) -> bool:
+        calls.append((prompt_tokens, max_model_len, exact))  # a probe around the validation module
+        return real(prompt_tokens, body, max_model_len, exact=exact)
 
     monkeypatch.setattr(server_mod, "check_context_length", recorder)
     async with AsyncExitStack() as st:
         a = await sim(st, "agg")
         fe = await frontend(st, {"a": ("agg", a.url)}, mode="agg", max_model_len=400)
         assert (await post(http, fe.url + "/v1/completions", {"prompt": "hi", "max_tokens": 2}))[0] == 200
-        assert calls == []  # 2 bytes + allowance + 2 tokens fit: no tokenizing
+        assert [c for c in calls if c[2]] == []  # 2 bytes + allowance + 2 tokens fit: no tokenizing
         assert (await post(http, fe.url + "/v1/completions", {"prompt": LONG, "max_tokens": 2}))[0] == 200
         from pdkit.model_files import default_model_dir
         from pdkit.routing.prompt_tokens import load_prompt_tokenizer
 
         want = len(load_prompt_tokenizer(str(default_model_dir())).request_ids({"prompt": LONG}, False))
-        assert calls == [(want, 400, True)]
+        assert [c for c in calls if c[2]] == [(want, 400, True)]
 
 
 def _held_port() -> tuple[socket.socket, int]:
@@ -350,3 +353,40 @@ def test_busy_port_exits_2_naming_flag_and_key(flag: str, key: str) -> None:
     lines = [line for line in proc.stderr.splitlines() if line.startswith("pdkit frontend:")]
     assert len(lines) == 1 and str(busy) in lines[0] and flag in lines[0] and key in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+# Issue 18's invalid bodies: vLLM 0.26 answers 400 for each; the frontend must too, before any prefill.
+INVALID_BODIES = [
+    {"max_tokens": "abc"},
+    {"max_tokens": 8, "min_tokens": 9},
+    {"temperature": "hot"},
+    {"temperature": -3},
+    {"top_p": 5},
+    {"presence_penalty": 99},
+    {"top_k": -5},
+    {"seed": "x"},
+    {"frequency_penalty": "a"},
+    {"logit_bias": "x"},
+    {"user": 5},
+    {"max_tokens": 100_000},  # beyond max_model_len
+]
+
+
+@pytest.mark.parametrize("api", ["completions", "chat"])
+async def test_an_invalid_request_costs_no_prefill_token(http: aiohttp.ClientSession, api: str) -> None:
+    async with AsyncExitStack() as st:
+        p, d = await sim(st, "prefill"), await sim(st, "decode")
+        fe = await frontend(st, {"p": ("prefill", p.url), "d": ("decode", d.url)}, max_model_len=8192)
+        path, base = (
+            ("/v1/completions", {"prompt": LONG}) if api == "completions" else
+            ("/v1/chat/completions", {"messages": [{"role": "user", "content": LONG}]})
+        )  # fmt: skip
+        for bad in INVALID_BODIES:
+            status, _, text = await post(http, fe.url + path, {**base, **bad})
+            assert status == 400, (bad, text)
+            assert json.loads(text)["error"]["code"] == 400
+        async with http.get(p.url + "/metrics") as r:
+            assert metric(await r.text(), "vllm:prompt_tokens_total") == 0  # not one prefill token spent
+        assert (await post(http, fe.url + path, {**base, "max_tokens": 4}))[0] == 200  # and valid ones still work
+        async with http.get(p.url + "/metrics") as r:
+            assert metric(await r.text(), "vllm:prompt_tokens_total") > 0  # the counter is the real one

@@ -240,3 +240,13 @@ async def test_new_shapes_are_fixed_points_of_vllms_models(worker: SimWorker, ht
     async with http.get(worker.url + "/v1/models") as resp:
         models = await resp.json()
     assert ModelList.model_validate(models).model_dump(mode="json") == models
+
+
+async def test_the_sim_refuses_what_vllm_refuses() -> None:
+    """The sim engine uses the frontend's vLLM-equal validator: a bad sampling parameter is a 400 there too."""
+    from pdkit.sim.server import SimWorker
+    from pdkit.sim.settings import SimSettings
+
+    async with SimWorker(SimSettings(role="agg", hash_seed="0", time_scale=0)) as w, aiohttp.ClientSession() as http:
+        async with http.post(w.url + "/v1/completions", json={"prompt": "hi", "temperature": "hot"}) as r:
+            assert r.status == 400 and (await r.json())["error"]["param"] == "body.temperature"

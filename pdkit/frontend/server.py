@@ -468,8 +468,8 @@ class Frontend:
 
     def _context(self, request: web.Request, raw: bytes) -> RequestContext:
         body = parse_body(raw)
-        text, ids = extract_prompt(request.path, body)
         validate_request(request.path, body)  # vLLM's own 400s for bad sampling parameters, before any hop
+        text, ids = extract_prompt(request.path, body)
         rid = request.headers.get("X-Request-Id") or uuid.uuid4().hex
         model = body.get("model")
         workers = self.registry.workers.values()
@@ -521,14 +521,13 @@ class Frontend:
             return
         body = ctx.body
         if ctx.prompt_token_ids is not None:
-            check_context_length(len(ctx.prompt_token_ids), body, max_len, exact=True)
+            prompt = body.get("prompt")
+            # a batch of token-id prompts is judged by its longest one, as vLLM judges each prompt
+            longest = max(map(len, prompt)) if prompt and isinstance(prompt[0], list) else len(ctx.prompt_token_ids)
+            check_context_length(longest, body, max_len, exact=True)
             return
-        max_tokens = body.get("max_completion_tokens") if ctx.is_chat else None
-        if max_tokens is None:
-            max_tokens = body.get("max_tokens")
-        wanted = max_tokens if isinstance(max_tokens, int) and max_tokens > 0 else 1
-        if _prompt_token_bound(ctx) + wanted <= max_len:
-            return
+        if not check_context_length(_prompt_token_bound(ctx), body, max_len, exact=False):
+            return  # even the upper bound fits (the usual case: no tokenization)
         from pdkit.model_files import default_model_dir
         from pdkit.routing.prompt_tokens import PromptError, load_prompt_tokenizer
 

@@ -27,6 +27,8 @@ from typing import Any
 from aiohttp import ClientSession, ClientTimeout, web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from pdkit.frontend.requests import RequestError
+from pdkit.frontend.validation import validate_request
 from pdkit.sim.call import Call as _Call
 from pdkit.sim.call import Prompt as _Prompt
 from pdkit.sim.engine import SimEngine
@@ -267,6 +269,10 @@ class SimWorker:
         model = body.get("model")
         if model is not None and model != self.settings.served_model_name:
             raise ApiError(f"The model `{model}` does not exist.", 404, "NotFoundError", "model")
+        try:  # the same vLLM-equal parameter checks as the frontend's: one home for what vLLM refuses
+            validate_request(request.path, body)
+        except RequestError as exc:
+            raise ApiError(exc.message, exc.status, param=exc.param) from None
         return body
 
     def _common(self, body: dict[str, Any]) -> dict[str, Any]:
