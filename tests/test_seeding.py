@@ -353,3 +353,24 @@ def test_seeded_stream_passes_an_error_event_through_and_stops() -> None:
     assert s.feed(err[:10]) == b""
     assert s.feed(err[10:]) == err and s.done
     assert s.feed(b"data: [DONE]\n\n") == b""
+
+
+async def test_local_reprefill_of_prompt_and_streamed_tokens_continues_the_answer(
+    trio, http: aiohttp.ClientSession
+) -> None:
+    """The fault fallback: the decode lost the KV, so prompt + first token is prefilled locally (no params)."""
+    p, d, a = trio
+    body = completion_body(40, return_token_ids=True)
+    want = await agg_call(http, a, COMPLETIONS, body)
+    answer_ids = want["choices"][0]["token_ids"]
+    got, info = await seeded_call(http, p, d, COMPLETIONS, body)
+    dbody = {k: v for k, v in info["decode_body"].items() if k != "kv_transfer_params"}
+    async with http.post(d.url + COMPLETIONS, json=dbody) as r:
+        local = await r.json()
+    assert local["choices"][0]["token_ids"] == answer_ids[1:]
+    # the sim model continues any tail of its own answer, as a real model continues a sequence
+    assert d.engine is not None
+    model = d.engine.model
+    prompt_ids = body["prompt"]
+    assert model.tokens([*prompt_ids, *answer_ids[:3]], 5) == answer_ids[3:8]
+    assert model.tokens(prompt_ids, 8) == answer_ids
