@@ -143,7 +143,7 @@ def seed_refusal(path: str, body: dict[str, Any], *, output_parsers: bool = Fals
         return "n > 1"
     if body.get("echo"):
         return "echo"
-    if not isinstance(body.get("stream", False), bool):
+    if body.get("stream") is not None and not isinstance(body.get("stream"), bool):
         return "stream is not a boolean"
     if is_chat(path):
         if output_parsers:
