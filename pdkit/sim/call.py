@@ -92,6 +92,8 @@ class Call:
         self.model = worker.settings.served_model_name
         self.token_str = worker.tokenizer.token_str
         self.choices: list[Choice] = []
+        # vLLM 0.26's return_token_ids: output ids per choice (and per chunk), the prompt's ids once
+        self.return_token_ids = bool(body.get("return_token_ids"))
 
     @property
     def engine(self) -> Any:
@@ -172,7 +174,7 @@ class Call:
                     "prompt_logprobs": (
                         prompt_logprobs_json(prompt.entries, self.token_str) if prompt.entries is not None else None
                     ),
-                    "prompt_token_ids": None,
+                    "prompt_token_ids": list(prompt.ids) if self.return_token_ids else None,
                     "prompt_text": None,
                     "kv_transfer_params": params,
                     "ec_transfer_params": None,
@@ -208,9 +210,9 @@ class Call:
             "logprobs": logprobs,
             "finish_reason": c.finish.reason,
             "stop_reason": c.finish.stop_reason,
-            "token_ids": None,
+            "token_ids": list(c.token_ids) if self.return_token_ids else None,
             "prompt_logprobs": prompt_logprobs_json(p.entries, self.token_str) if p.entries is not None else None,
-            "prompt_token_ids": None,
+            "prompt_token_ids": list(p.ids) if self.return_token_ids else None,
             "routed_experts": None,
         }
 
@@ -245,7 +247,7 @@ class Call:
             "logprobs": logprobs,
             "finish_reason": c.finish.reason,
             "stop_reason": c.finish.stop_reason,
-            "token_ids": None,
+            "token_ids": list(c.token_ids) if self.return_token_ids else None,
             "routed_experts": None,
         }
 
@@ -292,7 +294,10 @@ class Call:
                     started = True
                     for r in self.choices:
                         role = {"index": r.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None}
-                        await resp.write(sse(chunk({**role, "finish_reason": None}, usage_of(r))))
+                        first_chunk = chunk({**role, "finish_reason": None}, usage_of(r))
+                        if self.return_token_ids:  # vLLM: the prompt's ids ride on the role chunk only
+                            first_chunk["prompt_token_ids"] = list(r.prompt.ids)
+                        await resp.write(sse(first_chunk))
                 token = ev if isinstance(ev, TokenEvent) else ev.last_token
                 finish = ev if isinstance(ev, FinishEvent) else None
                 if finish is not None:
@@ -339,13 +344,16 @@ class Call:
             }
             if finish is not None:
                 choice["stop_reason"] = stop_reason
-            choice["token_ids"] = None
+            choice["token_ids"] = ids if self.return_token_ids else None
             return choice
         offset = c.text_len
         c.text_len += len(text)
+        prompt_ids = None
         if not c.echoed:
             c.echoed = True
             ids, entries, text = self._echoed(c, ids, entries, text)
+            if self.return_token_ids:  # vLLM: the prompt's ids ride on each choice's first chunk only
+                prompt_ids = list(c.prompt.ids)
         logprobs = None
         if self.sampling.num_logprobs is not None:
             logprobs = completion_logprobs(ids, entries, self.token_str, offset)
@@ -355,6 +363,6 @@ class Call:
             "logprobs": logprobs,
             "finish_reason": reason,
             "stop_reason": stop_reason,
-            "prompt_token_ids": None,
-            "token_ids": None,
+            "prompt_token_ids": prompt_ids,
+            "token_ids": ids if self.return_token_ids else None,
         }

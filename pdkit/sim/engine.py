@@ -79,6 +79,7 @@ class SimRequest:
     arrival: float = field(default_factory=time.monotonic)
     output_ids: list[int] = field(default_factory=list)
     text: str = ""
+    text_sent: int = 0  # characters of ``text`` already handed out (the rest is held back for stop strings)
     block_hashes: list[bytes] = field(default_factory=list)
     block_ids: list[int] = field(default_factory=list)
     num_computed: int = 0
@@ -86,6 +87,7 @@ class SimRequest:
     num_cached_tokens: int = 0
     state: str = "waiting"
     digest: bytes = b""
+    answer_offset: int = 0  # position of the first output token in the model's answer (seeded prompts)
     first_token_time: float | None = None
     last_token_time: float | None = None
     scheduled_time: float | None = None
@@ -184,7 +186,7 @@ class SimEngine:
 
     # -------------------------------------------------------------------------------- requests
     def add_request(self, req: SimRequest) -> None:
-        req.digest = self.model.prompt_digest(req.prompt_ids)
+        req.digest, req.answer_offset = self.model.continuation(req.prompt_ids)
         req.block_hashes = self.hasher.block_hashes(req.prompt_ids, cache_salt=req.cache_salt)
         self.metrics.prompt_tokens.inc(len(req.prompt_ids))
         if req.wants_remote_prefill and self.settings.role != "agg":
@@ -349,10 +351,11 @@ class SimEngine:
 
     def _emit_token(self, req: SimRequest, now: float) -> None:
         entries: list[LogprobEntry] | None = None
+        position = req.answer_offset + len(req.output_ids)
         if req.sampling is None:
-            tok = self.model.token(req.digest, len(req.output_ids))
+            tok = self.model.token(req.digest, position)
         else:
-            tok, entries = self.sampler.next_token(req.digest, len(req.output_ids), req.sampling)
+            tok, entries = self.sampler.next_token(req.digest, position, req.sampling)
         req.output_ids.append(tok)
         text = self.model.token_text(tok)
         self.metrics.generation_tokens.inc()
@@ -363,15 +366,21 @@ class SimEngine:
             self.metrics.itl.observe(now - req.last_token_time)
         req.last_token_time = now
         stop_hit = None
-        if req.stop:
-            combined = req.text + text
-            for s in req.stop:
-                pos = combined.find(s, max(0, len(req.text) - len(s) + 1))
-                if s and pos >= 0:
-                    stop_hit = s
-                    text = combined[:pos][len(req.text) :]
-                    break
-        req.text += text
+        combined = req.text + text
+        for s in req.stop:  # vLLM's order: the first stop string of the list that appears wins
+            pos = combined.find(s, max(0, len(req.text) - len(s) + 1))
+            if s and pos >= 0:
+                stop_hit = s
+                combined = combined[:pos]
+                break
+        req.text = combined
+        # vLLM's detokenizer holds back the last max(len(stop)) - 1 characters of a stream until no
+        # stop string can claim them: a stop that starts inside an earlier token cuts text not yet sent
+        finished = stop_hit is not None or len(req.output_ids) >= req.max_tokens
+        hold = max((len(s) for s in req.stop), default=1) - 1
+        visible = len(req.text) if finished else max(req.text_sent, len(req.text) - hold)
+        text = req.text[req.text_sent : visible]
+        req.text_sent = visible
         event = TokenEvent(tok, text, entries)
         if stop_hit is not None:
             self._finish_running(req, "stop", stop_hit, event)
@@ -436,15 +445,40 @@ class SimEngine:
             remote_blocks = [int(b) for b in remote_groups[0]] if remote_groups else []
             num_prompt_blocks = self._cdiv(len(req.prompt_ids))
             local = req.block_ids[num_local_hit_blocks:num_prompt_blocks]
+            # The prefill's KV covers remote_num_tokens tokens; a decode *seeded* with the prefill's first
+            # token has one prompt token more, whose KV it computes itself (vLLM's "recompute the last
+            # token" step).  More than one token beyond the prefill's KV would be positions vLLM leaves
+            # without KV, silently: refuse those loudly.
+            remote_tokens = int(params.get("remote_num_tokens") or len(req.prompt_ids))
+            if not 0 <= len(req.prompt_ids) - remote_tokens <= 1:
+                raise KVTransferError(
+                    f"prompt has {len(req.prompt_ids)} tokens but the prefill's KV covers {remote_tokens}; "
+                    "a decode may extend the prefill's prompt by one (seeded) token at most"
+                )
+            if len(local) > len(remote_blocks):
+                # vLLM 0.26's NIXL worker asserts here (_apply_prefix_caching: num_local_blocks <= remote)
+                raise KVTransferError(
+                    f"remote holds {len(remote_blocks)} blocks, {len(local)} needed; a seeded decode whose "
+                    "prefill length is a multiple of the block size needs remote_block_ids padded "
+                    "(pdkit.frontend.seeding.seeded_kv_transfer_params)"
+                )
             # like NIXL: read the remote tail that corresponds to our unhashed local blocks
             wanted = remote_blocks[len(remote_blocks) - len(local) :] if local else []
-            if len(wanted) != len(local):
-                raise KVTransferError(f"remote holds {len(remote_blocks)} blocks, {len(local)} needed")
             first = len(remote_blocks) - len(wanted)
-            result = await self.transport.pull(PullSpec(params, wanted, first, local))
+            if wanted and first != num_local_hit_blocks:
+                # NIXL pairs the lists from their ends: this would load KV of other positions (silently)
+                raise KVTransferError(
+                    f"remote block {first} would be read into the local block of positions from "
+                    f"{num_local_hit_blocks * self.settings.block_size}: misaligned read (a seeded decode "
+                    "needs remote_block_ids padded when the prefill length is a multiple of the block size)"
+                )
+            # a padded list repeats the last block: NIXL reads it into the seed token's block, whose
+            # only used slot the decode computes itself; the simulator skips that read
+            wanted = wanted[: max(0, self._cdiv(remote_tokens) - first)]
+            result = await self.transport.pull(PullSpec(params, wanted, first, local[: len(wanted)]))
             start = first * self.settings.block_size
             expect = req.prompt_ids[start : start + len(result.token_ids)]
-            if result.token_ids != expect or len(result.token_ids) < len(req.prompt_ids) - start:
+            if result.token_ids != expect or len(result.token_ids) < remote_tokens - start:
                 raise KVTransferError("pulled KV belongs to a different prompt (or the blocks were freed)")
             self.metrics.kv_transfer_bytes.labels(direction="received").inc(result.num_bytes)
             await asyncio.sleep(self.settings.latency.transfer_ms(result.num_bytes) / 1e3 * self.settings.time_scale)

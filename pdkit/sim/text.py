@@ -161,6 +161,9 @@ def _normalize_message(message: Any) -> dict[str, Any]:
     return {**message, "content": content if content is not None else ""}
 
 
+MAX_CONTINUATION = 32  # longest prompt tail recognised as the model's own answer (see OutputModel.continuation)
+
+
 class OutputModel:
     """The simulator's "weights": token ``i`` of the answer to ``prompt_ids`` (pure function)."""
 
@@ -175,13 +178,39 @@ class OutputModel:
         h.update(array("q", prompt_ids).tobytes())
         return h.digest()
 
+    def continuation(self, prompt_ids: Sequence[int]) -> tuple[bytes, int]:
+        """(digest, index of the first output token): where this prompt sits in the model's answers.
+
+        Why: a real model is a function of the whole token sequence, so a prompt that ends with the
+        model's own greedy answer to a shorter prompt (a P/D decode *seeded* with the prefill's first
+        token, or a local re-prefill of prompt + tokens already streamed) continues that answer.  The
+        simulator's answer is keyed by (prompt digest, position), so such a prompt is recognised here:
+        the longest tail of at most :data:`MAX_CONTINUATION` tokens that equals the greedy answer to the
+        rest wins; then the answer goes on from that position.  Any other prompt: (its digest, 0).
+        One pass over the prompt (the hash states of the last prefixes are copies taken on the way).
+        """
+        n = len(prompt_ids)
+        kmax = max(0, min(MAX_CONTINUATION, n - 1))
+        h = hashlib.blake2b(digest_size=16, person=b"pdkit-sim")
+        h.update(self.seed.to_bytes(8, "little", signed=True))
+        h.update(array("q", prompt_ids[: n - kmax]).tobytes())
+        prefixes: list[tuple[int, bytes]] = []
+        for j in range(n - kmax, n):
+            prefixes.append((j, h.copy().digest()))
+            h.update(array("q", [prompt_ids[j]]).tobytes())
+        for j, digest in prefixes:  # shortest prefix first = longest continuation
+            if all(self.token(digest, i) == prompt_ids[j + i] for i in range(n - j)):
+                return digest, n - j
+        return h.digest(), 0
+
     def token(self, digest: bytes, index: int) -> int:
         raw = hashlib.blake2b(digest + index.to_bytes(8, "little"), digest_size=8).digest()
         return self._words[int.from_bytes(raw, "little") % len(self._words)]
 
     def tokens(self, prompt_ids: Sequence[int], n: int) -> list[int]:
-        d = self.prompt_digest(prompt_ids)
-        return [self.token(d, i) for i in range(n)]
+        """The greedy answer's first ``n`` tokens, as the engine produces them."""
+        d, start = self.continuation(prompt_ids)
+        return [self.token(d, start + i) for i in range(n)]
 
     def token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])
