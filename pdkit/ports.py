@@ -19,10 +19,12 @@ from pdkit.errors import ConfigError
 from pdkit.plan import LaunchPlan, ProcessSpec
 
 # ProcessSpec.ports names -> the config key that sets them (worker keys are bases: + the worker index).
-_FRONTEND_KEYS = {"http": "frontend.port", "zmq": "frontend.zmq_port", "kv_events": "frontend.kv_events_port"}
+# (Local workers publish KV events on ipc sockets in the run dir; only a worker off the frontend's host
+# binds a "kv_events" TCP port, and the frontend binds none: docs/security.md.)
+_FRONTEND_KEYS = {"http": "frontend.port", "zmq": "frontend.zmq_port"}
 _WORKER_BASE_KEYS = {
     "http": "http_port_base",
-    "kv_events_replay": "kv_events_port_base",
+    "kv_events": "kv_events_port_base",
     "nixl_side_channel": "nixl_side_channel_port_base",
 }
 
@@ -41,7 +43,7 @@ class PlannedPort:
 
 
 def planned_ports(plan: LaunchPlan, port_offset: int = 0) -> list[PlannedPort]:
-    """Every port the plan's processes listen on (the frontend's KV-events port only when it binds it).
+    """Every port the plan's processes listen on.
 
     ``port_offset``: the deployment's offset, already inside the plan's ports; it is named in each key
     so the arithmetic a person reads adds up (``decode.http_port_base + 0 + port_offset 1000 = 9400``).
@@ -50,8 +52,6 @@ def planned_ports(plan: LaunchPlan, port_offset: int = 0) -> list[PlannedPort]:
     out: list[PlannedPort] = []
     for proc in plan.processes:
         for name, port in proc.ports.items():
-            if proc.role == "frontend" and name == "kv_events" and "--no-kv-events" in proc.argv:
-                continue  # KV events off: the frontend does not bind this port
             out.append(PlannedPort(proc.host, port, _config_key(proc, name) + shift, proc.name))
     return out
 

@@ -62,9 +62,7 @@ def pdkit(*args: str, cwd: Path, timeout: float = 60) -> subprocess.CompletedPro
 BUSY_CASES = [
     ("sim", "frontend", "http", "frontend.port"),
     ("sim", "frontend", "zmq", "frontend.zmq_port"),
-    ("sim", "frontend", "kv_events", "frontend.kv_events_port"),
     ("sim", "decode-0", "http", "decode.http_port_base + 0"),
-    ("sim", "prefill-0", "kv_events_replay", "prefill.kv_events_port_base + 0"),
     ("vllm", "prefill-0", "nixl_side_channel", "prefill.nixl_side_channel_port_base + 0"),
 ]
 
@@ -92,15 +90,9 @@ def test_busy_port_stops_launch_before_anything_starts(
 def test_planned_ports_name_every_config_key() -> None:
     plan = build_plan(load_deployment(None, {"engine": "vllm", "prefill.gpus": [[1], [2]], "decode.gpus": [[0]]}))
     keys = {p.describe() for p in planned_ports(plan)}
-    assert {"frontend.port = 8000", "frontend.zmq_port = 8100", "frontend.kv_events_port = 8101"} <= keys
+    assert {"frontend.port = 8000", "frontend.zmq_port = 8100"} <= keys
     assert {"prefill.http_port_base + 1 = 8301", "prefill.nixl_side_channel_port_base + 1 = 5611"} <= keys
-    assert "decode.kv_events_port_base + 0 = 5820" in keys
-
-
-def test_frontend_kv_events_port_is_not_checked_when_the_frontend_does_not_bind_it(tmp_path) -> None:
-    """A hub model without a local tokenizer: the frontend runs with --no-kv-events (pdkit.plan)."""
-    plan = build_plan(load_deployment(None, {"model": "org/some-hub-model"}))
-    assert "frontend.kv_events_port" not in {p.key for p in planned_ports(plan)}
+    assert not any("kv_events" in k for k in keys)  # local KV events go over ipc sockets: no TCP port
 
 
 def test_port_offset_shifts_every_port_and_the_dry_run_shows_it(run_cli) -> None:
@@ -109,11 +101,11 @@ def test_port_offset_shifts_every_port_and_the_dry_run_shows_it(run_cli) -> None
     plan = json.loads(out)
     assert plan["frontend_url"] == "http://127.0.0.1:9000"
     ports = {p["name"]: p["ports"] for p in plan["processes"]}
-    assert ports["frontend"] == {"http": 9000, "zmq": 9100, "kv_events": 9101}
-    assert ports["decode-0"] == {"http": 9400, "kv_events_replay": 6820}
-    assert ports["prefill-0"] == {"http": 9300, "kv_events_replay": 6810}
+    assert ports["frontend"] == {"http": 9000, "zmq": 9100}
+    assert ports["decode-0"] == {"http": 9400}
+    assert ports["prefill-0"] == {"http": 9300}
     decode = next(p for p in plan["processes"] if p["name"] == "decode-0")
-    assert "tcp://127.0.0.1:9101" in decode["engine_argv"] and "tcp://127.0.0.1:9100" in decode["argv"]
+    assert "tcp://127.0.0.1:9100" in decode["argv"]  # the registry, shifted
 
 
 def _get(url: str) -> dict:
