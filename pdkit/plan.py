@@ -57,6 +57,8 @@ class LaunchPlan(BaseModel):
     frontend_url: str
     processes: list[ProcessSpec]
     warnings: list[str] = Field(default_factory=list)
+    # The vLLM stack the connector names and flags are for (pdkit/stack.py): version, status, known.
+    vllm_stack: dict[str, Any] | None = None
 
     def workers(self) -> list[ProcessSpec]:
         return [p for p in self.processes if p.role != "frontend"]
@@ -163,7 +165,7 @@ def _vllm_argv(dep: Deployment, role: Role, port: int, host: str, tp: int, kv: d
     if kv is not None:
         argv += ["--kv-transfer-config", json.dumps(kv, separators=(",", ":"))]
     argv += ["--kv-events-config", json.dumps(ev, separators=(",", ":"))]
-    role_kv = kv_transfer_config(role, lmcache=dep.lmcache, nixl=dep.nixl, as_dict=True)
+    role_kv = kv_transfer_config(role, lmcache=dep.lmcache, nixl=dep.nixl, as_dict=True, vllm_version=dep.vllm_version)
     argv += role_kv.serve_args
     argv += group.extra_args
     return argv
@@ -213,6 +215,7 @@ def worker_spec(dep: Deployment, role: Role, index: int, run_dir: Path) -> Proce
         side_channel_host=host if uses_nixl else None,
         hash_seed=dep.hash_seed,
         as_dict=True,
+        vllm_version=dep.vllm_version,
     )
     kv = role_kv.kv_transfer_config if dep.engine == "vllm" else None
     env: dict[str, str] = {"PYTHONUNBUFFERED": "1"}
@@ -277,6 +280,7 @@ def build_plan(dep: Deployment) -> LaunchPlan:
         procs += [worker_spec(dep, role, i, run_dir) for i in range(dep.group(role).num_workers)]
     warnings = check_handshake_compat(procs) if dep.mode == "disagg" and dep.engine == "vllm" else []
     return LaunchPlan(
+        vllm_stack=_stack_summary(dep) if dep.engine == "vllm" else None,
         warnings=warnings,
         mode=dep.mode,
         engine=dep.engine,
@@ -286,6 +290,14 @@ def build_plan(dep: Deployment) -> LaunchPlan:
         frontend_url=f"http://{dep.frontend.host}:{dep.frontend.port}",
         processes=procs,
     )
+
+
+def _stack_summary(dep: Deployment) -> dict[str, Any]:
+    from pdkit.stack import installed_version, plan_stack
+
+    stack = plan_stack(dep.vllm_version)
+    source = "config" if dep.vllm_version is not None else "installed" if installed_version("vllm") else "default"
+    return {"vllm": stack.vllm, "status": stack.status, "known": stack.known, "source": source}
 
 
 def check_handshake_compat(procs: list[ProcessSpec]) -> list[str]:
