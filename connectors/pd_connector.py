@@ -174,7 +174,9 @@ class PdConnector(KVConnectorBase_V1):
         # per-layer tensors (register_kv_caches), so it keeps vLLM's per-layer layout.
         if self.verify_transfers:
             return False
-        return bool(self._children) and all(getattr(c, "prefer_cross_layer_blocks", False) for c in self._children.values())
+        return bool(self._children) and all(
+            getattr(c, "prefer_cross_layer_blocks", False) for c in self._children.values()
+        )
 
     @property
     def requires_kv_delivery(self) -> bool:
@@ -432,9 +434,11 @@ class PdConnector(KVConnectorBase_V1):
 
     def register_finished_partial_tail(self, request: Request, block_ids: Any, partial_tail_offloads: Any) -> bool:
         # vLLM 0.32+: every child sees it; blocks stay alive if any takes responsibility.
-        return any(
-            [c.register_finished_partial_tail(request, block_ids, partial_tail_offloads) for c in self._children.values()]  # type: ignore[attr-defined]
-        )
+        accepted = [
+            c.register_finished_partial_tail(request, block_ids, partial_tail_offloads)  # type: ignore[attr-defined]
+            for c in self._children.values()
+        ]
+        return any(accepted)
 
     def has_pending_block_frees(self) -> bool:
         return any(bool(_call(c, "has_pending_block_frees")) for c in self._children.values())

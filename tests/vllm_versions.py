@@ -24,3 +24,14 @@ def since_vllm(minor: str, reason: str) -> pytest.MarkDecorator:
     """Skip on vLLM releases before ``minor`` (a hook or field that release added)."""
     wanted = parse_version(minor)[:2]
     return pytest.mark.skipif(VLLM_MINOR is None or VLLM_MINOR < wanted, reason=f"needs vLLM >= {minor}: {reason}")
+
+
+def gap_since_vllm(minor: str, reason: str) -> pytest.MarkDecorator:
+    """Expected to fail from vLLM ``minor`` on: pdkit does not follow that release there yet (``reason``).
+
+    Strict, so the test reports XPASS (and fails) the day pdkit catches up and the mark must go.
+    """
+    wanted = parse_version(minor)[:2]
+    return pytest.mark.xfail(
+        VLLM_MINOR is not None and VLLM_MINOR >= wanted, reason=f"pdkit gap on vLLM >= {minor}: {reason}", strict=True
+    )
