@@ -292,6 +292,7 @@ def config_show(
         side_channel_port=spec.ports.get("nixl_side_channel"),
         side_channel_host=spec.host if "nixl_side_channel" in spec.ports else None,
         as_dict=True,
+        vllm_version=dep.vllm_version,
     )
     out = {
         "mode": mode,
