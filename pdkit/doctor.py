@@ -76,7 +76,7 @@ class Diagnosis:
             f"lmcache  {f.versions.get('lmcache') or 'not installed'}"
             + (f" (extension {ext['module']}: {'loads' if ext['ok'] else ext['detail']})" if ext else ""),
             f"nixl     {f.versions.get('nixl') or 'not installed'}"
-            + (f" (UCX plugins: {', '.join(f.ucx_plugins)})" if f.ucx_plugins else ""),
+            + "".join(f"\n         {line}" for line in f.ucx_plugins),
             f"GPUs     {len(f.gpus)}" + "".join(f"\n         {g}" for g in f.gpus),
             f"plan for vLLM {self.stack['vllm']} ({self.stack['status']}; known good: torch {self.stack['torch']}, "
             f"lmcache {self.stack['lmcache']}, nixl {self.stack['nixl']})",
@@ -137,20 +137,36 @@ def probe_lmcache_extension(lmcache_version: str) -> dict[str, Any] | None:
 
 
 def probe_ucx_plugins() -> list[str]:
-    """Names of the UCX/NIXL plugin libraries the nixl wheel ships (from its file list; no import)."""
-    try:
-        files = metadata.files("nixl") or []
-    except metadata.PackageNotFoundError:
-        return []
-    names = {p.name for p in files if "plugin" in str(p).lower() and p.name.endswith(".so")}
-    return sorted(names)[:40]
+    """NIXL backend plugins and UCX transports the nixl wheels ship, e.g. ``cu12: UCX, GDS | uct: cuda, ib``.
+
+    Read from the wheels' file lists (nixl 1.5 puts them in ``nixl-cu12``/``nixl-cu13``), no import: a
+    missing ``UCX`` plugin or ``cuda`` transport explains a NIXL that falls back to TCP or fails to start.
+    """
+    out: list[str] = []
+    for dist in ("nixl", "nixl-cu12", "nixl-cu13"):
+        try:
+            files = metadata.files(dist) or []
+        except metadata.PackageNotFoundError:
+            continue
+        plugins = sorted({p.name[len("libplugin_") : -3] for p in files if p.name.startswith("libplugin_")
+                          and p.name.endswith(".so")})  # fmt: skip
+        transports = sorted(
+            {
+                p.name[len("libuct_") :].split(".so")[0]
+                for p in files
+                if p.name.startswith("libuct_") and ".so" in p.name
+            }
+        )
+        if plugins or transports:
+            out.append(f"{dist.removeprefix('nixl-') or dist}: {', '.join(plugins)} | uct: {', '.join(transports)}")
+    return out
 
 
 def gather(installed: Callable[[str], str | None] = stacks.installed_version) -> Facts:
     """The facts of this machine."""
     versions = {name: installed(name) for name in ("vllm", "torch", "lmcache", "nixl")}
     if versions["nixl"] is None:
-        versions["nixl"] = installed("nixl-cu12") or installed("nixl-cu13")
+        versions["nixl"] = installed("nixl-cu12") or installed("nixl-cu13")  # the per-CUDA wheels alone
     lmcache = versions["lmcache"]
     return Facts(
         versions=versions,
