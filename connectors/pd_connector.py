@@ -1,8 +1,8 @@
 """PdConnector: vLLM KV connector composing LMCache (local offload/reuse) and NIXL (P→D transfer).
 
-vLLM 0.26.0 loads it with ``kv_connector="PdConnector"`` and
-``kv_connector_module_path="pdkit.connectors.pd_connector"``; configuration in ``pd_children.py``,
-design and the method-by-method table in ``docs/pd_connector.md``.
+vLLM 0.26.0 and 0.32.0 (the hooks 0.32 added are delegated below) load it with
+``kv_connector="PdConnector"`` and ``kv_connector_module_path="pdkit.connectors.pd_connector"``;
+configuration in ``pd_children.py``, design and the method-by-method table in ``docs/pd_connector.md``.
 
 Composition, not a MultiConnector subclass: vLLM's HMA check special-cases the class *name*
 ``MultiConnector`` (a subclass named otherwise claims SupportsHMA through inheritance, keeps the hybrid
