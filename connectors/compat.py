@@ -17,8 +17,8 @@ decode=NixlConnector differ unless ``--disable-hybrid-kv-cache-manager`` is give
 
 Settings are plain dicts (every key optional); :func:`settings_from_serve` builds one from ``vllm serve``
 argv and env.  Keys: ``model``, ``dtype``, ``kv_cache_dtype``, ``block_size``, ``attention_backend``,
-``kv_cache_layout``, ``kv_connector``, ``disable_hybrid_kv_cache_manager`` (True/False/None = vLLM
-decides), ``enable_cross_layers_blocks``, ``vllm_version``.
+``kv_cache_layout``, ``kv_connector``, ``nixl_transfer_mode`` (push/pull), ``disable_hybrid_kv_cache_manager``
+(True/False/None = vLLM decides), ``enable_cross_layers_blocks``, ``vllm_version``.
 """
 
 from __future__ import annotations
@@ -158,6 +158,18 @@ def check_nixl_compat(prefill: Mapping[str, Any], decode: Mapping[str, Any]) -> 
                 "NIXL hashes cross-layer blocks; set the NIXL extra-config key the same on both sides.",
             )
         )
+    p, d = both("nixl_transfer_mode")
+    if p is not None and d is not None and p != d:
+        out.append(
+            Mismatch(
+                "nixl_transfer_mode",
+                p,
+                d,
+                "error",
+                "a push (NixlPushConnector) and a pull side never pair (vLLM 0.32 hashes the transfer mode); "
+                "set nixl.mode once for both roles.",
+            )
+        )
     p, d = both("kv_cache_layout")
     if (p or "HND") != (d or "HND"):
         out.append(
@@ -229,6 +241,10 @@ def settings_from_serve(
                 out["kv_connector"] = ktc.get("kv_connector")
                 extra = ktc.get("kv_connector_extra_config") or {}
                 nixl = extra.get("nixl", extra) if ktc.get("kv_connector") == "PdConnector" else extra
+                nixl_name = (
+                    extra.get("nixl_connector") if ktc.get("kv_connector") == "PdConnector" else ktc.get("kv_connector")
+                )
+                out["nixl_transfer_mode"] = "push" if nixl_name == "NixlPushConnector" else "pull"
                 if "enable_cross_layers_blocks" in nixl:
                     out["enable_cross_layers_blocks"] = str(nixl["enable_cross_layers_blocks"]).lower() == "true"
             else:

@@ -1,8 +1,8 @@
 """PdConnector: vLLM KV connector composing LMCache (local offload/reuse) and NIXL (P→D transfer).
 
-vLLM 0.26.0 loads it with ``kv_connector="PdConnector"`` and
-``kv_connector_module_path="pdkit.connectors.pd_connector"``; configuration in ``pd_children.py``,
-design and the method-by-method table in ``docs/pd_connector.md``.
+vLLM 0.26.0 and 0.32.0 (the hooks 0.32 added are delegated below) load it with
+``kv_connector="PdConnector"`` and ``kv_connector_module_path="pdkit.connectors.pd_connector"``;
+configuration in ``pd_children.py``, design and the method-by-method table in ``docs/pd_connector.md``.
 
 Composition, not a MultiConnector subclass: vLLM's HMA check special-cases the class *name*
 ``MultiConnector`` (a subclass named otherwise claims SupportsHMA through inheritance, keeps the hybrid
@@ -174,9 +174,37 @@ class PdConnector(KVConnectorBase_V1):
         # per-layer tensors (register_kv_caches), so it keeps vLLM's per-layer layout.
         if self.verify_transfers:
             return False
-        return bool(self._children) and all(c.prefer_cross_layer_blocks for c in self._children.values())
+        return bool(self._children) and all(
+            getattr(c, "prefer_cross_layer_blocks", False) for c in self._children.values()
+        )
+
+    @property
+    def requires_kv_delivery(self) -> bool:
+        """vLLM 0.32+: only the NIXL producer leg hands KV off that must arrive (decode pulls it).
+
+        LMCache runs as ``kv_both``, which the base class would count as a producer; its saves are
+        best-effort (a dropped save is a later cache miss), so they must not force a preempted request
+        to be recomputed.
+        """
+        nixl = self._children.get(NIXL)
+        return bool(getattr(nixl, "requires_kv_delivery", False)) if nixl is not None else False
 
     # ------------------------------------------------------------------ worker side
+    def get_mem_pool_context(self) -> Any:
+        """vLLM 0.32+: the KV cache lives in one pool, so at most one child may supply it."""
+        found = [(type(c).__name__, ctx) for c in self._children.values() if (ctx := _call(c, "get_mem_pool_context"))]
+        if len(found) > 1:
+            raise ValueError(f"PdConnector: children {[n for n, _ in found]} each want their own KV cache memory pool")
+        return found[0][1] if found else None
+
+    def finish_forward(self) -> None:
+        # vLLM 0.32+: the model no longer reads this step's KV (NIXL may start sends/frees now).
+        self._each(lambda c: _call(c, "finish_forward"))
+
+    def reset_capture_state(self) -> None:
+        # vLLM 0.32+: after CUDA-graph capture, each child drops what capture runs left behind.
+        self._each(lambda c: _call(c, "reset_capture_state"))
+
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         # Both: NIXL registers the memory for RDMA, LMCache keeps the tensors to copy chunks in/out.
         self._each(lambda c: c.register_kv_caches(kv_caches))
@@ -250,11 +278,36 @@ class PdConnector(KVConnectorBase_V1):
         self._each(lambda c: c.wait_for_save())
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
-        """Union of loads; a send/save is reported once, when the last child that delayed it is done."""
+        """Union of loads; a send/save is reported once, when the last child that delayed it is done.
+
+        vLLM 0.26's model runner calls this; 0.32's calls :meth:`get_transfer_results` (same rules, plus
+        failed receives).
+        """
+        sending, recving, _ = self._collect_finished(finished_req_ids, with_failures=False)
+        return sending or None, recving or None
+
+    def get_transfer_results(self, finished_req_ids: set[str]) -> Any:
+        """vLLM 0.32+: :meth:`get_finished`'s merge, and the union of children's failed receives.
+
+        Failed receives must pass through: vLLM 0.32 releases a request stuck waiting for a pull only
+        when NIXL reports it in ``failed_recving`` (it also appears in ``finished_recving``).
+        """
+        from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorTransferResults
+
+        sending, recving, failed = self._collect_finished(finished_req_ids, with_failures=True)
+        return KVConnectorTransferResults(finished_sending=sending, finished_recving=recving, failed_recving=failed)
+
+    def _collect_finished(self, finished_req_ids: set[str], with_failures: bool) -> tuple[set[str], set[str], set[str]]:
         sending: set[str] = set()
         recving: set[str] = set()
+        failed: set[str] = set()
         for name, child in self._children.items():
-            child_sending, child_recving = child.get_finished(finished_req_ids)
+            if with_failures:
+                results = child.get_transfer_results(finished_req_ids)  # type: ignore[attr-defined]
+                child_sending, child_recving = results.finished_sending, results.finished_recving
+                failed |= results.failed_recving
+            else:
+                child_sending, child_recving = child.get_finished(finished_req_ids)
             recving |= child_recving or set()
             for rid in child_sending or ():
                 waiting = self._awaiting.get(rid)
@@ -273,7 +326,7 @@ class PdConnector(KVConnectorBase_V1):
             self._reported.popitem(last=False)
         if self._worker_fps is not None and recving:
             self._verify_received(recving)
-        return sending or None, recving or None
+        return sending, recving, failed
 
     def _verify_received(self, recving: set[str]) -> None:
         """Decode: NIXL says these pulls are done; check their fingerprints (bad blocks → load errors)."""
@@ -360,6 +413,36 @@ class PdConnector(KVConnectorBase_V1):
             raise error
 
     # ------------------------------------------------------------------ scheduler side
+    def bind_kv_cache_manager(self, kv_cache_manager: Any) -> None:
+        """vLLM 0.32+: each child binds the manager (and, through it, the GPU block pool) exactly once."""
+        self._kv_cache_manager = kv_cache_manager
+        self._each(lambda c: c.bind_kv_cache_manager(kv_cache_manager))  # type: ignore[attr-defined]
+
+    def get_loaded_kv_cache_group_ids(self, request: Request) -> tuple[int, ...]:
+        """vLLM 0.32+: the groups the loading child restores (NIXL: every transfer group; LMCache: cacheable)."""
+        child = self._children.get(self._loader.get(request.request_id, ""))
+        if child is None:
+            return super().get_loaded_kv_cache_group_ids(request)  # type: ignore[misc]
+        return child.get_loaded_kv_cache_group_ids(request)  # type: ignore[attr-defined]
+
+    def get_external_cache_hit_sources(self, request: Request, num_external_tokens: int) -> Any:
+        """vLLM 0.32+: the hit's tier comes from the child that loads it (NIXL: P2P; LMCache: its own)."""
+        child = self._children.get(self._loader.get(request.request_id, ""))
+        if child is None:
+            return super().get_external_cache_hit_sources(request, num_external_tokens)  # type: ignore[misc]
+        return child.get_external_cache_hit_sources(request, num_external_tokens)  # type: ignore[attr-defined]
+
+    def register_finished_partial_tail(self, request: Request, block_ids: Any, partial_tail_offloads: Any) -> bool:
+        # vLLM 0.32+: every child sees it; blocks stay alive if any takes responsibility.
+        accepted = [
+            c.register_finished_partial_tail(request, block_ids, partial_tail_offloads)  # type: ignore[attr-defined]
+            for c in self._children.values()
+        ]
+        return any(accepted)
+
+    def has_pending_block_frees(self) -> bool:
+        return any(bool(_call(c, "has_pending_block_frees")) for c in self._children.values())
+
     def bind_gpu_block_pool(self, gpu_block_pool: BlockPool) -> None:
         self._each(lambda c: c.bind_gpu_block_pool(gpu_block_pool))
 
@@ -577,6 +660,12 @@ class PdConnector(KVConnectorBase_V1):
             if prom is not None:
                 children[child_cls.__name__] = prom
         return PdPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues, children)
+
+
+def _call(child: KVConnectorBase_V1, hook: str) -> Any:
+    """Call a hook vLLM 0.32 added to the base class; None on 0.26, where the child has no such method."""
+    method = getattr(child, hook, None)
+    return method() if method is not None else None
 
 
 def _is_remote_prefill(request: Request) -> bool:

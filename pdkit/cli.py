@@ -81,6 +81,12 @@ ApiKeyOpt = Annotated[
     str | None,
     typer.Option("--api-key", envvar="PDKIT_API_KEY", help="Frontend: require Authorization: Bearer KEY on /v1/*."),
 ]
+VllmVersionOpt = Annotated[
+    str | None, typer.Option("--vllm-version", help="Plan for this vLLM release (default: the installed one).")
+]
+AllowUntestedOpt = Annotated[
+    bool, typer.Option("--allow-untested-stack", help="Start even if pdkit doctor refuses this machine's stack.")
+]
 ShareOpt = Annotated[
     bool,
     typer.Option(
@@ -164,6 +170,21 @@ def _run_launch(dep: Deployment, dry_run: bool, as_json: bool, smoke_test: bool)
     raise typer.Exit(run_launch(plan, smoke_test=smoke_test))
 
 
+def _check_stack(dep: Deployment, dry_run: bool, allow_untested: bool) -> None:
+    """Before any vLLM engine starts: the same verdict as ``pdkit doctor`` (pdkit/doctor.py), or exit 2."""
+    if dry_run or dep.engine != "vllm":
+        return
+    from pdkit.doctor import check_launch
+
+    for warning in check_launch(
+        lmcache_enabled=dep.lmcache.enabled,
+        disagg=dep.mode == "disagg",
+        allow_untested=allow_untested,
+        vllm_version=dep.vllm_version,
+    ):
+        typer.echo(f"pdkit: warning: {warning}", err=True)
+
+
 # --------------------------------------------------------------------------------------------------
 # pdkit launch agg | disagg
 
@@ -195,6 +216,8 @@ def launch_agg(
     dry_run: DryRunOpt = False,
     json_: JsonOpt = False,
     smoke_test: SmokeOpt = False,
+    vllm_version: VllmVersionOpt = None,
+    allow_untested_stack: AllowUntestedOpt = False,
 ) -> None:
     """Frontend + aggregated vLLM worker(s) with LMCache offloading (default: one worker on GPU 0)."""
     overrides = {"mode": "agg"}
@@ -204,7 +227,9 @@ def launch_agg(
         overrides.update(_group_overrides("agg", [[0]] * workers, tp, None))  # every worker on GPU 0
     else:
         overrides.update(_group_overrides("agg", groups, tp, workers))
+    overrides.update({"vllm_version": vllm_version} if vllm_version else {})
     dep = load_deployment(config, overrides)
+    _check_stack(dep, dry_run, allow_untested_stack)
     _run_launch(dep, dry_run, json_, smoke_test)
 
 
@@ -245,6 +270,8 @@ def launch_disagg(
     dry_run: DryRunOpt = False,
     json_: JsonOpt = False,
     smoke_test: SmokeOpt = False,
+    vllm_version: VllmVersionOpt = None,
+    allow_untested_stack: AllowUntestedOpt = False,
 ) -> None:
     """Frontend + prefill worker(s) (PdConnector: LMCache + NIXL) + decode worker(s) (NIXL)."""
     overrides: dict[str, Any] = {"mode": "disagg"}
@@ -260,8 +287,26 @@ def launch_disagg(
         overrides.update(_group_overrides("prefill", None, None, prefill_workers))
     if decode_workers is not None:
         overrides.update(_group_overrides("decode", None, None, decode_workers))
+    overrides.update({"vllm_version": vllm_version} if vllm_version else {})
     dep = load_deployment(config, overrides)
+    _check_stack(dep, dry_run, allow_untested_stack)
     _run_launch(dep, dry_run, json_, smoke_test)
+
+
+# --------------------------------------------------------------------------------------------------
+# pdkit doctor
+
+
+@app.command("doctor")
+def doctor(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON (for scripts).")] = False,
+    no_lmcache: NoLmcOpt = False,
+    mode: Annotated[str, typer.Option("--mode", help="disagg (needs NIXL) or agg.")] = "disagg",
+) -> None:
+    """Show the stack pdkit would run here (vLLM, torch, LMCache, NIXL, GPUs) and whether it would run it."""
+    from pdkit.doctor import run_doctor
+
+    raise typer.Exit(run_doctor(as_json, lmcache_enabled=not no_lmcache, disagg=mode != "agg"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -293,6 +338,7 @@ def config_show(
         side_channel_port=spec.ports.get("nixl_side_channel"),
         side_channel_host=spec.host if "nixl_side_channel" in spec.ports else None,
         as_dict=True,
+        vllm_version=dep.vllm_version,
     )
     out = {
         "mode": mode,

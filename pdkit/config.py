@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pdkit.errors import ConfigError
 from pdkit.model_files import SYNTHETIC_SERVED_NAME, default_model_dir
@@ -183,6 +183,18 @@ class Deployment(_Strict):
     lmcache: LMCacheConfig = Field(default_factory=LMCacheConfig)
     nixl: NixlConfig = Field(default_factory=NixlConfig)
     supervision: SupervisionConfig = Field(default_factory=SupervisionConfig)
+    # Plan for this vLLM release instead of the installed one (pdkit/stack.py); None: read it here.
+    vllm_version: str | None = None
+
+    @field_validator("vllm_version")
+    @classmethod
+    def _check_vllm_version(cls, value: str | None) -> str | None:
+        """A release like ``0.32.0``; the stack table (pdkit/stack.py) decides what it means."""
+        from pdkit.stack import parse_version
+
+        if value is not None:
+            parse_version(value)  # ValueError -> one validation line naming the field
+        return value
 
     @model_validator(mode="before")
     @classmethod

@@ -23,6 +23,9 @@ Why ``kv_both`` is never used for P/D: NIXL deprecates it and the role decides w
 blocks.  Decode uses ``kv_load_failure_policy="recompute"`` so a failed pull costs a local prefill,
 not a failed request.
 
+Which vLLM release the names and flags are for comes from ``pdkit/stack.py`` (``vllm_version``: the
+configured one, else the installed one, else the newest proven stack); nothing here compares versions.
+
 Importable without vllm: ``kv_transfer_config`` returns a plain dict when vllm is absent, and the
 ``vllm.config.KVTransferConfig`` built from that same dict when it is present.
 """
@@ -32,6 +35,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from pdkit.config import LMCacheConfig, NixlConfig, Role
+from pdkit.stack import Stack, plan_stack
 
 PD_CONNECTOR = "PdConnector"
 PD_CONNECTOR_MODULE = "pdkit.connectors.pd_connector"
@@ -74,25 +78,28 @@ def _gb(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else str(value)
 
 
-def nixl_connector_name(nixl: NixlConfig) -> str:
-    """vLLM 0.26.0's registry name of the NIXL connector for the chosen transfer direction."""
-    return "NixlPushConnector" if nixl.mode == "push" else "NixlConnector"
+def nixl_connector_name(nixl: NixlConfig, stack: Stack | None = None) -> str:
+    """The registry name of the NIXL connector for the chosen transfer direction on ``stack``'s vLLM."""
+    stack = stack or plan_stack()
+    return stack.nixl_push_connector if nixl.mode == "push" else stack.nixl_pull_connector
 
 
 def kv_transfer_dict(
     role: Role,
     lmcache: LMCacheConfig | None = None,
     nixl: NixlConfig | None = None,
+    vllm_version: str | None = None,
 ) -> dict[str, Any] | None:
     """The KVTransferConfig fields for ``role`` as a plain dict (``None``: agg without LMCache)."""
     lmcache = lmcache or LMCacheConfig()
     nixl = nixl or NixlConfig()
+    stack = plan_stack(vllm_version)
     nixl_extra: dict[str, Any] = {"backends": list(nixl.backends), **nixl.extra_config}
-    nixl_connector = nixl_connector_name(nixl)
+    nixl_connector = nixl_connector_name(nixl, stack)
     if role == "agg":
         if not lmcache.enabled:
             return None
-        return {"kv_connector": "LMCacheConnectorV1", "kv_role": "kv_both"}
+        return {"kv_connector": stack.lmcache_connector, "kv_role": "kv_both"}
     if role == "prefill":
         if not lmcache.enabled and not nixl.verify_transfers:
             return {"kv_connector": nixl_connector, "kv_role": "kv_producer", "kv_connector_extra_config": nixl_extra}
@@ -104,6 +111,7 @@ def kv_transfer_dict(
                 "lmcache": {} if lmcache.enabled else None,
                 "nixl": nixl_extra,
                 "nixl_connector": nixl_connector,
+                "lmcache_connector": stack.lmcache_connector,
                 "verify_transfers": nixl.verify_transfers,
             },
         }
@@ -140,6 +148,7 @@ def kv_transfer_config(
     side_channel_host: str | None = None,
     hash_seed: int = 0,
     as_dict: bool = False,
+    vllm_version: str | None = None,
 ) -> RoleKVConfig:
     """The right KV-connector configuration for one vLLM instance of ``role``.
 
@@ -151,13 +160,15 @@ def kv_transfer_config(
 
     ``side_channel_port`` must differ for every vLLM instance on one host (NIXL's handshake listener).
     Returns ``vllm.config.KVTransferConfig`` when vllm imports (and ``as_dict`` is false), else a dict
-    with the same fields.
+    with the same fields.  ``vllm_version`` picks the stack (``pdkit/stack.py``); ``None``: the installed
+    vLLM, else the newest proven stack.
     """
     lmcache = lmcache or LMCacheConfig()
     nixl = nixl or NixlConfig()
-    fields = kv_transfer_dict(role, lmcache, nixl)
-    serve_args: list[str] = []
-    env: dict[str, str] = {"PYTHONHASHSEED": str(hash_seed)}
+    stack = plan_stack(vllm_version)
+    fields = kv_transfer_dict(role, lmcache, nixl, vllm_version=stack.vllm)
+    serve_args: list[str] = list(stack.serve_args)
+    env: dict[str, str] = {"PYTHONHASHSEED": str(hash_seed), **stack.env}
     if role in ("prefill", "agg") and lmcache.enabled:
         env.update(lmcache_env(lmcache, hash_seed))
     if role in ("prefill", "decode"):

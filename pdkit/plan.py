@@ -64,6 +64,8 @@ class LaunchPlan(BaseModel):
     secret: str | None = Field(default=None, exclude=True, repr=False)
     # frontend.api_key, likewise never dumped: the frontend's env holds a placeholder until launch.
     api_key: str | None = Field(default=None, exclude=True, repr=False)
+    # The vLLM stack the connector names and flags are for (pdkit/stack.py): version, status, known.
+    vllm_stack: dict[str, Any] | None = None
 
     def workers(self) -> list[ProcessSpec]:
         return [p for p in self.processes if p.role != "frontend"]
@@ -178,7 +180,7 @@ def _vllm_argv(dep: Deployment, role: Role, port: int, host: str, tp: int, kv: d
     if kv is not None:
         argv += ["--kv-transfer-config", json.dumps(kv, separators=(",", ":"))]
     argv += ["--kv-events-config", json.dumps(ev, separators=(",", ":"))]
-    role_kv = kv_transfer_config(role, lmcache=dep.lmcache, nixl=dep.nixl, as_dict=True)
+    role_kv = kv_transfer_config(role, lmcache=dep.lmcache, nixl=dep.nixl, as_dict=True, vllm_version=dep.vllm_version)
     argv += role_kv.serve_args
     argv += group.extra_args
     return argv
@@ -243,6 +245,7 @@ def worker_spec(dep: Deployment, role: Role, index: int, run_dir: Path) -> Proce
         side_channel_host=host if uses_nixl else None,
         hash_seed=dep.hash_seed,
         as_dict=True,
+        vllm_version=dep.vllm_version,
     )
     kv = role_kv.kv_transfer_config if dep.engine == "vllm" else None
     env: dict[str, str] = {"PYTHONUNBUFFERED": "1"}
@@ -312,6 +315,7 @@ def build_plan(dep: Deployment) -> LaunchPlan:
     return LaunchPlan(
         secret=dep.frontend.token,
         api_key=dep.frontend.api_key,
+        vllm_stack=_stack_summary(dep) if dep.engine == "vllm" else None,
         warnings=warnings,
         mode=dep.mode,
         engine=dep.engine,
@@ -322,6 +326,14 @@ def build_plan(dep: Deployment) -> LaunchPlan:
         processes=procs,
         supervision=dep.supervision,
     )
+
+
+def _stack_summary(dep: Deployment) -> dict[str, Any]:
+    from pdkit.stack import installed_version, plan_stack
+
+    stack = plan_stack(dep.vllm_version)
+    source = "config" if dep.vllm_version is not None else "installed" if installed_version("vllm") else "default"
+    return {"vllm": stack.vllm, "status": stack.status, "known": stack.known, "source": source}
 
 
 def check_handshake_compat(procs: list[ProcessSpec]) -> list[str]:

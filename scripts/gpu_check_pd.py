@@ -1,6 +1,7 @@
 """GPU check of pdkit P/D on a 2-GPU machine (2xH200): agg vs disagg vs LMCache reuse, through pdkit.
 
-What it proves, each through the real product (``pdkit launch``: frontend, worker agents, vLLM 0.26.0,
+What it proves, each through the real product (``pdkit launch``: frontend, worker agents, the installed
+vLLM -- 0.26.0 or 0.32.0, pdkit's plan picks connector names and flags for it (pdkit/stack.py) --,
 PdConnector on prefill, NIXL on decode), with the embedded synthetic Llama-8B (dummy weights):
 
 * stage ``agg``: ``pdkit launch agg --gpu 0`` starts and serves; greedy reference outputs for prompts
@@ -14,7 +15,8 @@ PdConnector on prefill, NIXL on decode), with the embedded synthetic Llama-8B (d
 Usage on the device (after the bundle is unpacked and pdkit installed):
     python3 scripts/gpu_check_pd.py --stage agg      # ~3-4 min on a fresh machine
     python3 scripts/gpu_check_pd.py --stage disagg   # ~3 min; reads the agg stage's reference
-Writes ``$OUT/gpu_check_<stage>.json`` and ``$OUT/logs_<stage>.tar.gz``. Stdlib only.
+Writes ``$OUT/gpu_check_<stage>.json`` (with ``pdkit doctor --json`` under ``"stack"``: which stack ran)
+and ``$OUT/logs_<stage>.tar.gz``. Stdlib only.
 """
 
 from __future__ import annotations
@@ -318,6 +320,16 @@ def stage_disagg(prompts: list[str]) -> dict:
     }
 
 
+def stack_report() -> dict:
+    """``pdkit doctor --json`` of this machine: the versions, GPUs and verdict the results belong to."""
+    argv = [sys.executable, "-m", "pdkit.cli", "doctor", "--json"]
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=180)
+        return {"exit_code": done.returncode, **json.loads(done.stdout)}
+    except (subprocess.TimeoutExpired, json.JSONDecodeError) as exc:
+        return {"error": repr(exc)}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--stage", choices=["agg", "disagg", "all"], default="all")
@@ -327,6 +339,8 @@ def main() -> int:
     from pdkit.model_files import default_model_dir
 
     prompts = build_prompts(default_model_dir())
+    stack = stack_report()
+    log("stack", json.dumps({k: stack.get(k) for k in ("verdict", "versions", "errors")}))
     rc = 0
     for stage in ["agg", "disagg"] if args.stage == "all" else [args.stage]:
         try:
@@ -337,8 +351,9 @@ def main() -> int:
             run_dir = STATE / stage
             if run_dir.exists():
                 save_logs(run_dir, stage)
+        result["stack"] = stack
         (OUT / f"gpu_check_{stage}.json").write_text(json.dumps(result, indent=1))
-        summary = {k: v for k, v in result.items() if k not in ("results", "rows")}
+        summary = {k: v for k, v in result.items() if k not in ("results", "rows", "stack")}
         log(stage, json.dumps(summary)[:4000])
         for row in result.get("rows", []):
             log(json.dumps(row))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
+from vllm_versions import gap_since_vllm
 
 from pdkit.routing.block_hash import BlockHasher, get_hash_fn, none_hash, to_event_hash
 
@@ -57,6 +58,7 @@ def test_request_block_hashes_match_vllm(kcu, monkeypatch: pytest.MonkeyPatch, a
     assert list(req.block_hashes) == ours
 
 
+@gap_since_vllm("0.32", "0.32 hashes extra keys as ('lora', name, path) / ('cache_salt', salt); BlockHasher: 0.26's")
 def test_cache_salt_and_lora_extra_keys_match_vllm(kcu, monkeypatch: pytest.MonkeyPatch) -> None:
     from vllm import SamplingParams
     from vllm.lora.request import LoRARequest

@@ -6,6 +6,7 @@ import random
 
 import pytest
 import torch
+from vllm_versions import gap_since_vllm
 
 from pdkit.kernels.fingerprint import (
     FMIX_C1,
@@ -248,6 +249,7 @@ def test_rejects_what_it_cannot_hash() -> None:
 
 
 @pytest.mark.vllm
+@gap_since_vllm("0.32", "vLLM 0.32 removed set_kv_cache_layout; the reshape check is not ported to its layout API")
 @pytest.mark.parametrize("layout", ["HND", "NHD"])
 def test_tensors_from_vllm_reshape_code(layout: str) -> None:
     """KV tensors made by vLLM 0.26.0's own shape, stride-order and reshape functions (CPU)."""

@@ -6,6 +6,7 @@ import time
 
 import pytest
 import zmq
+from vllm_versions import only_vllm
 
 from pdkit.routing import kv_events as ours
 
@@ -62,6 +63,7 @@ def test_encoding_is_byte_identical_to_vllm(vk, dp_rank) -> None:
 
 
 @pytest.mark.vllm
+@only_vllm("0.26", "0.32 appends defaulted BlockStored fields (ownership, ...); the byte-level test covers 0.32")
 def test_struct_fields_match_vllm(vk) -> None:
     for name in ("BlockStored", "BlockRemoved", "AllBlocksCleared", "KVEventBatch"):
         assert getattr(ours, name).__struct_fields__ == getattr(vk, name).__struct_fields__, name

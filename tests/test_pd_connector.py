@@ -107,9 +107,12 @@ class FakeNixlWorker:
         self.load_errors: set[int] = set()
         self.bound: list[Any] = []
         self.stats = NixlKVConnectorStats()
+        self.failed: set[str] = set()
         self.xfer_handshake_metadata = "nixl-handshake"
         self.use_host_buffer = False
         self.copy_blocks = None
+        self.pcp_rank = 0  # vLLM 0.32's NIXL connector reads these (context-parallel ranks)
+        self.pcp_dcp_sharded = False
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         self.kv_caches = kv_caches
@@ -118,6 +121,15 @@ class FakeNixlWorker:
         out = (self.sending, self.recving)
         self.sending, self.recving = set(), set()
         return out
+
+    def get_transfer_results(self) -> Any:
+        """vLLM 0.32's worker API: sends, receives and failed receives (failed ones also count as received)."""
+        from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorTransferResults
+
+        failed, self.failed = self.failed, set()
+        sending, recving = self.get_finished()
+        return KVConnectorTransferResults(finished_sending=sending, finished_recving=recving | failed,
+                                          failed_recving=failed)  # fmt: skip
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return set(self.load_errors)
@@ -329,8 +341,8 @@ def test_decode_remote_prefill_answered_by_nixl_alone() -> None:
     assert ("alloc", "d1", 0) in lm_engine(pd).calls
     meta = pd.build_connector_meta(empty_scheduler_output())
     recv = meta.children["nixl"].reqs_to_recv
-    assert recv["d1"].local_block_ids == [[10, 11, 12, 13]]
-    assert recv["d1"].remote.block_ids == [[1, 2, 3, 4]]
+    assert [list(g) for g in recv["d1"].local_block_ids] == [[10, 11, 12, 13]]  # 0.32: a tuple of groups
+    assert [list(g) for g in recv["d1"].remote.block_ids] == [[1, 2, 3, 4]]
 
 
 def test_decode_full_local_hit_stays_with_nixl() -> None:

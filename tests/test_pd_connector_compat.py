@@ -125,3 +125,19 @@ def test_cross_layer_blocks_from_pdconnector_nixl_subconfig() -> None:
     prefill = settings_from_serve(["m", "--kv-transfer-config", ktc, "--disable-hybrid-kv-cache-manager"])
     decode = settings_from_serve(["m", "--kv-transfer-config", NIXL_KTC, "--disable-hybrid-kv-cache-manager"])
     assert fields(check_nixl_compat(prefill, decode)) == {"enable_cross_layers_blocks": "error"}
+
+
+def test_push_prefill_with_pull_decode_is_an_error_and_pdkit_emits_one_mode() -> None:
+    """vLLM 0.32 hashes the transfer mode: a push side and a pull side never complete a handshake."""
+    from pdkit.config import NixlConfig
+    from pdkit.kv_config import kv_transfer_config
+
+    def settings(role: str, mode: str) -> dict:
+        kv = kv_transfer_config(role, nixl=NixlConfig(mode=mode), as_dict=True)  # type: ignore[arg-type]
+        return settings_from_serve(["m", "--kv-transfer-config", json.dumps(kv.kv_transfer_config), *kv.serve_args])
+
+    assert settings("prefill", "push")["nixl_transfer_mode"] == "push"
+    assert settings("decode", "pull")["nixl_transfer_mode"] == "pull"
+    found = check_nixl_compat(settings("prefill", "push"), settings("decode", "pull"))
+    assert [m.field for m in found if m.severity == "error"] == ["nixl_transfer_mode"]
+    assert check_nixl_compat(settings("prefill", "push"), settings("decode", "push")) == []

@@ -1,0 +1,144 @@
+"""The one table of vLLM stacks pdkit knows, and which one a plan is built for.
+
+Every difference between supported vLLM versions that pdkit acts on lives in :data:`STACKS`; the rest of
+pdkit asks :func:`stack_for` instead of comparing version strings itself.  A plan is built for
+
+* the version named in the config (``vllm_version``) or on the command line (``--vllm-version``): planning
+  for another machine, so nothing is read from this one;
+* otherwise the vLLM installed here, read from package metadata (``importlib.metadata``: importing vllm
+  takes seconds and initialises CUDA state, so pdkit never does at import time);
+* otherwise (sim, CI lint, a laptop) the newest proven stack, :data:`DEFAULT_VERSION`.
+
+A version outside the table is planned like the newest known stack of the same or lower release (vLLM
+keeps its registry names), but :func:`stack_for` marks it ``known=False`` so ``pdkit doctor`` and
+``pdkit launch`` can refuse it until someone checks it (``--allow-untested-stack``).
+
+Status words: ``proven`` = pdkit's own GPU checks passed on it (scripts/gpu_check_pd.py); ``seen`` = a GPU
+run of ``pdkit launch`` worked there, pdkit's GPU checks still pending.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, replace
+from importlib import metadata
+from typing import Literal
+
+StackStatus = Literal["proven", "seen", "untested"]
+
+
+@dataclass(frozen=True)
+class Stack:
+    """What one vLLM release needs from pdkit, and the packages it is known to work with."""
+
+    vllm: str
+    status: StackStatus
+    torch: str  # the torch release vLLM pins (major.minor.patch)
+    lmcache: str  # the lmcache release known to work with it (built for ``torch``)
+    nixl: str
+    # Registry names (vllm/distributed/kv_transfer/kv_connector/factory.py of that release).
+    nixl_pull_connector: str = "NixlConnector"
+    nixl_push_connector: str = "NixlPushConnector"
+    lmcache_connector: str = "LMCacheConnectorV1"
+    # Extra ``vllm serve`` flags and env every worker of this release gets (none needed so far).
+    serve_args: tuple[str, ...] = ()
+    env: dict[str, str] = field(default_factory=dict)
+    # What changed for pdkit at this release; shown by ``pdkit doctor``.
+    notes: tuple[str, ...] = ()
+    known: bool = True
+
+    def connector_names(self) -> set[str]:
+        return {self.nixl_pull_connector, self.nixl_push_connector, self.lmcache_connector}
+
+
+STACKS: dict[str, Stack] = {
+    "0.26.0": Stack(
+        vllm="0.26.0",
+        status="proven",
+        torch="2.11.0",
+        lmcache="0.5.2",
+        nixl="1.5.1",
+        notes=("proven on 2xH200 (docs/gpu-results.md)",),
+    ),
+    "0.32.0": Stack(
+        vllm="0.32.0",
+        status="seen",
+        torch="2.13.0",
+        lmcache="0.5.6",
+        nixl="1.5.1",
+        # NixlConnector is still registered (an alias of NixlPullConnector): the name pdkit ran with on GPU.
+        notes=(
+            "seen working on one H200 (pdkit launch disagg --smoke-test); pdkit's GPU checks pending",
+            "KVTransferConfig rejects unknown fields and dropped kv_rank/kv_parallel_size/kv_ip/kv_buffer_size",
+            "NIXL's compatibility hash adds the transfer mode: push and pull sides never pair",
+            "model runner asks connectors for get_transfer_results (PdConnector merges its children's)",
+        ),
+    ),
+}
+DEFAULT_VERSION = "0.32.0"
+
+# The torch release each lmcache wheel is compiled against (its extension breaks on another torch ABI:
+# LMCache then logs «compiled extension not found» and runs on slow fallbacks).  From the wheels.
+_LMCACHE_TORCH = [((0, 4, 6), (0, 5, 3), "2.11"), ((0, 5, 4), (0, 5, 6), "2.13")]
+# The compiled extension's module name per lmcache release (0.5.6 renamed c_ops to cuda_ops; read from the
+# wheels' file lists).  Unknown releases: doctor looks for either name in the installed files.
+LMCACHE_EXTENSION_MODULES = ("lmcache.cuda_ops", "lmcache.c_ops")
+_LMCACHE_EXTENSION = [((0, 0, 0), (0, 5, 3), "lmcache.c_ops"), ((0, 5, 6), (9, 9, 9), "lmcache.cuda_ops")]
+
+
+def parse_version(text: str) -> tuple[int, int, int]:
+    """``"0.32.0"``, ``"0.32.0rc1"``, ``"2.13.0+cu130"`` -> (0, 32, 0); raises ValueError otherwise."""
+    match = re.match(r"^\s*v?(\d+)\.(\d+)(?:\.(\d+))?", text or "")
+    if match is None:
+        raise ValueError(f"not a version: {text!r}")
+    return int(match.group(1)), int(match.group(2)), int(match.group(3) or 0)
+
+
+def installed_version(package: str) -> str | None:
+    """The installed distribution's version from its metadata (no import), or None."""
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def stack_for(vllm_version: str | None) -> Stack:
+    """The stack for ``vllm_version``; ``None`` = the default (newest proven-or-seen) stack.
+
+    An unknown version gets the newest known stack at or below it (else the oldest), with ``known=False``
+    and ``status="untested"``: registry names rarely change, but nobody checked that release.
+    """
+    if vllm_version is None:
+        return STACKS[DEFAULT_VERSION]
+    wanted = parse_version(vllm_version)
+    for version, stack in STACKS.items():
+        if parse_version(version) == wanted:
+            return stack
+    ordered = sorted(STACKS.values(), key=lambda s: parse_version(s.vllm))
+    base = ordered[0]
+    for stack in ordered:
+        if parse_version(stack.vllm) <= wanted:
+            base = stack
+    return replace(base, vllm=vllm_version, status="untested", known=False, notes=(f"planned like {base.vllm}",))
+
+
+def plan_stack(configured: str | None = None) -> Stack:
+    """The stack a plan targets: the configured version, else the installed vLLM, else the default."""
+    return stack_for(configured if configured is not None else installed_version("vllm"))
+
+
+def lmcache_torch(lmcache_version: str) -> str | None:
+    """The torch major.minor this lmcache release is compiled for, when pdkit knows."""
+    v = parse_version(lmcache_version)
+    return next((torch for lo, hi, torch in _LMCACHE_TORCH if lo <= v <= hi), None)
+
+
+def lmcache_extension_module(lmcache_version: str) -> str | None:
+    """The compiled extension's import name for this lmcache release, when pdkit knows."""
+    v = parse_version(lmcache_version)
+    return next((mod for lo, hi, mod in _LMCACHE_EXTENSION if lo <= v <= hi), None)
+
+
+def same_minor(a: str, b: str) -> bool:
+    """Whether two versions share major.minor (torch ABI compatibility is per minor release)."""
+    return parse_version(a)[:2] == parse_version(b)[:2]
