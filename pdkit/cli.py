@@ -53,6 +53,16 @@ SmokeOpt = Annotated[
     bool, typer.Option("--smoke-test", help="Start, serve one chat completion through the frontend, stop.")
 ]
 TpOpt = Annotated[int | None, typer.Option("--tp", help="Tensor-parallel size of every worker.")]
+# issue 20: workers as Ray actors (pdkit/backends/, docs/multi-node-ray.md)
+BackendOpt = Annotated[
+    str | None, typer.Option("--backend", help="local (processes here) or ray (workers as Ray actors).")
+]
+RayAddressOpt = Annotated[
+    str | None, typer.Option("--ray-address", help="With --backend ray: auto, HOST:6379 or ray://HOST:10001.")
+]
+FrontendOnClusterOpt = Annotated[
+    bool, typer.Option("--frontend-on-cluster", help="With --backend ray: run the frontend in a Ray actor too.")
+]
 ShareOpt = Annotated[
     bool,
     typer.Option(
@@ -99,6 +109,12 @@ def _common_overrides(**kw: Any) -> dict[str, Any]:
         out["lmcache.enabled"] = False
     if kw.get("share_gpus"):
         out["share_gpus"] = True
+    if kw.get("backend") is not None:
+        out["backend"] = kw["backend"]
+    if kw.get("ray_address") is not None:
+        out["ray.address"] = kw["ray_address"]
+    if kw.get("frontend_on_cluster"):
+        out["ray.frontend_on_cluster"] = True
     return out
 
 
@@ -120,6 +136,10 @@ def _run_launch(dep: Deployment, dry_run: bool, as_json: bool, smoke_test: bool)
     from pdkit.plan import build_plan, format_plan
 
     plan = build_plan(dep)
+    if dep.backend == "ray":  # issue 20: pdkit/backends/
+        from pdkit.backends import run_ray
+
+        raise typer.Exit(run_ray(dep, plan, dry_run, as_json, smoke_test))
     if dry_run:
         typer.echo(plan.model_dump_json(indent=2) if as_json else format_plan(plan))
         return
@@ -151,6 +171,9 @@ def launch_agg(
     block_size: BlockOpt = None,
     no_lmcache: NoLmcOpt = False,
     share_gpus: ShareOpt = False,
+    backend: BackendOpt = None,
+    ray_address: RayAddressOpt = None,
+    frontend_on_cluster: FrontendOnClusterOpt = False,
     dry_run: DryRunOpt = False,
     json_: JsonOpt = False,
     smoke_test: SmokeOpt = False,
@@ -196,6 +219,9 @@ def launch_disagg(
     block_size: BlockOpt = None,
     no_lmcache: NoLmcOpt = False,
     share_gpus: ShareOpt = False,
+    backend: BackendOpt = None,
+    ray_address: RayAddressOpt = None,
+    frontend_on_cluster: FrontendOnClusterOpt = False,
     dry_run: DryRunOpt = False,
     json_: JsonOpt = False,
     smoke_test: SmokeOpt = False,
