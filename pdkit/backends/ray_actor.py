@@ -202,7 +202,6 @@ class ProcessActor:
             "pid": self.proc.pid if self.proc is not None else None,
             "url": self.spec.url,
             "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
-            "restarted": bool(ctx.was_current_actor_reconstructed),
             "down": self.down,
             "log_file": self.spec.log_file,
         }

@@ -457,7 +457,7 @@ class RayLaunch:
         for pg in self.pgs.values():
             with contextlib.suppress(Exception):
                 remove_placement_group(pg)
-        _say(f"removed {len(self.actors)} actor(s) and {len(self.pgs)} placement group(s)")
+        _say(f"stopped all processes; removed {len(self.actors)} actor(s) and {len(self.pgs)} placement group(s)")
         with contextlib.suppress(Exception):
             ray.shutdown()
 
@@ -483,4 +483,3 @@ def run_ray_launch(dep: Deployment, plan: LaunchPlan, smoke_test: bool = False) 
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the clean-up short
         launch.teardown()
         signal.signal(signal.SIGTERM, previous)
-        _say("stopped all processes")
