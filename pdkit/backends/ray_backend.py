@@ -363,9 +363,15 @@ class RayLaunch:
             fe_plan = self.plan.model_copy(update={"processes": [spec], "frontend_url": spec.url})
             if hasattr(fe_plan, "secret"):
                 fe_plan.secret = self.secret  # the security branch's Supervisor installs this one
+            # Supervised as by the local backend (restarts, drain on stop), but started on its own: the
+            # Supervisor's start() would also wait for workers it does not know about here.
             sup = self.frontend_sup = Supervisor(fe_plan)
-            await sup.start()
+            Path(self.plan.run_dir).mkdir(parents=True, exist_ok=True)
+            managed = sup.procs["frontend"]
+            await sup._spawn(managed)
+            await sup._wait_http(managed, f"{spec.url}/health")
             self.frontend_url = str(spec.url)
+            _say(f"frontend ready at {self.frontend_url}")
         # Workers: fractional GPUs share one GPU, and vLLM profiles memory at start-up as if alone on
         # it, so shared workers start one at a time; otherwise all together.
         one_by_one = any(0 < b.get("GPU", 0) < 1 for g in self.groups for b in g.bundles)
@@ -445,6 +451,10 @@ class RayLaunch:
     def teardown(self) -> None:
         """Frontend actor first (it drains), then workers; then kill every actor and remove every group."""
         if not self.connected:
+            return
+        if not self.actors and not self.pgs:
+            with contextlib.suppress(Exception):
+                ray.shutdown()
             return
         order = (["frontend"] if "frontend" in self.actors else []) + [n for n in self.actors if n != "frontend"]
         for batch in ([n for n in order if n == "frontend"], [n for n in order if n != "frontend"]):
