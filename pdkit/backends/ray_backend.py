@@ -91,7 +91,9 @@ def _check_reachable(address: str) -> None:
 
 
 def connect(dep: Deployment) -> None:
-    """Join the cluster at ``ray.address`` (never start one: a launch must not quietly run a private cluster)."""
+    """Join the cluster at ``ray.address``.  Only ``local`` starts one (a private one-node cluster that lives
+    as long as this launch: development, one GPU machine); ``auto`` without a cluster is refused rather
+    than quietly running a private cluster nobody else can join."""
     address = dep.ray.address
     _check_reachable(address)
     try:
