@@ -31,7 +31,7 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # each worker's own lines, not "[r
 
 import aiohttp  # noqa: E402
 import ray  # noqa: E402
-from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayActorError  # noqa: E402
+from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError  # noqa: E402
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group  # noqa: E402
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy  # noqa: E402
 
@@ -242,11 +242,7 @@ class RayLaunch:
         try:
             info: dict[str, Any] = await asyncio.to_thread(ray.get, ref, timeout=PROBE_TIMEOUT_S)
         except (ActorUnavailableError, GetTimeoutError):
-            return None
-        except ActorDiedError:
-            raise
-        except RayActorError as exc:  # e.g. its constructor raised
-            raise ActorDiedError(cause=None) from exc
+            return None  # RayActorError (dead for good, or its constructor raised) goes to the caller
         return info
 
     async def _registered(self, http: aiohttp.ClientSession) -> set[str]:
