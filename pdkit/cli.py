@@ -87,6 +87,16 @@ VllmVersionOpt = Annotated[
 AllowUntestedOpt = Annotated[
     bool, typer.Option("--allow-untested-stack", help="Start even if pdkit doctor refuses this machine's stack.")
 ]
+# issue 20: workers as Ray actors (pdkit/backends/, docs/multi-node-ray.md)
+BackendOpt = Annotated[
+    str | None, typer.Option("--backend", help="local (processes here) or ray (workers as Ray actors).")
+]
+RayAddressOpt = Annotated[
+    str | None, typer.Option("--ray-address", help="With --backend ray: auto, HOST:6379 or ray://HOST:10001.")
+]
+FrontendOnClusterOpt = Annotated[
+    bool, typer.Option("--frontend-on-cluster", help="With --backend ray: run the frontend in a Ray actor too.")
+]
 ShareOpt = Annotated[
     bool,
     typer.Option(
@@ -138,6 +148,12 @@ def _common_overrides(**kw: Any) -> dict[str, Any]:
         out["lmcache.enabled"] = False
     if kw.get("share_gpus"):
         out["share_gpus"] = True
+    if kw.get("backend") is not None:
+        out["backend"] = kw["backend"]
+    if kw.get("ray_address") is not None:
+        out["ray.address"] = kw["ray_address"]
+    if kw.get("frontend_on_cluster"):
+        out["ray.frontend_on_cluster"] = True
     return out
 
 
@@ -160,6 +176,10 @@ def _run_launch(dep: Deployment, dry_run: bool, as_json: bool, smoke_test: bool)
     from pdkit.ports import busy_port_warnings, check_ports_free
 
     plan = build_plan(dep)
+    if dep.backend == "ray":  # issue 20: pdkit/backends/
+        from pdkit.backends import run_ray
+
+        raise typer.Exit(run_ray(dep, plan, dry_run, as_json, smoke_test))
     if dry_run:
         plan.warnings += busy_port_warnings(plan, dep.port_offset)  # a dry run starts nothing: warn only
         typer.echo(plan.model_dump_json(indent=2) if as_json else format_plan(plan))
@@ -213,6 +233,9 @@ def launch_agg(
     api_key: ApiKeyOpt = None,
     share_gpus: ShareOpt = False,
     port_offset: PortOffsetOpt = None,
+    backend: BackendOpt = None,
+    ray_address: RayAddressOpt = None,
+    frontend_on_cluster: FrontendOnClusterOpt = False,
     dry_run: DryRunOpt = False,
     json_: JsonOpt = False,
     smoke_test: SmokeOpt = False,
@@ -267,6 +290,9 @@ def launch_disagg(
     api_key: ApiKeyOpt = None,
     share_gpus: ShareOpt = False,
     port_offset: PortOffsetOpt = None,
+    backend: BackendOpt = None,
+    ray_address: RayAddressOpt = None,
+    frontend_on_cluster: FrontendOnClusterOpt = False,
     dry_run: DryRunOpt = False,
     json_: JsonOpt = False,
     smoke_test: SmokeOpt = False,

@@ -26,6 +26,7 @@ from pdkit.model_files import SYNTHETIC_SERVED_NAME, default_model_dir
 Role = Literal["prefill", "decode", "agg"]
 Mode = Literal["agg", "disagg"]
 Engine = Literal["vllm", "sim"]
+Backend = Literal["local", "ray"]  # issue 20: where workers run (pdkit/backends/)
 Port = Annotated[int, Field(ge=1, le=65535)]
 PositiveGB = Annotated[float, Field(gt=0)]
 
@@ -135,6 +136,24 @@ class SupervisionConfig(_Strict):
     probe_timeout_s: float = Field(default=3.0, gt=0)
 
 
+class RayConfig(_Strict):
+    """``backend: ray`` (``ray:`` section): each worker (agent + engine) in a Ray actor placed by a
+    placement group; see docs/multi-node-ray.md.
+
+    ``gpus_per_worker`` None asks ``tensor_parallel_size`` GPUs per worker (with ``share_gpus`` 1/N of
+    one); set 0 to place simulated workers on a cluster without GPUs.  ``max_restarts`` None takes
+    ``supervision.max_restarts``: Ray counts restarts over the actor's whole life, not in a window.
+    """
+
+    address: str = "auto"
+    namespace: str = "pdkit"
+    frontend_on_cluster: bool = False
+    cpus_per_worker: float = Field(default=1.0, ge=0)
+    gpus_per_worker: float | None = Field(default=None, ge=0)
+    max_restarts: int | None = Field(default=None, ge=0)
+    placement_timeout_s: float = Field(default=120.0, gt=0)
+
+
 # share_gpus: the part of one GPU's memory its workers split when gpu_memory_utilization is unset, and
 # the most an explicit per-worker share may add up to (the rest is CUDA contexts and NCCL/NIXL buffers).
 SHARED_GPU_MEMORY_BUDGET = 0.9
@@ -195,6 +214,9 @@ class Deployment(_Strict):
         if value is not None:
             parse_version(value)  # ValueError -> one validation line naming the field
         return value
+
+    backend: Backend = "local"
+    ray: RayConfig = Field(default_factory=RayConfig)
 
     @model_validator(mode="before")
     @classmethod

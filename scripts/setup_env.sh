@@ -36,3 +36,6 @@ if [ ! -f "$venv/.pdkit-base-ready" ]; then
 fi
 "$venv/bin/python" -m pip install "${quiet[@]}" -e "$root[dev]" 2>&1 | grep -vE "^WARNING: Location|^ERROR: pip's dependency resolver|requires (torch|torchvision)|which is not installed|is incompatible" >&2 || true
 "$venv/bin/python" -c "import pdkit, pdkit.connectors, pdkit.kernels" || { echo "setup_env: pdkit install failed" >&2; exit 1; }
+# Issue 20 (--backend ray): Ray for tests/test_ray_backend.py's local cluster (those tests skip without it);
+# only the 0.26.0 environment runs the whole suite, the 0.32.0 one runs -m vllm.
+[ "$vllm_version" != 0.26.0 ] || "$venv/bin/python" -c "import ray" 2>/dev/null || "$venv/bin/python" -m pip install "${quiet[@]}" 'ray[default]==2.60.0' 2>&1 | grep -v "^WARNING: Location" >&2 || true
