@@ -384,3 +384,53 @@ async def test_no_prefill_worker_falls_back_to_a_local_unseeded_prefill(http: ai
         want = summary(COMPLETIONS, await call(http, a.url, COMPLETIONS, body), True)
         assert summary(COMPLETIONS, await call(http, fe.url, COMPLETIONS, body), True) == want
         assert seeded(fe, "fallback") == 1
+
+
+async def test_a_hung_decode_is_replaced_by_a_local_prefill_of_prompt_and_first_token(
+    http: aiohttp.ClientSession,
+) -> None:
+    """A decode that sends no first byte in time (here: a very slow one) may have read the KV: the next
+    decode worker prefills prompt + first token itself, in the stream that already holds the first token."""
+    async with AsyncExitStack() as st:
+        p, b, a = await sim(st, "prefill"), await sim(st, "decode"), await sim(st, "agg")
+        slow = await sim(st, "decode", time_scale=2000)  # one decode step takes far longer than the deadline
+        workers = {"p": ("prefill", p.url), "a-slow": ("decode", slow.url), "b": ("decode", b.url)}
+        fe = await frontend(st, workers, decode_first_byte_timeout_s=0.5)
+        body = completion_body(40, stream=True, return_token_ids=True)
+        want = summary(COMPLETIONS, await call(http, a.url, COMPLETIONS, body), True)
+        assert summary(COMPLETIONS, await call(http, fe.url, COMPLETIONS, body), True) == want
+        m = fe.metrics.render().decode()
+        assert metric(m, "pdkit_retries_total", role="decode", reason="first_byte_timeout") == 1
+        bm = await metrics_of(http, b.url)
+        assert metric(bm, "pdkit_sim:kv_transfer_bytes_total", direction="received") == 0  # a local prefill
+        assert metric(bm, "vllm:generation_tokens_total") == 7
+        assert fe.registry.workers["a-slow"].inflight == 0
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_chat_without_max_tokens_runs_to_the_decodes_context_end_like_agg(
+    http: aiohttp.ClientSession, stream: bool
+) -> None:
+    async with AsyncExitStack() as st:
+        p, d, a = [await sim(st, role, max_model_len=80) for role in ("prefill", "decode", "agg")]
+        fe = await frontend(st, {"p": ("prefill", p.url)})
+        c = await announce(fe.zmq_endpoint, d.url, "decode", "d", interval_s=0.05, block_size=16, max_model_len=80)
+        st.push_async_callback(c.close)
+        body = {"messages": [{"role": "user", "content": "tell me more"}], "stream": stream}
+        want = summary(CHAT, await call(http, a.url, CHAT, body), stream)
+        got = summary(CHAT, await call(http, fe.url, CHAT, body), stream)
+        assert got == want and want["finish"] == "length"
+        assert seeded(fe, "seeded") == 1
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_text_prompts_are_seeded_with_the_prefills_own_tokenization(
+    http: aiohttp.ClientSession, stream: bool
+) -> None:
+    async with AsyncExitStack() as st:
+        fe, _, _, a = await deployment(st)
+        for prompt in ("hi", "The quick brown fox jumps over the lazy dog. " * 30):
+            body = {"prompt": prompt, "max_tokens": 9, "stream": stream, "return_token_ids": True}
+            want = summary(COMPLETIONS, await call(http, a.url, COMPLETIONS, body), stream)
+            assert summary(COMPLETIONS, await call(http, fe.url, COMPLETIONS, body), stream) == want
+        assert seeded(fe, "seeded") == 2

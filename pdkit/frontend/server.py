@@ -801,8 +801,9 @@ class Frontend:
                     raise _HopFailed(FIRST_BYTE_TIMEOUT, True) from None
                 if isinstance(got, web.Response):  # an engine's 4xx: nothing to retry, the stream is open
                     assert isinstance(got.body, bytes)
+                    self.metrics.stream_errors.inc()
                     await self._end_stream_with_error(out, _error_event(got.status, got.body))
-                    return str(got.status)
+                    return "stream_error"
                 return await self._relay_seeded(request, out, s, opened[0], got)
             finally:
                 for resp in opened:
