@@ -4,6 +4,10 @@ Request path (disagg): parse the body once, pick a prefill worker, send it the b
 ``max_tokens=1, min_tokens=1, stream=false`` and ``kv_transfer_params={"do_remote_decode": true, ...}``
 (NIXL returns params only for a request that ended by its length limit), then send the client's
 original body plus the returned params to a decode worker and pass its bytes through (SSE or JSON).
+With first-token seeding (``FrontendSettings.seed_first_token``, the default; docs/seeding.md) the
+prefill's token goes to the client at once and the decode gets prompt ids + that token instead
+(:mod:`pdkit.frontend.seeding` shapes both hops and the client's answer); requests seeding cannot
+reproduce exactly, and those sent with ``X-Pdkit-Seed: off``, take the unseeded path just described.
 Agg mode, and disagg prompts shorter than ``disagg_min_prompt_tokens``, take one hop.  With a KV-aware
 policy a disagg request also takes one hop when a decode worker already caches all but fewer than
 ``disagg_min_prompt_tokens`` of its prompt tokens (conditional disaggregation, mode ``direct_cached``).
