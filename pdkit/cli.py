@@ -97,6 +97,14 @@ RayAddressOpt = Annotated[
 FrontendOnClusterOpt = Annotated[
     bool, typer.Option("--frontend-on-cluster", help="With --backend ray: run the frontend in a Ray actor too.")
 ]
+SeedOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--seed-first-token/--no-seed-first-token",
+        help="Frontend (disagg): stream the prefill's first token at once and seed the decode with it "
+        "(config: frontend.seed_first_token; default on).",
+    ),
+]
 ShareOpt = Annotated[
     bool,
     typer.Option(
@@ -141,6 +149,7 @@ def _common_overrides(**kw: Any) -> dict[str, Any]:
         "max_queued": "frontend.max_queued",
         "queue_timeout_s": "frontend.queue_timeout_s",
         "api_key": "frontend.api_key",
+        "seed_first_token": "frontend.seed_first_token",
         "port_offset": "port_offset",
     }
     out = {mapping[k]: (str(v) if isinstance(v, Path) else v) for k, v in kw.items() if k in mapping}
@@ -231,6 +240,7 @@ def launch_agg(
     max_queued: MaxQueuedOpt = None,
     queue_timeout_s: QueueTimeoutOpt = None,
     api_key: ApiKeyOpt = None,
+    seed_first_token: SeedOpt = None,
     share_gpus: ShareOpt = False,
     port_offset: PortOffsetOpt = None,
     backend: BackendOpt = None,
@@ -288,6 +298,7 @@ def launch_disagg(
     max_queued: MaxQueuedOpt = None,
     queue_timeout_s: QueueTimeoutOpt = None,
     api_key: ApiKeyOpt = None,
+    seed_first_token: SeedOpt = None,
     share_gpus: ShareOpt = False,
     port_offset: PortOffsetOpt = None,
     backend: BackendOpt = None,

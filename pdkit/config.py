@@ -60,6 +60,8 @@ class FrontendConfig(_Strict):
     decode_first_byte_timeout_s: float = Field(default=120.0, gt=0)
     # vLLM's --api-key: every /v1/* request needs "Authorization: Bearer <api_key>" (also env PDKIT_API_KEY).
     api_key: str | None = None
+    # Disagg: stream the prefill's first token at once and seed the decode with it (docs/seeding.md).
+    seed_first_token: bool = True
     # KV-aware routing tokenizes prompts as the workers do: a local folder with the served model's
     # tokenizer.json / tokenizer_config.json.  None: the deployment's model folder (or the embedded one).
     model_dir: str | None = None

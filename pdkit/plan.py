@@ -120,6 +120,7 @@ def frontend_spec(dep: Deployment, run_dir: Path) -> ProcessSpec:
         "--queue-timeout-s", str(fe.queue_timeout_s),
         "--decode-first-byte-timeout-s", str(fe.decode_first_byte_timeout_s),
     ]  # fmt: skip
+    argv.append("--seed-first-token" if fe.seed_first_token else "--no-seed-first-token")
     if dep.max_model_len:
         argv += ["--max-model-len", str(dep.max_model_len)]
     model_dir = fe.model_dir or dep.model_path

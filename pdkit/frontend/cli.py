@@ -87,6 +87,13 @@ def frontend(
         typer.Option("--model-dir", help="Served model folder: tokenizer + chat template (default: embedded model)."),
     ] = None,
     block_size: Annotated[int, typer.Option("--block-size", help="The workers' KV block size.")] = 16,
+    seed_first_token: Annotated[
+        bool,
+        typer.Option(
+            "--seed-first-token/--no-seed-first-token",
+            help="Disagg: stream the prefill's first token at once and seed the decode with it (docs/seeding.md).",
+        ),
+    ] = True,
     stop_grace_s: Annotated[float, typer.Option("--stop-grace-s", help="Drain time on SIGTERM.")] = 30.0,
     log_level: Annotated[str, typer.Option("--log-level", help="debug | info | warning.")] = "info",
 ) -> None:
@@ -124,6 +131,7 @@ def frontend(
         hash_seed=hash_seed,
         model_dir=model_dir,
         block_size=block_size,
+        seed_first_token=seed_first_token,
     )
     try:
         settings.validate()

@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 # Latency buckets from sub-millisecond (router overhead, ITL) to minutes (long generations).
 _LAT = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 0.6, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0)
+SEED_OUTCOMES = ("seeded", "ended_at_prefill", "refused", "fallback")
 _ITL = (0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0)
 
 
@@ -23,7 +24,7 @@ class FrontendMetrics:
             "pdkit_requests", "Client requests by routing mode and HTTP status", ["mode", "status"], registry=r
         )
         self.ttft = Histogram(
-            "pdkit_time_to_first_token_seconds", "Streamed requests: arrival to first token byte", ["mode"],
+            "pdkit_time_to_first_token_seconds", "Streamed requests: arrival to the first token byte sent", ["mode"],
             buckets=_LAT, registry=r,
         )  # fmt: skip
         self.itl = Histogram(
@@ -88,6 +89,18 @@ class FrontendMetrics:
             ["reason"],
             registry=r,
         )
+        # First-token seeding (docs/seeding.md): what happened to each disaggregated request the switch
+        # applies to.  seeded: the decode continued the prefill's token; ended_at_prefill: that token was
+        # the whole answer (no decode hop); refused: the request takes the unseeded path (n > 1, echo,
+        # tools, X-Pdkit-Seed: off, ...); fallback: seeding failed before anything reached the client.
+        self.seeded_hops = Counter(
+            "pdkit_frontend_seeded_hops",
+            "Disaggregated requests by first-token seeding outcome: seeded, ended_at_prefill, refused, fallback",
+            ["outcome"],
+            registry=r,
+        )
+        for outcome in SEED_OUTCOMES:
+            self.seeded_hops.labels(outcome)
         for role in ("prefill", "decode", "agg"):
             self.workers.labels(role=role).set(0)
             self.queue_depth.labels(role).set(0)

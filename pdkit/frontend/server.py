@@ -4,6 +4,10 @@ Request path (disagg): parse the body once, pick a prefill worker, send it the b
 ``max_tokens=1, min_tokens=1, stream=false`` and ``kv_transfer_params={"do_remote_decode": true, ...}``
 (NIXL returns params only for a request that ended by its length limit), then send the client's
 original body plus the returned params to a decode worker and pass its bytes through (SSE or JSON).
+With first-token seeding (``FrontendSettings.seed_first_token``, the default; docs/seeding.md) the
+prefill's token goes to the client at once and the decode gets prompt ids + that token instead
+(:mod:`pdkit.frontend.seeding` shapes both hops and the client's answer); requests seeding cannot
+reproduce exactly, and those sent with ``X-Pdkit-Seed: off``, take the unseeded path just described.
 Agg mode, and disagg prompts shorter than ``disagg_min_prompt_tokens``, take one hop.  With a KV-aware
 policy a disagg request also takes one hop when a decode worker already caches all but fewer than
 ``disagg_min_prompt_tokens`` of its prompt tokens (conditional disaggregation, mode ``direct_cached``).
@@ -42,6 +46,7 @@ import aiohttp
 import msgspec
 from aiohttp import web
 
+from pdkit.frontend import seeding
 from pdkit.frontend.admission import AdmissionQueue
 from pdkit.frontend.metrics import ActualHits, FrontendMetrics
 from pdkit.frontend.policies import KV_AWARE, Policy, RequestContext, make_policy
@@ -433,8 +438,7 @@ class Frontend:
             route = await self._admit(ctx)
             mode = route.mode
             if mode == "disagg":
-                params = await self._prefill(ctx, route)
-                resp, status = await self._decode(request, ctx, "decode", params, mode, t0, route)
+                resp, status = await self._disagg(request, ctx, route, t0)
             else:
                 resp, status = await self._decode(request, ctx, _role_of(mode), None, mode, t0, route)
             return resp
@@ -648,18 +652,243 @@ class Frontend:
                 self._release(w, route.ctx)
         route.prefill = route.worker = None
 
+    # --------------------------------------------------------------------------- disagg (seeded)
+
+    async def _disagg(
+        self, request: web.Request, ctx: RequestContext, route: _Route, t0: float
+    ) -> tuple[web.StreamResponse, str]:
+        """Prefill → decode; seeded with the prefill's first token unless seeding is off or refused."""
+        if self.s.seed_first_token:
+            refusal = self._seed_refusal(request, ctx)
+            if refusal is None:
+                return await self._seeded(request, ctx, route, t0)
+            self.metrics.seeded_hops.labels("refused").inc()
+            log.debug("request %s not seeded: %s", ctx.request_id, refusal)
+        params = await self._prefill(ctx, route)
+        return await self._decode(request, ctx, "decode", params, "disagg", t0, route)
+
+    @staticmethod
+    def _seed_refusal(request: web.Request, ctx: RequestContext) -> str | None:
+        """Why this request takes the unseeded path (None: seed it).  ``X-Pdkit-Seed: off`` is a
+        debugging aid (A/B on one deployment, scripts/gpu_bench_seeding.py) that affects only its own
+        request, so it needs no secret: it cannot change how any other request is routed."""
+        if request.headers.get(SEED_HEADER, "").strip().lower() in ("off", "0", "false", "no"):
+            return f"{SEED_HEADER}: off"
+        return seeding.seed_refusal(ctx.path, ctx.body)
+
+    async def _seeded(
+        self, request: web.Request, ctx: RequestContext, route: _Route, t0: float
+    ) -> tuple[web.StreamResponse, str]:
+        """The seeded P/D path (docs/seeding.md, "Wiring"): the client sees the prefill's token at once,
+        the decode gets prompt + that token and generates the rest.  Until something reached the client
+        every problem falls back to the unseeded path, which then runs exactly as without seeding."""
+        body = seeding.prefill_body(ctx.path, ctx.body, PREFILL_KV_PARAMS)
+        got = await self._prefill_answer(ctx, route, body, need_params=False)
+        if got is None:  # no prefill worker answered: the decode worker prefills locally, unseeded
+            self.metrics.seeded_hops.labels("fallback").inc()
+            return await self._decode(request, ctx, "decode", None, "disagg", t0, route)
+        answer, prefill_worker = got
+        params = answer.get("kv_transfer_params")
+        params = params if isinstance(params, dict) else None
+        assert route.worker is not None
+        max_len = route.worker.info.max_model_len or self._max_model_len(ctx)
+        try:
+            first = seeding.first_token_from_prefill(ctx.path, answer)
+            if seeding.ends_request(ctx.path, ctx.body, first, max_len):
+                self.metrics.seeded_hops.labels("ended_at_prefill").inc()
+                return await self._single_token(request, ctx, first, t0)
+            dpath, dbody = seeding.seeded_decode_body(
+                ctx.path, ctx.body, first, block_size=prefill_worker.info.block_size, max_model_len=max_len
+            )
+        except seeding.SeedingError as exc:
+            log.warning("request %s: not seeded after its prefill (%s); decoding unseeded", ctx.request_id, exc)
+            self.metrics.seeded_hops.labels("fallback").inc()
+            return await self._decode(request, ctx, "decode", params, "disagg", t0, route)
+        self.metrics.seeded_hops.labels("seeded").inc()
+        if ctx.body.get("stream"):
+            return await self._seeded_stream(request, ctx, route, first, dpath, dbody, t0)
+        return await self._seeded_json(ctx, route, first, dpath, dbody)
+
+    async def _single_token(
+        self, request: web.Request, ctx: RequestContext, first: seeding.FirstToken, t0: float
+    ) -> tuple[web.StreamResponse, str]:
+        """The whole answer when the prefill's token ends the request (EOS, stop, max_tokens=1): no decode hop."""
+        if not ctx.body.get("stream"):
+            data = msgspec.json.encode(seeding.single_token_answer(ctx.path, ctx.body, first))
+            return web.Response(body=data, content_type=_JSON, headers={"X-Request-Id": ctx.request_id}), "200"
+        out = await self._open_client_stream(request, ctx)
+        await out.write(seeding.single_token_stream(ctx.path, ctx.body, first))
+        self.metrics.ttft.labels("disagg").observe(time.perf_counter() - t0)
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await out.write_eof()
+        return out, "200"
+
+    @staticmethod
+    def _seeded_payload(dbody: dict[str, Any], params: dict[str, Any] | None) -> bytes:
+        """The seeded decode body; without params the decode prefills prompt + first token itself."""
+        body = {k: v for k, v in dbody.items() if k != "kv_transfer_params"}
+        if params is not None:
+            body["kv_transfer_params"] = params
+        return msgspec.json.encode(body)
+
+    async def _seeded_json(
+        self, ctx: RequestContext, route: _Route, first: seeding.FirstToken, dpath: str, dbody: dict[str, Any]
+    ) -> tuple[web.StreamResponse, str]:
+        """Non-streamed: the decode's answer merged behind the prefill's token (usage counts each token once)."""
+        hop0 = time.perf_counter()
+
+        async def attempt(w: WorkerState, params: dict[str, Any] | None) -> web.Response:
+            opened: list[aiohttp.ClientResponse] = []
+            try:
+                got = await self._open_hop(w, ctx, self._seeded_payload(dbody, params), False, opened, path=dpath)
+            finally:
+                for resp in opened:
+                    resp.close()
+            assert isinstance(got, web.Response)
+            return got
+
+        resp = await self._decode_attempts(ctx, "decode", dbody.get("kv_transfer_params"), route, attempt)
+        self.metrics.decode_hop.labels("disagg").observe(time.perf_counter() - hop0)
+        if resp.status != 200:
+            return resp, str(resp.status)
+        assert isinstance(resp.body, bytes)
+        try:
+            merged = seeding.merge_non_streamed(ctx.path, ctx.body, first, msgspec.json.decode(resp.body))
+        except (seeding.SeedingError, msgspec.DecodeError) as exc:
+            log.warning("request %s: the seeded decode's answer is unusable: %s", ctx.request_id, exc)
+            raise RequestError(502, "the decode worker's answer could not be read; see the frontend log") from None
+        data = msgspec.json.encode(merged)
+        return web.Response(body=data, content_type=_JSON, headers={"X-Request-Id": ctx.request_id}), "200"
+
+    async def _open_client_stream(self, request: web.Request, ctx: RequestContext) -> web.StreamResponse:
+        out = web.StreamResponse(
+            status=200,
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Request-Id": ctx.request_id},
+        )
+        await out.prepare(request)
+        return out
+
+    async def _seeded_stream(
+        self,
+        request: web.Request,
+        ctx: RequestContext,
+        route: _Route,
+        first: seeding.FirstToken,
+        dpath: str,
+        dbody: dict[str, Any],
+        t0: float,
+    ) -> tuple[web.StreamResponse, str]:
+        """Streamed: the first token goes out now (TTFT), then the decode's continuation in the same stream.
+
+        A decode hop that fails before its first byte is retried by the usual rules with the same seeded
+        body (or without the KV params: a local prefill of prompt + first token, so the first token is
+        never repeated); once every worker failed, or after decode bytes went out, the stream ends with
+        an SSE error event and ``[DONE]``.
+        """
+        out = await self._open_client_stream(request, ctx)
+        s = seeding.SeededStream(ctx.path, ctx.body, first)
+        await out.write(s.first_chunk())
+        self.metrics.ttft.labels("disagg").observe(time.perf_counter() - t0)
+        hop0 = time.perf_counter()
+
+        async def attempt(w: WorkerState, params: dict[str, Any] | None) -> str:
+            opened: list[aiohttp.ClientResponse] = []
+            payload = self._seeded_payload(dbody, params)
+            try:
+                try:
+                    got = await _with_timeout(
+                        self._open_hop(w, ctx, payload, True, opened, path=dpath), self.s.decode_first_byte_timeout_s
+                    )
+                except asyncio.TimeoutError:
+                    log.warning("seeded decode hop to %s sent no first byte within %g s", w.worker_id,
+                                self.s.decode_first_byte_timeout_s)  # fmt: skip
+                    raise _HopFailed(FIRST_BYTE_TIMEOUT, True) from None
+                if isinstance(got, web.Response):  # an engine's 4xx: nothing to retry, the stream is open
+                    assert isinstance(got.body, bytes)
+                    self.metrics.stream_errors.inc()
+                    await self._end_stream_with_error(out, _error_event(got.status, got.body))
+                    return "stream_error"
+                return await self._relay_seeded(request, out, s, opened[0], got)
+            finally:
+                for resp in opened:
+                    resp.close()
+
+        try:
+            status = await self._decode_attempts(ctx, "decode", dbody.get("kv_transfer_params"), route, attempt)
+        except (_Passthrough, RequestError) as exc:
+            status = "stream_error"
+            self.metrics.stream_errors.inc()
+            if isinstance(exc, _Passthrough):
+                event = _error_event(exc.status, exc.body)
+            else:
+                event = b"data: " + exc.body() + b"\n\n"
+            await self._end_stream_with_error(out, event)
+        self.metrics.decode_hop.labels("disagg").observe(time.perf_counter() - hop0)
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await out.write_eof()
+        return out, status
+
+    async def _end_stream_with_error(self, out: web.StreamResponse, event: bytes) -> None:
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await out.write(event + b"data: [DONE]\n\n")
+
+    async def _relay_seeded(
+        self,
+        request: web.Request,
+        out: web.StreamResponse,
+        s: seeding.SeededStream,
+        resp: aiohttp.ClientResponse,
+        data: bytes,
+    ) -> str:
+        """Rewrite the decode's SSE bytes into the client's stream until ``s.done`` (a stop string the
+        frontend found ends it early: the caller closes the upstream, which vLLM takes as an abort)."""
+        itl = self.metrics.itl.labels("disagg")
+        last = time.perf_counter()
+        status = "200"
+        tail = b""
+        relay = _Relay(resp)
+        self._relays.add(relay)
+        try:
+            while True:
+                piece = s.feed(data)
+                if piece:
+                    now = time.perf_counter()
+                    itl.observe(now - last)
+                    last = now
+                    tail = piece[-len(_DONE) :]
+                    await out.write(piece)
+                if s.done:
+                    break
+                data = await resp.content.readany()
+                if not data:
+                    raise aiohttp.ClientPayloadError("the decode's stream ended before [DONE]")
+        except _StopCut:
+            status = "shutdown_cut"
+            self.metrics.stream_errors.inc()
+            msg = error_obj(503, "the frontend is shutting down and its stop grace ran out; the stream was cut")
+            await self._end_stream_with_error(out, b"data: " + msgspec.json.encode(msg) + b"\n\n")
+            return status
+        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+            if isinstance(exc, ConnectionResetError) and request.transport is None:
+                raise asyncio.CancelledError from None  # the client left; resp.close() aborts upstream
+            self.metrics.stream_errors.inc()
+            log.warning("seeded decode stream broke after the first byte: %r", exc)
+            msg = error_obj(502, f"the worker's stream broke after the first byte ({type(exc).__name__})")
+            await self._end_stream_with_error(out, b"data: " + msgspec.json.encode(msg) + b"\n\n")
+            return "stream_error"
+        finally:
+            self._relays.discard(relay)
+        if tail != _DONE:  # an error event from the decode ends the stream; the client still gets [DONE]
+            status = "stream_error"
+            self.metrics.stream_errors.inc()
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                await out.write(_DONE)
+        return status
+
     # ---------------------------------------------------------------------------------- prefill
 
     async def _prefill(self, ctx: RequestContext, route: _Route) -> dict[str, Any] | None:
-        """kv_transfer_params from a prefill worker, or None = prefill locally on the decode worker.
-
-        The first attempt runs on the prefill worker admission held; a retry takes a free slot on another
-        one or, with none free, falls back to the local prefill (the decode slot is held already)."""
-        assert self._session is not None
-        reason = "no_prefill_worker"
-        if route.prefill is None:
-            self.metrics.fallbacks.labels(reason).inc()
-            return None
+        """kv_transfer_params from a prefill worker, or None = prefill locally on the decode worker."""
         body = dict(ctx.body)
         body["max_tokens"] = 1
         body["min_tokens"] = 1
@@ -668,6 +897,23 @@ class Frontend:
         body["stream"] = False
         body.pop("stream_options", None)
         body["kv_transfer_params"] = PREFILL_KV_PARAMS
+        got = await self._prefill_answer(ctx, route, body, need_params=True)
+        return None if got is None else got[0]["kv_transfer_params"]
+
+    async def _prefill_answer(
+        self, ctx: RequestContext, route: _Route, body: dict[str, Any], *, need_params: bool
+    ) -> tuple[dict[str, Any], WorkerState] | None:
+        """(the prefill's whole JSON answer, the worker that gave it), or None = prefill locally.
+
+        The first attempt runs on the prefill worker admission held; a retry takes a free slot on another
+        one or, with none free, falls back to the local prefill (the decode slot is held already).
+        ``need_params``: an answer without ``kv_transfer_params`` is a failed hop (the unseeded path
+        needs them; a seeded answer whose first token ends the request does not)."""
+        assert self._session is not None
+        reason = "no_prefill_worker"
+        if route.prefill is None:
+            self.metrics.fallbacks.labels(reason).inc()
+            return None
         payload = msgspec.json.encode(body)
         tried: set[str] = set()
         for attempt in range(self.s.max_prefill_attempts):
@@ -682,7 +928,7 @@ class Frontend:
             tried.add(w.worker_id)
             t0 = time.perf_counter()
             try:
-                params = await _with_timeout(self._prefill_hop(w, ctx, payload), self.s.prefill_timeout_s)
+                answer = await _with_timeout(self._prefill_hop(w, ctx, payload, need_params), self.s.prefill_timeout_s)
             except asyncio.TimeoutError:
                 reason = "timeout"
                 log.warning("prefill on %s timed out after %g s", w.worker_id, self.s.prefill_timeout_s)
@@ -695,7 +941,7 @@ class Frontend:
                 route.prefill = None
                 self._release(w, ctx)
             self.metrics.prefill_hop.observe(time.perf_counter() - t0)
-            return params
+            return answer, w
         self.metrics.fallbacks.labels(reason).inc()
         return None
 
@@ -713,7 +959,9 @@ class Frontend:
             self.metrics.retries.labels("upstream", "stale_connection").inc()
             return await self._session.post(url, data=payload, headers=headers)
 
-    async def _prefill_hop(self, w: WorkerState, ctx: RequestContext, payload: bytes) -> dict[str, Any]:
+    async def _prefill_hop(
+        self, w: WorkerState, ctx: RequestContext, payload: bytes, need_params: bool = True
+    ) -> dict[str, Any]:
         assert self._session is not None
         try:
             async with await self._post(w.url + ctx.path, payload, ctx.extra["headers"]) as resp:
@@ -727,12 +975,14 @@ class Frontend:
             log.warning("prefill hop to %s: %s: %s", w.worker_id, type(exc).__name__, exc)
             raise _HopFailed(reason, False) from None
         try:
-            params = msgspec.json.decode(data).get("kv_transfer_params")
-        except (msgspec.DecodeError, AttributeError):
-            params = None
-        if not isinstance(params, dict):
+            answer = msgspec.json.decode(data)
+        except msgspec.DecodeError:
+            answer = None
+        if not isinstance(answer, dict):
+            raise _HopFailed("bad_answer", True)
+        if need_params and not isinstance(answer.get("kv_transfer_params"), dict):
             raise _HopFailed("no_kv_transfer_params", True)
-        return params
+        return answer
 
     # ----------------------------------------------------------------------------------- decode
 
@@ -746,22 +996,43 @@ class Frontend:
         t0: float,
         route: _Route,
     ) -> tuple[web.StreamResponse, str]:
-        """The decode (or only) hop, first on the worker admission held (``route.worker``).
+        """The decode (or only) hop, with the client's body (+ the prefill's params), and its retries."""
 
+        def attempt(w: WorkerState, p: dict[str, Any] | None) -> Awaitable[tuple[web.StreamResponse, str]]:
+            if p is None:
+                payload = ctx.extra["raw"]  # one hop: the client's bytes, untouched
+            else:
+                payload = msgspec.json.encode({**ctx.body, "kv_transfer_params": p})
+            return self._decode_hop(request, w, ctx, payload, mode, t0)
+
+        return await self._decode_attempts(ctx, role, params, route, attempt)
+
+    async def _decode_attempts(
+        self,
+        ctx: RequestContext,
+        role: str,
+        params: dict[str, Any] | None,
+        route: _Route,
+        attempt: Callable[[WorkerState, dict[str, Any] | None], Awaitable[_T]],
+    ) -> _T:
+        """Run ``attempt(worker, params)``, first on the worker admission held (``route.worker``).
+
+        ``attempt`` raises :class:`_HopFailed` when the hop failed before anything reached the client.
         A failed attempt moves on to another worker of the role with a free slot (taken before the held
         one is given back, so the cap holds and no waiter can take it in between).  When the failure
         came after the worker had the request *with* the prefill's KV (a failed or expired transfer, a
-        reset connection) and no other worker is left -- the common 1P1D case -- the same worker gets one
-        more try with a local prefill (no KV to fetch), instead of the client getting a 502 for a
-        transient transfer problem.  A worker that did not send its first byte in time is not tried again.
+        reset connection) the next attempt prefills locally (``params`` None), and when no other worker
+        is left -- the common 1P1D case -- the same worker gets one more try that way, instead of the
+        client getting a 502 for a transient transfer problem.  A worker that did not send its first byte
+        in time is not tried again.
         """
         tried: set[str] = set()
         last: _HopFailed | None = None
         again = False  # the held worker may be retried with a local prefill
-        for attempt in range(self.s.max_decode_attempts):
+        for n in range(self.s.max_decode_attempts):
             held = route.worker
             assert held is not None
-            if attempt:
+            if n:
                 usable, _ = self._candidates(ctx, role, tried)
                 if usable:
                     ctx.remote_kv = params is not None
@@ -775,12 +1046,8 @@ class Frontend:
                 self.metrics.retries.labels(role, last.reason).inc()
             again = False
             tried.add(held.worker_id)
-            if params is None:
-                payload = ctx.extra["raw"]  # one hop: the client's bytes, untouched
-            else:
-                payload = msgspec.json.encode({**ctx.body, "kv_transfer_params": params})
             try:
-                return await self._decode_hop(request, held, ctx, payload, mode, t0)
+                return await attempt(held, params)
             except _HopFailed as exc:
                 log.warning("%s hop on %s failed before the first byte: %s", role, held.worker_id, exc.reason)
                 last = exc
@@ -826,11 +1093,18 @@ class Frontend:
                 resp.close()
 
     async def _open_hop(
-        self, w: WorkerState, ctx: RequestContext, payload: bytes, stream: bool, opened: list[aiohttp.ClientResponse]
+        self,
+        w: WorkerState,
+        ctx: RequestContext,
+        payload: bytes,
+        stream: bool,
+        opened: list[aiohttp.ClientResponse],
+        path: str | None = None,
     ) -> bytes | web.Response:
-        """Send the hop; the whole answer (not streamed, or an error) or the stream's first bytes."""
+        """Send the hop (to ``path``, default the client's); the whole answer (not streamed, or an
+        error) or the stream's first bytes."""
         try:
-            resp = await self._post(w.url + ctx.path, payload, ctx.extra["headers"])
+            resp = await self._post(w.url + (path or ctx.path), payload, ctx.extra["headers"])
             opened.append(resp)
             if resp.status >= 500:
                 raise _HopFailed(f"status_{resp.status}", True, resp.status, await resp.read())
@@ -908,6 +1182,8 @@ class Frontend:
         return out, status
 
 
+SEED_HEADER = "X-Pdkit-Seed"  # "off": this request takes the unseeded P/D path (debugging, A/B benchmarks)
+_DONE = b"data: [DONE]\n\n"
 FIRST_BYTE_TIMEOUT = "first_byte_timeout"  # _HopFailed reason of a decode hop past decode_first_byte_timeout_s
 
 # What a chat template adds around the messages, in tokens, at most: per message (role header, end
@@ -951,3 +1227,14 @@ async def _with_timeout(coro: Coroutine[Any, Any, _T], timeout_s: float) -> _T:
 def _sse_error_payload(chunk: bytes) -> bytes:
     line = chunk.split(b"\n", 1)[0]
     return line[len(b"data: ") :].strip()
+
+
+def _error_event(status: int, body: bytes) -> bytes:
+    """An engine's error answer as one SSE error event (its own ``{"error": ...}`` when it sent one)."""
+    try:
+        obj = msgspec.json.decode(body)
+    except msgspec.DecodeError:
+        obj = None
+    if not (isinstance(obj, dict) and "error" in obj):
+        obj = error_obj(status, f"the decode worker answered {status}; see the frontend log")
+    return b"data: " + msgspec.json.encode(obj) + b"\n\n"

@@ -28,6 +28,9 @@ class FrontendSettings:
     ``api_key``: when set, every ``/v1/*`` request needs ``Authorization: Bearer <api_key>`` (vLLM's
     ``--api-key``).  ``max_model_len``: the deployment's context length, for refusing prompts that
     cannot fit before any hop (None: the smallest ``max_model_len`` the model's workers report).
+    ``seed_first_token``: in disagg mode the client gets the prefill's first token as soon as the
+    prefill answers and the decode continues from prompt + that token (docs/seeding.md); requests the
+    seeding path cannot reproduce exactly (n > 1, echo, tools, ...) take the unseeded path.
 
     KV events (docs/kv_routing.md): ``kv_events_port`` is where the frontend binds the SUB socket every
     worker's KV-event publisher connects to.  None (the in-process default) binds it only when the
@@ -65,6 +68,9 @@ class FrontendSettings:
     decode_first_byte_timeout_s: float = 120.0
     api_key: str | None = None
     max_model_len: int | None = None
+    # First-token seeding (docs/seeding.md): stream the prefill's token at once and send the decode
+    # prompt + that token, so disaggregated TTFT is the prefill's, not prefill + transfer + decode step.
+    seed_first_token: bool = True
     # Registry bound (docs/security.md): registrations beyond it are refused.
     max_workers: int = 4096
     # Legacy: bind one SUB socket on kv_events_port that workers' publishers connect to.  Unauthenticated
