@@ -9,7 +9,7 @@ PdConnector's own ``kv_connector_extra_config`` (the contract produced by ``pdki
       "verify_restores": false,                           # issue 16 (LMCache restore check, lmcache_restore.py)
       "lmcache_events": "vllm" | "raw" | "both" | "off",  # LMCache tiers as KV events (lmcache_tiers.py)
       # optional, rarely needed: which class each child is
-      "lmcache_connector": "LMCacheConnectorV1" | "LMCacheMPConnector" | {"kv_connector": ..., "kv_connector_module_path": ...},
+      "lmcache_connector": "LMCacheConnectorV1" | "LMCacheMPConnector" | {"kv_connector": ..., ...},
       "nixl_connector": "NixlConnector" | "NixlPushConnector" | {"kv_connector": ..., ...}
     }
 

@@ -75,7 +75,8 @@ def test_lmcache_facts_from_the_wheels() -> None:
     assert stacks.lmcache_torch("0.5.2") == "2.11" and stacks.lmcache_torch("0.5.6") == "2.13"
     assert stacks.lmcache_torch("0.5.7") is None
     for stack in stacks.STACKS.values():  # every stack that runs LMCache in-process has one built for its torch
-        assert not stack.lmcache_in_process or stacks.same_minor(stacks.lmcache_torch(stack.lmcache) or "0.0", stack.torch)
+        built_for = stacks.lmcache_torch(stack.lmcache) or "0.0"
+        assert not stack.lmcache_in_process or stacks.same_minor(built_for, stack.torch)
 
 
 def test_bad_vllm_version_in_config_is_one_line_exit_2(run_cli) -> None:
