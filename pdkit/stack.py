@@ -53,7 +53,8 @@ class Stack:
     known: bool = True
 
     def connector_names(self) -> set[str]:
-        return {self.nixl_pull_connector, self.nixl_push_connector, self.lmcache_connector, self.lmcache_mp_connector}
+        """Names whose classes import without lmcache's MP package (``lmcache_mp_connector`` imports lmcache)."""
+        return {self.nixl_pull_connector, self.nixl_push_connector, self.lmcache_connector}
 
     def default_lmcache_mode(self) -> LMCacheMode:
         """``in_process`` (the proven one) where it can run, else ``mp``."""

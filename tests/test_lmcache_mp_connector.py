@@ -252,3 +252,10 @@ def test_prefill_composes_nixl_and_lmcache_mp_and_returns_only_nixls_params() ->
     assert out["delay"] is True
     awaited = eng.sched.build_connector_meta(empty_scheduler_output()).awaited_sends
     assert set(awaited["p1"]) == {"nixl", "lmcache"}  # freed once, after both children reported it
+
+
+def test_the_mp_connector_name_is_registered_in_the_installed_vllm() -> None:
+    """Its class imports lmcache (absent in CI), so only the registry entry is checked here."""
+    from pdkit.stack import plan_stack
+
+    assert plan_stack().lmcache_mp_connector in KVConnectorFactory._registry

@@ -47,7 +47,10 @@ def test_dry_run_plan_for_each_known_version(run_cli, version: str) -> None:
 def test_agg_and_push_names_come_from_the_table() -> None:
     for version, stack in stacks.STACKS.items():
         agg = kv_transfer_config("agg", as_dict=True, vllm_version=version).kv_transfer_config
-        assert agg == {"kv_connector": stack.lmcache_connector, "kv_role": "kv_both"}
+        if stack.lmcache_in_process:
+            assert agg == {"kv_connector": stack.lmcache_connector, "kv_role": "kv_both"}
+        else:  # vLLM 0.33: LMCache only in multi-process mode (docs/lmcache-mp.md)
+            assert agg is not None and agg["kv_connector"] == stack.lmcache_mp_connector
         dep = load_deployment(None, {"mode": "disagg", "vllm_version": version, "nixl.mode": "push"})
         decode = next(p for p in build_plan(dep).workers() if p.role == "decode")
         assert decode.kv_transfer_config is not None
