@@ -4,11 +4,12 @@ PdConnector's own ``kv_connector_extra_config`` (the contract produced by ``pdki
 
     {
       "lmcache": {"lmcache.<field>": ...} | {} | null,   # null or absent: no LMCache child (NIXL only)
-      "nixl": {"backends": ["UCX"], ...},                 # NixlConnector's own extra-config keys
+      "nixl": {"backends": ["UCX"], ...} | null,          # NixlConnector's own keys; null: no NIXL child (agg)
       "verify_transfers": false,                          # issue 9 (transfer fingerprints, pd_verify.py)
+      "verify_restores": false,                           # issue 16 (LMCache restore check, lmcache_restore.py)
       "lmcache_events": "vllm" | "raw" | "both" | "off",  # LMCache tiers as KV events (lmcache_tiers.py)
       # optional, rarely needed: which class each child is
-      "lmcache_connector": "LMCacheConnectorV1" | {"kv_connector": ..., "kv_connector_module_path": ...},
+      "lmcache_connector": "LMCacheConnectorV1" | "LMCacheMPConnector" | {"kv_connector": ..., ...},
       "nixl_connector": "NixlConnector" | "NixlPushConnector" | {"kv_connector": ..., ...}
     }
 
@@ -47,6 +48,8 @@ LMCACHE_ROLE = "kv_both"
 def child_extra(extra: dict[str, Any], name: str) -> dict[str, Any] | None:
     """The sub-dict for child ``name``; ``None`` when the child is switched off (only LMCache may be)."""
     if name == NIXL:
+        if NIXL in extra and extra[NIXL] is None:  # an explicit null: LMCache only (agg restore check)
+            return None
         sub = extra.get(NIXL)
         return dict(sub) if sub else {}
     if LMCACHE not in extra or extra[LMCACHE] is None:

@@ -45,6 +45,7 @@ from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.outputs import KVConnectorOutput
 
 from pdkit.connectors.lmcache_events import relabel_events
+from pdkit.connectors.lmcache_restore import RestoreLedger
 from pdkit.connectors.lmcache_tiers import LMCacheTierEvents, LMCacheTierSettings
 from pdkit.connectors.pd_children import (
     LMCACHE,
@@ -151,6 +152,14 @@ class PdConnector(KVConnectorBase_V1):
         self._verify_pending: dict[str, Any] = {}  # decode scheduler: request -> fingerprint payload
         self._worker_fps: WorkerFingerprints | None = None  # built in register_kv_caches
         self._fingerprint_due: dict[str, list[int]] = {}
+        # verify_restores (connectors/lmcache_restore.py): LMCache's loads checked against saved fingerprints.
+        self.verify_restores = bool(extra.get("verify_restores", False)) and LMCACHE in self._children
+        self._restores: RestoreLedger | None = (
+            RestoreLedger(self._block_size) if self.verify_restores and is_sched else None
+        )
+        self._restore_async: set[str] = set()  # scheduler: requests whose LMCache load is asynchronous
+        self._restore_sync: set[str] = set()  # worker: this step's synchronous LMCache loads to check
+        self._restore_blocks: dict[str, int] = {}  # worker: restores awaiting their check -> blocks checked
         logger.info(
             "PdConnector (%s, role %s): children %s",
             role.name,
@@ -172,7 +181,7 @@ class PdConnector(KVConnectorBase_V1):
     def prefer_cross_layer_blocks(self) -> bool:
         # One KV layout serves both children, so only when both can use it; verification fingerprints
         # per-layer tensors (register_kv_caches), so it keeps vLLM's per-layer layout.
-        if self.verify_transfers:
+        if self.verify_transfers or self.verify_restores:
             return False
         return bool(self._children) and all(
             getattr(c, "prefer_cross_layer_blocks", False) for c in self._children.values()
@@ -208,7 +217,7 @@ class PdConnector(KVConnectorBase_V1):
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         # Both: NIXL registers the memory for RDMA, LMCache keeps the tensors to copy chunks in/out.
         self._each(lambda c: c.register_kv_caches(kv_caches))
-        if self.verify_transfers and NIXL in self._children:
+        if (self.verify_transfers and NIXL in self._children) or self.verify_restores:
             self._worker_fps = self._make_worker_fingerprints(kv_caches)
 
     def _make_worker_fingerprints(self, kv_caches: dict[str, torch.Tensor]) -> WorkerFingerprints | None:
@@ -245,6 +254,10 @@ class PdConnector(KVConnectorBase_V1):
         if self._worker_fps is not None:
             self._worker_fps.expect(connector_metadata.verify)
             self._fingerprint_due = dict(connector_metadata.fingerprint_blocks)
+            for specs in (connector_metadata.restore_verify, connector_metadata.restore_verify_async):
+                self._worker_fps.expect(specs)
+                self._restore_blocks.update({rid: len(spec.local_block_ids) for rid, spec in specs.items()})
+            self._restore_sync = set(connector_metadata.restore_verify)
         for name, child in self._children.items():
             child.bind_connector_metadata(connector_metadata.children[name])
         super().bind_connector_metadata(connector_metadata)
@@ -324,9 +337,28 @@ class PdConnector(KVConnectorBase_V1):
             self._reported[rid] = None
         while len(self._reported) > _REPORTED_MEMORY:
             self._reported.popitem(last=False)
+        if self._worker_fps is not None and self._restore_blocks:
+            self._verify_restored(recving)
         if self._worker_fps is not None and recving:
             self._verify_received(recving)
         return sending, recving, failed
+
+    def _verify_restored(self, recving: set[str]) -> None:
+        """LMCache loads done by now (synchronous: this step's; asynchronous: reported received): check them."""
+        fps = self._worker_fps
+        assert fps is not None
+        due = self._restore_sync | (recving & set(self._restore_blocks))
+        self._restore_sync = set()
+        if not due:
+            return
+        for rid, bad in fps.check(due):
+            self._stats.add("lmcache_restore_mismatch_blocks", len(bad))
+            logger.warning("PdConnector: request %s: %d KV block(s) restored from LMCache fail their fingerprint "
+                           "(rank %s): %s; reporting them as load errors (recomputed)", rid, len(bad), fps.rank,
+                           bad[:16])  # fmt: skip
+        for rid in due:
+            self._stats.add("lmcache_restore_checked_blocks", self._restore_blocks.pop(rid, 0))
+        self._count_verify_work()
 
     def _verify_received(self, recving: set[str]) -> None:
         """Decode: NIXL says these pulls are done; check their fingerprints (bad blocks → load errors)."""
@@ -476,6 +508,10 @@ class PdConnector(KVConnectorBase_V1):
                 return None, False
             if tokens > 0:
                 self._loader[request.request_id] = LMCACHE
+                if self._restores is not None:
+                    self._restores.on_lookup(request.request_id, num_computed_tokens)
+                    if load_async:
+                        self._restore_async.add(request.request_id)
                 return tokens, load_async
         return 0, False
 
@@ -497,6 +533,10 @@ class PdConnector(KVConnectorBase_V1):
             payload = (request.kv_transfer_params or {}).get(FINGERPRINTS_KEY)
             if payload is not None:
                 self._verify_pending[request.request_id] = payload
+        if self._restores is not None:
+            self._restores.track(request)
+            if loader == LMCACHE and num_external_tokens > 0:
+                self._restores.on_load(request, blocks, num_external_tokens)
         for name, child in self._children.items():
             child.update_state_after_alloc(request, blocks, num_external_tokens if name == loader else 0)
 
@@ -510,6 +550,16 @@ class PdConnector(KVConnectorBase_V1):
             meta.fingerprint_blocks = self._producer_fps.due(scheduler_output)
         if self._verify_pending:
             meta.verify = self._verify_specs(meta.children.get(NIXL))
+        if self._restores is not None:
+            # Same rid in both: NIXL's list (every prompt block) starts with the ledger's (full blocks).
+            meta.fingerprint_blocks = {**self._restores.due(scheduler_output), **meta.fingerprint_blocks}
+            for rid, spec in self._restores.take_specs().items():
+                target = meta.restore_verify_async if rid in self._restore_async else meta.restore_verify
+                target[rid] = spec
+                self._restore_async.discard(rid)
+            unverified = self._restores.take_unverified()
+            if unverified:
+                self._stats.add("lmcache_restore_unverified_blocks", unverified)
         return meta
 
     def _verify_specs(self, nixl_meta: KVConnectorMetadata | None) -> dict[str, Any]:
@@ -549,6 +599,8 @@ class PdConnector(KVConnectorBase_V1):
             if missed:
                 self._stats.add("kv_verify_unsent", len(missed))
                 logger.warning("PdConnector: fingerprints for %s were not ready; sent unverified", missed[:8])
+        if self._restores is not None and isinstance(wrapped, PdWorkerMetadata) and wrapped.fingerprints:
+            self._restores.on_worker_fingerprints(wrapped.fingerprints)
         if self._tiers is not None:
             for rid in connector_output.finished_sending or ():
                 request = self._tiers_after_save.pop(rid, None)
@@ -565,6 +617,9 @@ class PdConnector(KVConnectorBase_V1):
                 delayed.append(name)
             params[name] = child_params
         self._loader.pop(request.request_id, None)
+        if self._restores is not None:
+            self._restores.forget(request)
+            self._restore_async.discard(request.request_id)
         if delayed:
             self._awaited_out[request.request_id] = tuple(delayed)
         merged = merge_transfer_params(params)

@@ -40,6 +40,10 @@ class PdConnectorMetadata(KVConnectorMetadata):
     # step's forward; decode workers check these requests (VerifySpec) once NIXL has received them.
     fingerprint_blocks: dict[str, list[int]] = field(default_factory=dict)
     verify: dict[str, Any] = field(default_factory=dict)
+    # verify_restores (connectors/lmcache_restore.py): LMCache loads to check (VerifySpec by request),
+    # synchronous ones after this step's forward, asynchronous ones once LMCache reports them received.
+    restore_verify: dict[str, Any] = field(default_factory=dict)
+    restore_verify_async: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -84,6 +88,9 @@ PD_COUNTERS = (
     "kv_verify_us",  # decode workers: device time checking them (µs; exported in seconds)
     "kv_fingerprint_requests",  # prefill workers: requests whose sent blocks were fingerprinted
     "kv_fingerprint_us",  # prefill workers: device time fingerprinting them (µs; exported in seconds)
+    "lmcache_restore_checked_blocks",  # workers: blocks LMCache restored whose fingerprint was checked
+    "lmcache_restore_mismatch_blocks",  # workers: of those, mismatching (reported as load errors: recomputed)
+    "lmcache_restore_unverified_blocks",  # scheduler: restored blocks with no saved fingerprint to check
 )
 # Counters kept in µs (ints survive aggregation and serialisation) and exported in seconds.
 MICROSECOND_COUNTERS = {"kv_verify_us": "kv_verify_seconds", "kv_fingerprint_us": "kv_fingerprint_seconds"}
@@ -178,6 +185,10 @@ class PdPromMetrics(KVConnectorPromMetrics):
             "kv_verify_us": "Device time decode spent checking received KV blocks (what it adds to TTFT).",
             "kv_fingerprint_requests": "Requests whose sent KV blocks prefill fingerprinted (verify_transfers).",
             "kv_fingerprint_us": "Device time prefill spent fingerprinting sent KV blocks (what it adds to TTFT).",
+            "lmcache_restore_checked_blocks": "KV blocks restored from LMCache whose fingerprint was checked.",
+            "lmcache_restore_mismatch_blocks": "KV blocks restored from LMCache that failed their fingerprint "
+            "(recomputed).",
+            "lmcache_restore_unverified_blocks": "KV blocks restored from LMCache with no saved fingerprint.",
         }
         self._counters = {
             key: create_metric_per_engine(

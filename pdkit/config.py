@@ -80,6 +80,10 @@ class WorkerGroupConfig(_Strict):
     extra_args: list[str] = Field(default_factory=list)
     extra_env: dict[str, str] = Field(default_factory=dict)
     startup_timeout_s: float = Field(default=900.0, gt=0)
+    # lmcache.mode=mp: worker i's ``lmcache server`` listens on lmcache_port_base+i (ZMQ requests) and
+    # lmcache_http_port_base+i (HTTP: /healthcheck).  None: the role's default (ROLE_DEFAULTS).
+    lmcache_port_base: Port | None = None
+    lmcache_http_port_base: Port | None = None
 
     @model_validator(mode="after")
     def _count_follows_gpus(self) -> WorkerGroupConfig:
@@ -102,6 +106,20 @@ class LMCacheConfig(_Strict):
     disk_gb: PositiveGB | None = None
     remote_url: str | None = None
     save_unfull_chunk: bool = False
+    # Issue 16.  in_process: LMCache runs inside vLLM (LMCacheConnectorV1, the proven one).  mp: one
+    # ``lmcache server`` per LMCache-using worker, supervised by pdkit, and LMCacheMPConnector inside vLLM
+    # (docs/lmcache-mp.md).  None: mp where the stack cannot run LMCache in-process (vLLM >= 0.33), else
+    # in_process.
+    mode: Literal["in_process", "mp"] | None = None
+    # mp: the Python that runs the server (e.g. a torch-2.13 venv beside a torch-2.14 vLLM), or the whole
+    # command before pdkit's own flags; None: this Python, ``-m lmcache.cli.main server``.
+    server_python: str | None = None
+    server_command: list[str] | None = None
+    server_args: list[str] = Field(default_factory=list)
+    server_startup_timeout_s: float = Field(default=120.0, gt=0)
+    # Restores are never silently wrong: fingerprints of saved blocks are checked when LMCache loads them
+    # back; a mismatch is reported as a load error (recomputed) and counted (connectors/lmcache_restore.py).
+    verify_restores: bool = False
 
 
 class NixlConfig(_Strict):
@@ -172,6 +190,11 @@ ROLE_DEFAULTS: dict[str, dict[str, Any]] = {
     "prefill": {"gpus": [[1]], **_ports(8300, 5610, 5810)},
     "decode": {"gpus": [[0]], **_ports(8400, 5620, 5820)},
 }
+
+
+# lmcache.mode=mp: each role's LMCache server ports (ZMQ request port, HTTP port).
+for _role, (_zmq, _http) in {"agg": (5900, 6900), "prefill": (5910, 6910), "decode": (5920, 6920)}.items():
+    ROLE_DEFAULTS[_role].update(lmcache_port_base=_zmq, lmcache_http_port_base=_http)
 
 
 def _default_group(role: str) -> WorkerGroupConfig:
@@ -542,6 +565,7 @@ def _check_ports(dep: Deployment) -> None:
             if role != "agg" and dep.engine == "vllm":
                 side = group.nixl_side_channel_port_base + i
                 used.append((group.host, side, f"{role}[{i}] NIXL side-channel port"))
+            used += _lmcache_server_ports(dep, role, i)
     counts = Counter((_norm_host(h), p) for h, p, _ in used)
     for host, port, what in used:
         if counts[(_norm_host(host), port)] > 1:
@@ -552,6 +576,20 @@ def _check_ports(dep: Deployment) -> None:
     for _host, port, what in used:
         if port > 65535:
             raise ConfigError(what, f"port {port} is out of range", "lower the port base")
+
+
+def _lmcache_server_ports(dep: Deployment, role: Role, index: int) -> list[tuple[str, int, str]]:
+    """Worker ``index``'s LMCache server ports, when it runs one (lmcache.mode=mp)."""
+    from pdkit.lmcache_server import server_ports
+
+    ports = server_ports(dep, role, index)
+    if ports is None:
+        return []
+    host = dep.group(role).host
+    return [
+        (host, ports[0], f"{role}[{index}] LMCache server port (lmcache_port_base)"),
+        (host, ports[1], f"{role}[{index}] LMCache server HTTP port (lmcache_http_port_base)"),
+    ]
 
 
 def _norm_host(host: str) -> str:

@@ -23,6 +23,12 @@ Why ``kv_both`` is never used for P/D: NIXL deprecates it and the role decides w
 blocks.  Decode uses ``kv_load_failure_policy="recompute"`` so a failed pull costs a local prefill,
 not a failed request.
 
+LMCache's multi-process mode (``lmcache.mode: mp``, issue 16; docs/lmcache-mp.md): LMCache runs as an
+``lmcache server`` of its own per worker (pdkit/lmcache_server.py starts it) and vLLM talks to it through
+``LMCacheMPConnector`` (``lmcache.mp.host`` / ``lmcache.mp.port``): agg gets it directly, prefill gets it
+as PdConnector's LMCache child; its settings travel as the server's flags, so vLLM gets no ``LMCACHE_*``
+env.  The mode defaults to ``mp`` only where the stack cannot run LMCache in-process (vLLM >= 0.33).
+
 Which vLLM release the names and flags are for comes from ``pdkit/stack.py`` (``vllm_version``: the
 configured one, else the installed one, else the newest proven stack); nothing here compares versions.
 
@@ -51,6 +57,28 @@ class RoleKVConfig(NamedTuple):
     kv_transfer_config: Any  # vllm.config.KVTransferConfig, or the equal dict without vllm
     serve_args: list[str]
     env: dict[str, str]
+
+
+MP_HOST = "tcp://127.0.0.1"
+
+
+def lmcache_mode(lmcache: LMCacheConfig, stack: Stack | None = None) -> str:
+    """``in_process`` or ``mp``: the configured one, else what ``stack`` can run (``in_process`` first)."""
+    if lmcache.mode is not None:
+        return lmcache.mode
+    return (stack or plan_stack()).default_lmcache_mode()
+
+
+def lmcache_mp_extra(lmcache: LMCacheConfig, server_port: int) -> dict[str, Any]:
+    """LMCacheMPConnector's extra config: where its server is, plus the chunking pdkit's tier events need."""
+    return {
+        "lmcache.mp.host": MP_HOST,
+        "lmcache.mp.port": server_port,
+        # Read by PdConnector's tier announcer (connectors/lmcache_tiers.py), not by the MP connector;
+        # the server gets the same chunk size as a flag.
+        "lmcache.chunk_size": lmcache.chunk_size,
+        "lmcache.save_unfull_chunk": lmcache.save_unfull_chunk,
+    }
 
 
 def lmcache_env(lmcache: LMCacheConfig, hash_seed: int = 0) -> dict[str, str]:
@@ -89,32 +117,60 @@ def kv_transfer_dict(
     lmcache: LMCacheConfig | None = None,
     nixl: NixlConfig | None = None,
     vllm_version: str | None = None,
+    lmcache_server_port: int | None = None,
 ) -> dict[str, Any] | None:
-    """The KVTransferConfig fields for ``role`` as a plain dict (``None``: agg without LMCache)."""
+    """The KVTransferConfig fields for ``role`` as a plain dict (``None``: agg without LMCache).
+
+    ``lmcache_server_port``: the ZMQ port of this worker's ``lmcache server`` (mp mode; default 5555,
+    LMCache's own default).
+    """
     lmcache = lmcache or LMCacheConfig()
     nixl = nixl or NixlConfig()
     stack = plan_stack(vllm_version)
     nixl_extra: dict[str, Any] = {"backends": list(nixl.backends), **nixl.extra_config}
     nixl_connector = nixl_connector_name(nixl, stack)
+    mp = lmcache.enabled and lmcache_mode(lmcache, stack) == "mp"
+    lmcache_extra: dict[str, Any] = lmcache_mp_extra(lmcache, lmcache_server_port or 5555) if mp else {}
+    lmcache_connector = stack.lmcache_mp_connector if mp else stack.lmcache_connector
     if role == "agg":
         if not lmcache.enabled:
             return None
+        if lmcache.verify_restores:
+            # PdConnector with its LMCache child only: it checks what LMCache restores (restore check).
+            return {
+                "kv_connector": PD_CONNECTOR,
+                "kv_connector_module_path": PD_CONNECTOR_MODULE,
+                "kv_role": "kv_both",
+                "kv_load_failure_policy": "recompute",
+                "kv_connector_extra_config": {
+                    "lmcache": lmcache_extra,
+                    "nixl": None,
+                    "lmcache_connector": lmcache_connector,
+                    "verify_restores": True,
+                },
+            }
+        if mp:
+            return {"kv_connector": lmcache_connector, "kv_role": "kv_both", "kv_connector_extra_config": lmcache_extra}
         return {"kv_connector": stack.lmcache_connector, "kv_role": "kv_both"}
     if role == "prefill":
         if not lmcache.enabled and not nixl.verify_transfers:
             return {"kv_connector": nixl_connector, "kv_role": "kv_producer", "kv_connector_extra_config": nixl_extra}
-        return {
+        fields: dict[str, Any] = {
             "kv_connector": PD_CONNECTOR,
             "kv_connector_module_path": PD_CONNECTOR_MODULE,
             "kv_role": "kv_producer",
             "kv_connector_extra_config": {
-                "lmcache": {} if lmcache.enabled else None,
+                "lmcache": lmcache_extra if lmcache.enabled else None,
                 "nixl": nixl_extra,
                 "nixl_connector": nixl_connector,
-                "lmcache_connector": stack.lmcache_connector,
+                "lmcache_connector": lmcache_connector,
                 "verify_transfers": nixl.verify_transfers,
             },
         }
+        if lmcache.enabled and lmcache.verify_restores:
+            fields["kv_connector_extra_config"]["verify_restores"] = True
+            fields["kv_load_failure_policy"] = "recompute"
+        return fields
     if role == "decode":
         if nixl.verify_transfers:
             # PdConnector in NIXL-only mode: it wraps NIXL to check what NIXL delivered.
@@ -149,6 +205,7 @@ def kv_transfer_config(
     hash_seed: int = 0,
     as_dict: bool = False,
     vllm_version: str | None = None,
+    lmcache_server_port: int | None = None,
 ) -> RoleKVConfig:
     """The right KV-connector configuration for one vLLM instance of ``role``.
 
@@ -166,11 +223,15 @@ def kv_transfer_config(
     lmcache = lmcache or LMCacheConfig()
     nixl = nixl or NixlConfig()
     stack = plan_stack(vllm_version)
-    fields = kv_transfer_dict(role, lmcache, nixl, vllm_version=stack.vllm)
+    fields = kv_transfer_dict(role, lmcache, nixl, vllm_version=stack.vllm, lmcache_server_port=lmcache_server_port)
     serve_args: list[str] = list(stack.serve_args)
     env: dict[str, str] = {"PYTHONHASHSEED": str(hash_seed), **stack.env}
-    if role in ("prefill", "agg") and lmcache.enabled:
+    mp = lmcache.enabled and lmcache_mode(lmcache, stack) == "mp"
+    if role in ("prefill", "agg") and lmcache.enabled and not mp:
         env.update(lmcache_env(lmcache, hash_seed))
+    if role == "agg" and mp:
+        # LMCacheMPConnector refuses the hybrid KV-cache manager («only works without hybrid kv cache manager»).
+        serve_args.append(DISABLE_HMA_FLAG)
     if role in ("prefill", "decode"):
         # Both sides state it: the NIXL handshake hashes the HMA setting (see module docstring), and vLLM
         # turns HMA off by itself for PdConnector but not for plain NIXL.

@@ -18,6 +18,7 @@ from pydantic import BaseModel, Field
 from pdkit.config import Deployment, Role, SupervisionConfig, is_loopback
 from pdkit.errors import ConfigError
 from pdkit.kv_config import kv_transfer_config
+from pdkit.lmcache_server import server_ports, server_spec
 from pdkit.model_files import has_weights, is_synthetic
 from pdkit.secret import API_KEY_ENV, API_KEY_PLACEHOLDER, TOKEN_ENV, TOKEN_PLACEHOLDER, ipc_dir
 
@@ -42,6 +43,10 @@ class ProcessSpec(BaseModel):
     kv_events_config: dict[str, Any] | None = None
     log_file: str
     startup_timeout_s: float = 900.0
+    # A helper process of one worker (its ``lmcache server``, lmcache.mode=mp): the worker's name.  It
+    # starts before the worker, is ready when ``health_url`` answers 200, and stops after it.
+    sidecar_of: str | None = None
+    health_url: str | None = None
 
     def command_line(self) -> str:
         return shlex.join(self.engine_argv or self.argv)
@@ -68,7 +73,11 @@ class LaunchPlan(BaseModel):
     vllm_stack: dict[str, Any] | None = None
 
     def workers(self) -> list[ProcessSpec]:
-        return [p for p in self.processes if p.role != "frontend"]
+        return [p for p in self.processes if p.role != "frontend" and p.sidecar_of is None]
+
+    def sidecars(self, worker: str) -> list[ProcessSpec]:
+        """The helper processes of ``worker`` (its ``lmcache server``), started before it."""
+        return [p for p in self.processes if p.sidecar_of == worker]
 
     def starts_after(self, worker: ProcessSpec) -> list[ProcessSpec]:
         """Workers listed before ``worker`` on one of its GPUs (same host): it starts once they are ready.
@@ -238,6 +247,7 @@ def worker_spec(dep: Deployment, role: Role, index: int, run_dir: Path) -> Proce
     fe = dep.frontend
     events = kv_events_config(dep, role, index, run_dir)
     uses_nixl = role != "agg" and dep.engine == "vllm"
+    lmcache_ports = server_ports(dep, role, index)
     role_kv = kv_transfer_config(
         role,
         lmcache=dep.lmcache,
@@ -247,6 +257,7 @@ def worker_spec(dep: Deployment, role: Role, index: int, run_dir: Path) -> Proce
         hash_seed=dep.hash_seed,
         as_dict=True,
         vllm_version=dep.vllm_version,
+        lmcache_server_port=lmcache_ports[0] if lmcache_ports else None,
     )
     kv = role_kv.kv_transfer_config if dep.engine == "vllm" else None
     env: dict[str, str] = {"PYTHONUNBUFFERED": "1"}
@@ -311,8 +322,12 @@ def build_plan(dep: Deployment) -> LaunchPlan:
     run_dir = (dep.run_dir or DEFAULT_RUN_DIR).resolve()
     procs = [frontend_spec(dep, run_dir)]
     for role in dep.roles():
-        procs += [worker_spec(dep, role, i, run_dir) for i in range(dep.group(role).num_workers)]
-    warnings = check_handshake_compat(procs) if dep.mode == "disagg" and dep.engine == "vllm" else []
+        for i in range(dep.group(role).num_workers):
+            worker = worker_spec(dep, role, i, run_dir)
+            sidecar = server_spec(dep, role, i, run_dir, worker.cuda_visible_devices)
+            procs += [sidecar, worker] if sidecar is not None else [worker]
+    engines = [p for p in procs if p.sidecar_of is None]
+    warnings = check_handshake_compat(engines) if dep.mode == "disagg" and dep.engine == "vllm" else []
     return LaunchPlan(
         secret=dep.frontend.token,
         api_key=dep.frontend.api_key,
@@ -381,9 +396,11 @@ def format_plan(plan: LaunchPlan) -> str:
         lines.append(f"[{p.name}]")
         if p.cuda_visible_devices is not None:
             lines.append(f"  CUDA_VISIBLE_DEVICES={p.cuda_visible_devices}")
-        if p.role != "frontend" and (after := plan.starts_after(p)):
+        if p.role != "frontend" and p.sidecar_of is None and (after := plan.starts_after(p)):
             lines.append(f"  starts after: {', '.join(a.name for a in after)} (shared GPU)")
         lines.append("  ports: " + ", ".join(f"{k}={v}" for k, v in p.ports.items()))
+        if p.sidecar_of is not None:
+            lines.append(f"  serves: {p.sidecar_of} (starts before it; ready when {p.health_url} answers 200)")
         if p.kv_transfer_config is not None:
             lines.append(f"  kv-transfer-config: {json.dumps(p.kv_transfer_config)}")
         env = {k: (v if k != TOKEN_ENV else "***") for k, v in p.env.items()}

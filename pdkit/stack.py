@@ -25,6 +25,7 @@ from importlib import metadata
 from typing import Literal
 
 StackStatus = Literal["proven", "seen", "untested"]
+LMCacheMode = Literal["in_process", "mp"]
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,10 @@ class Stack:
     nixl_pull_connector: str = "NixlConnector"
     nixl_push_connector: str = "NixlPushConnector"
     lmcache_connector: str = "LMCacheConnectorV1"
+    # LMCache's multi-process mode: vLLM's connector for an ``lmcache server`` of its own (issue 16).
+    lmcache_mp_connector: str = "LMCacheMPConnector"
+    # Whether LMCache can run inside this vLLM (a lmcache wheel is built for its torch); False: only mp.
+    lmcache_in_process: bool = True
     # Extra ``vllm serve`` flags and env every worker of this release gets (none needed so far).
     serve_args: tuple[str, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
@@ -48,7 +53,12 @@ class Stack:
     known: bool = True
 
     def connector_names(self) -> set[str]:
+        """Names whose classes import without lmcache's MP package (``lmcache_mp_connector`` imports lmcache)."""
         return {self.nixl_pull_connector, self.nixl_push_connector, self.lmcache_connector}
+
+    def default_lmcache_mode(self) -> LMCacheMode:
+        """``in_process`` (the proven one) where it can run, else ``mp``."""
+        return "in_process" if self.lmcache_in_process else "mp"
 
 
 STACKS: dict[str, Stack] = {
@@ -72,6 +82,23 @@ STACKS: dict[str, Stack] = {
             "KVTransferConfig rejects unknown fields and dropped kv_rank/kv_parallel_size/kv_ip/kv_buffer_size",
             "NIXL's compatibility hash adds the transfer mode: push and pull sides never pair",
             "model runner asks connectors for get_transfer_results (PdConnector merges its children's)",
+        ),
+    ),
+    "0.33.0": Stack(
+        vllm="0.33.0",
+        status="untested",
+        torch="2.14.0",
+        # No lmcache wheel is built for torch 2.14: the server runs 0.5.6 in its own torch-2.13 env.
+        lmcache="0.5.6",
+        nixl="1.5.1",
+        lmcache_in_process=False,
+        # Registry names read from the vllm 0.33.0 wheel (factory.py): unchanged from 0.32.0, and its
+        # lmcache_mp_connector.py / config/kv_transfer.py are byte-identical to 0.32.0's.
+        notes=(
+            "table read from the vllm 0.33.0 wheel; no GPU run yet",
+            "torch 2.14: no lmcache wheel, so LMCache runs in multi-process mode (lmcache.mode=mp)",
+            "the vLLM side of LMCacheMPConnector imports lmcache.lmcache_native (links libtorch): check "
+            "that it loads under torch 2.14 before trusting mp mode here (docs/lmcache-mp.md)",
         ),
     ),
 }

@@ -118,7 +118,7 @@ class Supervisor:
         frontend = self.procs["frontend"]
         await self._spawn(frontend)
         await self._wait_http(frontend, f"{frontend.spec.url}/health")
-        workers = [m for m in self.procs.values() if m.spec.role != "frontend"]
+        workers = [m for m in self.procs.values() if m.spec.role != "frontend" and m.spec.sidecar_of is None]
         ready = {m.spec.name: asyncio.Event() for m in workers}
 
         async def bring_up(m: Managed, after: list[Managed]) -> None:
@@ -126,6 +126,7 @@ class Supervisor:
                 self._say(f"{m.spec.name} starts once {', '.join(a.spec.name for a in after)} is ready (shared GPU)")
             for other in after:
                 await ready[other.spec.name].wait()
+            await self._start_sidecars(m)
             await self._spawn(m)
             await self._wait_registered(m)
             ready[m.spec.name].set()
@@ -142,6 +143,17 @@ class Supervisor:
         # Every worker registered; /readiness also needs each role live and healthy (docs/frontend.md).
         await self._wait_http(frontend, f"{frontend.spec.url}/readiness", timeout_s=30.0)
         self._print_table()
+
+    def _sidecars(self, worker: Managed) -> list[Managed]:
+        return [self.procs[s.name] for s in self.plan.sidecars(worker.spec.name)]
+
+    async def _start_sidecars(self, worker: Managed) -> None:
+        """A worker's ``lmcache server`` (mp mode) first, ready on its health URL before the engine starts:
+        LMCacheMPConnector connects to it while the engine starts up."""
+        for side in self._sidecars(worker):
+            await self._spawn(side)
+            await self._wait_http(side, side.spec.health_url or "")
+            self._say(f"{side.spec.name} ready in {side.ready_after_s or 0.0:.1f} s")
 
     async def _spawn(self, m: Managed) -> None:
         spec = m.spec
@@ -324,7 +336,7 @@ class Supervisor:
         else:
             required = REQUIRED_ROLE.get(self.plan.mode, "decode")
             for role in {m.spec.role for m in self.procs.values()} - {"frontend"}:
-                group = [m for m in self.procs.values() if m.spec.role == role]
+                group = [m for m in self.procs.values() if m.spec.role == role and m.spec.sidecar_of is None]
                 if any(m.down is None for m in group):
                     continue
                 names = ", ".join(m.spec.name for m in group)
@@ -362,7 +374,10 @@ class Supervisor:
         self.stopping = True
         frontend = self.procs["frontend"]
         await self._stop_group([frontend], self.stop_grace_s + 5)
-        await self._stop_group([m for m in self.procs.values() if m is not frontend], self.stop_grace_s)
+        sidecars = [m for m in self.procs.values() if m.spec.sidecar_of is not None]
+        engines = [m for m in self.procs.values() if m is not frontend and m not in sidecars]
+        await self._stop_group(engines, self.stop_grace_s)
+        await self._stop_group(sidecars, self.stop_grace_s)  # after the engines that store into them
         for m in self.procs.values():
             if m.pump is not None:
                 with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):

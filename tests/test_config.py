@@ -137,7 +137,7 @@ def test_port_offset_shifts_every_port_once() -> None:
     plain = dict(port_fields(load_deployment(None, {})))
     dep = load_deployment(None, {"port_offset": 1000, "frontend.port": 8500})
     shifted = dict(port_fields(dep))
-    assert set(shifted) == set(plain) and len(plain) == 12  # 3 frontend ports + 3 bases x 3 roles
+    assert set(shifted) == set(plain) and len(plain) == 18  # 3 frontend ports + 5 bases x 3 roles (2: LMCache MP)
     assert shifted["frontend.port"] == 9500  # a port given explicitly moves too
     assert all(shifted[k] == v + 1000 for k, v in plain.items() if k != "frontend.port")
     assert Deployment.model_validate(dep.model_dump()).frontend.port == 9500  # round trip does not shift again

@@ -55,10 +55,10 @@ def test_lmcache_built_for_another_torch_is_refused_with_the_fix() -> None:
 
 
 def test_newer_vllm_than_pdkit_knows_is_refused() -> None:
-    diagnosis = diagnose(fake_gpu_machine(vllm="0.33.0", torch="2.14.0"))
+    diagnosis = diagnose(fake_gpu_machine(vllm="0.34.0", torch="2.14.0"))
     assert diagnosis.verdict == "refused"
     first = diagnosis.errors[0]
-    assert "vLLM 0.33.0 is untested" in first and "no lmcache release is built for its torch 2.14.0" in first
+    assert "vLLM 0.34.0 is untested" in first and "no lmcache release is built for its torch 2.14.0" in first
     assert "--allow-untested-stack" in first
 
 
@@ -89,11 +89,11 @@ def test_launch_runs_the_check_before_any_engine(run_cli, monkeypatch: pytest.Mo
 
     started: list[object] = []
     monkeypatch.setattr(pdkit.supervisor, "run_launch", lambda plan, smoke_test=False: started.append(plan) or 0)
-    monkeypatch.setattr(doctor, "gather", lambda: fake_gpu_machine(vllm="0.33.0", torch="2.14.0"))
+    monkeypatch.setattr(doctor, "gather", lambda: fake_gpu_machine(vllm="0.34.0", torch="2.14.0"))
     args = ("launch", "disagg", "--prefill-gpu", "1", "--decode-gpu", "0", "--run-dir", str(tmp_path))
     code, _, err = run_cli(*args)
     assert code == 2 and started == []
-    assert len(err.strip().splitlines()) == 1 and "pdkit: error: stack: vLLM 0.33.0 is untested" in err
+    assert len(err.strip().splitlines()) == 1 and "pdkit: error: stack: vLLM 0.34.0 is untested" in err
     code, _, err = run_cli(*args, "--allow-untested-stack")
     assert code == 0 and len(started) == 1 and "untested stack allowed" in err
     code, _, _ = run_cli("launch", "disagg", "--engine", "sim", "--run-dir", str(tmp_path))  # sim: no check
