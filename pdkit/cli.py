@@ -102,7 +102,7 @@ SeedOpt = Annotated[
     typer.Option(
         "--seed-first-token/--no-seed-first-token",
         help="Frontend (disagg): stream the prefill's first token at once and seed the decode with it "
-        "(config: frontend.seed_first_token; default on).",
+        "(config: frontend.seed_first_token; off until proven on a GPU, docs/seeding.md).",
     ),
 ]
 ShareOpt = Annotated[

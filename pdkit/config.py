@@ -61,7 +61,7 @@ class FrontendConfig(_Strict):
     # vLLM's --api-key: every /v1/* request needs "Authorization: Bearer <api_key>" (also env PDKIT_API_KEY).
     api_key: str | None = None
     # Disagg: stream the prefill's first token at once and seed the decode with it (docs/seeding.md).
-    seed_first_token: bool = True
+    seed_first_token: bool = False  # opt-in until proven on a GPU (docs/seeding.md)
     # KV-aware routing tokenizes prompts as the workers do: a local folder with the served model's
     # tokenizer.json / tokenizer_config.json.  None: the deployment's model folder (or the embedded one).
     model_dir: str | None = None

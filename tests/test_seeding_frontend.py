@@ -1,6 +1,6 @@
 """First-token seeding wired into the frontend: a real Frontend + simulated P/D workers over loopback.
 
-Why this file: with ``seed_first_token`` on (the default) a disaggregated request must give the client
+Why this file: with ``seed_first_token`` on (opt-in) a disaggregated request must give the client
 exactly what an aggregated worker gives -- text, token ids, finish and stop reason, usage; streamed or
 not; completions and chat -- while the decode never samples the first token again, a request the first
 token ends never reaches the decode worker, and a decode that fails before its first byte is served
@@ -50,6 +50,7 @@ async def frontend(stack: AsyncExitStack, workers: dict[str, tuple[str, str]], *
     """A disagg frontend with ``workers`` (id -> (role, url)) announced over ZMQ (round robin by id)."""
     kw.setdefault("policy", "round_robin")
     kw.setdefault("liveness_timeout_s", 5.0)
+    kw.setdefault("seed_first_token", True)  # opt-in (docs/seeding.md): these tests are about seeding
     fe = Frontend(FrontendSettings(port=0, zmq_port=0, heartbeat_interval_s=0.1, **kw))
     await fe.start()
     stack.push_async_callback(fe.stop, 1.0)

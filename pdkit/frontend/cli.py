@@ -91,9 +91,10 @@ def frontend(
         bool,
         typer.Option(
             "--seed-first-token/--no-seed-first-token",
-            help="Disagg: stream the prefill's first token at once and seed the decode with it (docs/seeding.md).",
+            help="Disagg: stream the prefill's first token at once and seed the decode with it (opt-in until "
+            "proven on a GPU; docs/seeding.md).",
         ),
-    ] = True,
+    ] = False,
     stop_grace_s: Annotated[float, typer.Option("--stop-grace-s", help="Drain time on SIGTERM.")] = 30.0,
     log_level: Annotated[str, typer.Option("--log-level", help="debug | info | warning.")] = "info",
 ) -> None:

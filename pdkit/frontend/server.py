@@ -4,7 +4,7 @@ Request path (disagg): parse the body once, pick a prefill worker, send it the b
 ``max_tokens=1, min_tokens=1, stream=false`` and ``kv_transfer_params={"do_remote_decode": true, ...}``
 (NIXL returns params only for a request that ended by its length limit), then send the client's
 original body plus the returned params to a decode worker and pass its bytes through (SSE or JSON).
-With first-token seeding (``FrontendSettings.seed_first_token``, the default; docs/seeding.md) the
+With first-token seeding (``FrontendSettings.seed_first_token``, opt-in for now; docs/seeding.md) the
 prefill's token goes to the client at once and the decode gets prompt ids + that token instead
 (:mod:`pdkit.frontend.seeding` shapes both hops and the client's answer); requests seeding cannot
 reproduce exactly, and those sent with ``X-Pdkit-Seed: off``, take the unseeded path just described.

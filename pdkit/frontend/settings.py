@@ -70,7 +70,8 @@ class FrontendSettings:
     max_model_len: int | None = None
     # First-token seeding (docs/seeding.md): stream the prefill's token at once and send the decode
     # prompt + that token, so disaggregated TTFT is the prefill's, not prefill + transfer + decode step.
-    seed_first_token: bool = True
+    # Off until the padded NIXL read it relies on is proven on a GPU (docs/seeding.md, "Status").
+    seed_first_token: bool = False
     # Registry bound (docs/security.md): registrations beyond it are refused.
     max_workers: int = 4096
     # Legacy: bind one SUB socket on kv_events_port that workers' publishers connect to.  Unauthenticated
