@@ -211,7 +211,7 @@ def diagnose(
         return Diagnosis(facts, summary, "sim-only", errors, warnings)
     known = ", ".join(stacks.STACKS)
     torch = facts.versions.get("torch")
-    if not stack.known:
+    if not stack.known or stack.status == "untested":
         no_lmcache = lmcache_enabled and torch is not None and _no_lmcache_for(torch)
         errors.append(
             f"vLLM {vllm} is untested with pdkit (known: {known})"

@@ -13,7 +13,7 @@ A version outside the table is planned like the newest known stack of the same o
 keeps its registry names), but :func:`stack_for` marks it ``known=False`` so ``pdkit doctor`` and
 ``pdkit launch`` can refuse it until someone checks it (``--allow-untested-stack``).
 
-Status words: ``proven`` = pdkit's own GPU checks passed on it (scripts/gpu_check_pd.py); ``seen`` = a GPU
+Status words: ``proven`` = pdkit's own GPU checks passed on it (scripts/gpu_check_stack.py); ``seen`` = a GPU
 run of ``pdkit launch`` worked there, pdkit's GPU checks still pending.
 """
 
@@ -72,13 +72,13 @@ STACKS: dict[str, Stack] = {
     ),
     "0.32.0": Stack(
         vllm="0.32.0",
-        status="seen",
+        status="proven",
         torch="2.13.0",
         lmcache="0.5.6",
         nixl="1.5.1",
         # NixlConnector is still registered (an alias of NixlPullConnector): the name pdkit ran with on GPU.
         notes=(
-            "seen working on one H200 (pdkit launch disagg --smoke-test); pdkit's GPU checks pending",
+            "proven on one H200 (scripts/gpu_check_stack.py, docs/results/h200x1-2026-12-01-v032); not yet on 2xH200",
             "KVTransferConfig rejects unknown fields and dropped kv_rank/kv_parallel_size/kv_ip/kv_buffer_size",
             "NIXL's compatibility hash adds the transfer mode: push and pull sides never pair",
             "model runner asks connectors for get_transfer_results (PdConnector merges its children's)",

@@ -62,6 +62,12 @@ def test_newer_vllm_than_pdkit_knows_is_refused() -> None:
     assert "--allow-untested-stack" in first
 
 
+def test_a_release_in_the_table_but_never_run_is_refused_too() -> None:
+    """vLLM 0.33.0 is in the version table (its names read from the wheel) but no GPU check ran on it."""
+    diagnosis = diagnose(fake_gpu_machine(vllm="0.33.0", torch="2.14.0", lmcache=None), lmcache_enabled=False)
+    assert diagnosis.verdict == "refused" and "vLLM 0.33.0 is untested" in diagnosis.errors[0]
+
+
 def test_extension_that_does_not_load_with_this_torch_is_refused() -> None:
     facts = fake_gpu_machine()
     facts.lmcache_extension = {
