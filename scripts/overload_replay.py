@@ -6,7 +6,10 @@ so it does not collide with a default launch), waits for ``/readiness``, then se
 * ``burst600``: 600 completions at once (half streamed), one aiohttp session without a connection cap;
 * ``raw500``: 500 concurrent non-streamed chat completions;
 * ``openai200``: 200 concurrent chat completions through the ``openai`` client, when it is importable;
-* ``vllm-bench``: ``vllm bench serve --request-rate inf --num-prompts 600``, when ``vllm`` is on PATH.
+* ``vllm-bench``: ``vllm bench serve --request-rate inf --num-prompts 600``, when ``vllm`` is on PATH;
+* ``soak`` (``--soak-s N``): ``--soak-streams`` (1,000) clients each sending streamed completions back to
+  back for N seconds; counts every answer and samples the resident memory (RSS) of the frontend and the
+  workers' processes every 10 s, so a leak shows as a rising column.
 
 and prints sent / ok / 503 / other per case.  Every request is bounded by a client timeout; the launch
 is stopped (SIGINT) at the end.  Usage: ``python scripts/overload_replay.py [--max-tokens 16]``.
@@ -112,6 +115,64 @@ def vllm_bench(model_dir: str, max_tokens: int) -> dict[str, Any] | str:
     return {"sent": 600, "ok": int(done), "failed": int(failed or 600 - int(done))}
 
 
+def _pids(log_path: Path) -> dict[str, int]:
+    """Process name -> pid, from the launcher's «started NAME (pid N)» lines."""
+    out: dict[str, int] = {}
+    for line in log_path.read_text(errors="replace").splitlines():
+        if line.startswith("pdkit: started ") and "(pid " in line:
+            name = line.split()[2]
+            out[name] = int(line.rsplit("(pid ", 1)[1].rstrip(")"))
+    return out
+
+
+def _rss_mb(pid: int) -> float:
+    """Resident memory of ``pid`` and its children (an agent and its engine), in MB."""
+    total = 0
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        with contextlib.suppress(OSError, ValueError):
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+            for task in Path(f"/proc/{p}/task").iterdir():
+                children = (task / "children").read_text().split()
+                todo += [int(c) for c in children]
+    return round(total / 1024, 1)
+
+
+async def soak(duration_s: float, streams: int, max_tokens: int, log_path: Path) -> dict[str, Any]:
+    """``streams`` looping streamed clients for ``duration_s``; statuses and an RSS sample every 10 s."""
+    statuses: list[int | str] = []
+    samples: list[dict[str, float]] = []
+    deadline = time.monotonic() + duration_s
+    timeout = aiohttp.ClientTimeout(total=300)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as http:
+
+        async def client(i: int) -> None:
+            n = 0
+            while time.monotonic() < deadline:
+                body = {"model": "synth", "prompt": f"{i}.{n} {PROMPT}", "max_tokens": max_tokens, "stream": True}
+                n += 1
+                try:
+                    async with http.post(BASE + "/v1/completions", json=body) as r:
+                        data = await r.read()
+                        ok = r.status == 200 and data.rstrip().endswith(b"data: [DONE]") and b'"error"' not in data
+                        statuses.append(200 if ok else (r.status if r.status != 200 else "stream_error"))
+                except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                    statuses.append(type(exc).__name__)
+
+        async def sampler() -> None:
+            t0 = time.monotonic()
+            while time.monotonic() < deadline:
+                pids = _pids(log_path)
+                samples.append({"t_s": round(time.monotonic() - t0), **{k: _rss_mb(v) for k, v in pids.items()}})
+                await asyncio.sleep(10)
+
+        await asyncio.gather(sampler(), *(client(i) for i in range(streams)))
+    return {**tally(statuses), "streams": streams, "duration_s": duration_s, "rss_mb": samples}
+
+
 async def wait_ready(proc: subprocess.Popen[bytes], timeout_s: float = 180.0) -> None:
     deadline = time.monotonic() + timeout_s
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as http:
@@ -129,6 +190,9 @@ async def wait_ready(proc: subprocess.Popen[bytes], timeout_s: float = 180.0) ->
 async def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--soak-s", type=float, default=0.0, help="also run the soak for this long (0: skip)")
+    ap.add_argument("--soak-streams", type=int, default=1000)
+    ap.add_argument("--only-soak", action="store_true", help="skip the burst cases")
     args = ap.parse_args()
     from pdkit.model_files import default_model_dir
 
@@ -141,10 +205,15 @@ async def main() -> int:
         results: dict[str, Any] = {}
         try:
             await wait_ready(proc)
-            results["burst600"] = await burst(600, chat=False, max_tokens=args.max_tokens, stream_every=2)
-            results["raw500"] = await burst(500, chat=True, max_tokens=args.max_tokens, stream_every=0)
-            results["openai200"] = await openai_case(200, args.max_tokens)
-            results["vllm-bench"] = await asyncio.to_thread(vllm_bench, str(default_model_dir()), args.max_tokens)
+            if not args.only_soak:
+                results["burst600"] = await burst(600, chat=False, max_tokens=args.max_tokens, stream_every=2)
+                results["raw500"] = await burst(500, chat=True, max_tokens=args.max_tokens, stream_every=0)
+                results["openai200"] = await openai_case(200, args.max_tokens)
+                model_dir = str(default_model_dir())
+                results["vllm-bench"] = await asyncio.to_thread(vllm_bench, model_dir, args.max_tokens)
+            if args.soak_s > 0:
+                log.flush()
+                results["soak"] = await soak(args.soak_s, args.soak_streams, args.max_tokens, Path(tmp) / "launch.log")
         finally:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGINT)
