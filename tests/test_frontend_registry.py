@@ -221,3 +221,16 @@ def test_cli_exits_2_when_a_port_is_taken(monkeypatch: pytest.MonkeyPatch) -> No
         port = taken.getsockname()[1]
         result = CliRunner().invoke(app, ["--port", "0", "--zmq-port", str(port)])
     assert result.exit_code == 2 and "cannot bind" in result.output
+
+
+async def test_a_failing_registry_hook_does_not_stop_the_registry() -> None:
+    """A URL that passes the protocol's pattern but not urlsplit (``[zz]``) makes the KV index's hook raise;
+    that registration fails alone, and the registry keeps answering everyone else."""
+    settings = FrontendSettings(port=0, zmq_port=0, heartbeat_interval_s=0.05, policy="kv_aware")
+    async with Frontend(settings) as f:
+        bad = info("odd")
+        bad = WorkerInfo(**{**bad.model_dump(), "url": "http://[zz]:1"})
+        assert not (await RegistryClient(f.zmq_endpoint, bad).register()).ok
+        good = RegistryClient(f.zmq_endpoint, info("d0"))
+        assert (await good.register()).ok and (await good.heartbeat()).ok
+        await good.close()

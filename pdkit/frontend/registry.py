@@ -386,7 +386,11 @@ class RegistryServer:
             if len(frames) < 2:
                 continue
             identity, payload = frames[0], frames[-1]
-            ack = self.handle(payload, identity)
+            try:
+                ack = self.handle(payload, identity)
+            except Exception:  # a hook's bug must not end the loop: every later heartbeat would go unheard
+                log.exception("registry: handling an agent message failed")
+                ack = Ack(ok=False, error="internal error in the frontend's registry; see its log")
             with contextlib.suppress(zmq.ZMQError):
                 await sock.send_multipart([identity, encode(ack)])
 
@@ -394,4 +398,7 @@ class RegistryServer:
         period = max(0.02, min(self.heartbeat_interval_s, self.registry.liveness_s) / 2)
         while True:
             await asyncio.sleep(period)
-            self.registry.reap()
+            try:
+                self.registry.reap()
+            except Exception:  # as in _serve: one failing hook must not stop liveness checks for good
+                log.exception("registry: reaping silent workers failed")

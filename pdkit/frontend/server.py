@@ -876,6 +876,13 @@ class Frontend:
             msg = error_obj(502, f"the worker's stream broke after the first byte ({type(exc).__name__})")
             await self._end_stream_with_error(out, b"data: " + msgspec.json.encode(msg) + b"\n\n")
             return "stream_error"
+        except (ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:
+            # a decode chunk of an unexpected shape: the headers went out already, so end the stream cleanly
+            self.metrics.stream_errors.inc()
+            log.warning("seeded decode sent a chunk the frontend cannot continue from: %r", exc)
+            msg = error_obj(502, f"the worker sent an unexpected stream chunk ({type(exc).__name__})")
+            await self._end_stream_with_error(out, b"data: " + msgspec.json.encode(msg) + b"\n\n")
+            return "stream_error"
         finally:
             self._relays.discard(relay)
         if tail != _DONE:  # an error event from the decode ends the stream; the client still gets [DONE]
