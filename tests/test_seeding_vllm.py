@@ -27,9 +27,17 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from vllm_versions import only_vllm
 
 pytest.importorskip("vllm")
-pytestmark = pytest.mark.vllm
+pytestmark = [
+    pytest.mark.vllm,
+    only_vllm(
+        "0.26",
+        "the proof drives vLLM 0.26's NIXL internals (0.32 changed _apply_prefix_caching's signature); "
+        "re-checking seeding on 0.32 is an open item of docs/seeding.md",
+    ),
+]
 
 from vllm.config import KVEventsConfig, KVTransferConfig  # noqa: E402
 from vllm.distributed.kv_transfer.kv_connector.v1.nixl import NixlBaseConnectorWorker  # noqa: E402
