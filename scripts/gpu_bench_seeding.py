@@ -48,19 +48,28 @@ SERVE_IN, SERVE_OUT = 2048, 128
 DEFAULT_RATES = "2,4,8"
 SEED_OFF = {"X-Pdkit-Seed": "off"}
 AGG, UNSEEDED, SEEDED = "agg", "disagg_unseeded", "disagg_seeded"
+RAY_PUSH = "ray-push"
+SPLIT_STAGES = ("zero-load", "serve-agg", "serve-disagg")
+ONE_START_STAGES = ("agg", "disagg", RAY_PUSH)  # one deployment start per stage
+READY_LINES = ("all processes ready", "all workers ready on Ray")
+REF = g.STATE / "seeding_agg_reference.json"
 
 
 # ------------------------------------------------------------------------------------ deployments
 
 
 def deployment(mode: str, engine: str) -> tuple[list[str], dict[str, Any]]:
-    """(pdkit launch args, config) of the agg or the one-GPU disagg deployment."""
-    config: dict[str, Any] = {**g.common_config(), "engine": engine, "mode": mode}
+    """(pdkit launch args, config) of the agg, the one-GPU disagg or the Ray + push disagg deployment."""
+    config: dict[str, Any] = {**g.common_config(), "engine": engine, "mode": "agg" if mode == "agg" else "disagg"}
     if mode == "agg":
         config["agg"] = {"gpus": [[0]]}
         return ["agg", "--gpu", "0"], config
     config |= {"share_gpus": True, "prefill": {"gpus": [[0]]}, "decode": {"gpus": [[0]]}}
     config["frontend"] = {**config["frontend"], "seed_first_token": True}
+    if mode == RAY_PUSH:
+        # One node: a private Ray cluster of this machine; the simulator asks for no GPU (a CPU rehearsal).
+        config |= {"backend": "ray", "nixl": {"mode": "push"}}
+        config["ray"] = {"address": "local", **({"gpus_per_worker": 0} if engine == "sim" else {})}
     return ["disagg"], config
 
 
@@ -73,14 +82,28 @@ class Running:
 
     def __enter__(self) -> Running:
         args, config = deployment(self.mode, self.engine)
-        self.proc, ready_s = g.launch(args, config, self.run_dir)
+        self.proc, t0 = g.start(args, config, self.run_dir)
+        ready_s = wait_ready(self.proc, self.run_dir, t0)
         g.log(f"{self.mode} ready in {ready_s:.1f} s")
         self.ready_s = ready_s
         return self
 
     def __exit__(self, *exc: object) -> None:
-        g.log("stop", g.stop(self.proc, self.run_dir))
+        self.stopped = g.stop(self.proc, self.run_dir)
+        g.log("stop", self.stopped)
         g.save_logs(self.run_dir, f"seeding-{self.tag}")
+
+
+def wait_ready(proc: subprocess.Popen, run_dir: Path, t0: float, timeout: float = 540) -> float:
+    """Seconds until the launcher (local or Ray backend) said every process is ready."""
+    while time.time() - t0 < timeout:
+        text = (run_dir / "launch.log").read_text(errors="replace")
+        if any(line in text for line in READY_LINES):
+            return time.time() - t0
+        if proc.poll() is not None:
+            raise RuntimeError(f"pdkit launch exited with {proc.returncode}:\n{text[-3000:]}")
+        time.sleep(1)
+    raise TimeoutError("pdkit launch not ready in time")
 
 
 # ------------------------------------------------------------------------------------ prompts
@@ -222,14 +245,21 @@ def stage_zero_load(engine: str) -> dict[str, Any]:
         for variant, headers in ((UNSEEDED, SEED_OFF), (SEEDED, None)):
             result[variant] = ttft_runs(tok, variant, headers)
         result["seeded_hops"] = seeded_counts()
-    result["equality_seeded_vs_agg"] = compare(ref, seeded_eq)
-    result["equality_unseeded_vs_agg"] = compare(ref, unseeded_eq)
+    summarize_zero_load(result, ref, seeded_eq, unseeded_eq)
+    return result
+
+
+def summarize_zero_load(result: dict[str, Any], ref: dict[str, Any], seeded: dict[str, Any],
+                        unseeded: dict[str, Any]) -> None:  # fmt: skip
+    """Equality of both disagg paths with agg, and the median TTFT ratios, into ``result``."""
+    result["equality_seeded_vs_agg"] = compare(ref, seeded)
+    result["equality_unseeded_vs_agg"] = compare(ref, unseeded)
     result["greedy_equal"] = all(v["ids_equal"] for v in result["equality_seeded_vs_agg"].values())
+    result["greedy_equal_unseeded"] = all(v["ids_equal"] for v in result["equality_unseeded_vs_agg"].values())
     a, u, s = (result[v]["median_ttft_ms"] for v in (AGG, UNSEEDED, SEEDED))
     result["summary"] = {"median_ttft_ms": {AGG: a, UNSEEDED: u, SEEDED: s},
                          "seeded_over_agg": round(s / a, 3), "unseeded_over_agg": round(u / a, 3)}  # fmt: skip
     g.log("zero load median TTFT ms:", result["summary"], "greedy equal:", result["greedy_equal"])
-    return result
 
 
 # ------------------------------------------------------------------------------------ under load
@@ -266,6 +296,18 @@ def vllm_bench(label: str, rate: float, prompts: int, seed: int, headers: dict[s
     return out | {k: data.get(k) for k in keys}
 
 
+def serve_runs(variant: str, headers: dict[str, str] | None, k: int, rates: list[float]) -> list[dict[str, Any]]:
+    """``vllm bench serve`` at each rate for one variant (``k``: which variant, for distinct prompts)."""
+    runs = []
+    for rate in rates:
+        prompts = max(16, int(rate * 8))  # ~8 s of arrivals per rate: the whole stage fits one call
+        seed = 1000 * (k + 1) + int(rate * 10)  # distinct random prompts per run: no cache hits
+        runs.append(vllm_bench(variant, rate, prompts, seed, headers))
+        g.log(variant, {key: runs[-1].get(key) for key in ("rate", "mean_ttft_ms", "p99_ttft_ms",
+                                                            "mean_itl_ms", "failed")})  # fmt: skip
+    return runs
+
+
 def stage_serve(engine: str, mode: str, rates: list[float]) -> dict[str, Any]:
     if importlib.util.find_spec("vllm") is None:
         return {"error": "vllm is not importable here: vllm bench serve cannot run"}
@@ -274,17 +316,81 @@ def stage_serve(engine: str, mode: str, rates: list[float]) -> dict[str, Any]:
     with Running(mode, engine, f"serve-{mode}") as dep:
         result[f"{mode}_ready_s"] = round(dep.ready_s, 1)
         for k, (variant, headers) in enumerate(variants):
-            runs = []
-            for rate in rates:
-                prompts = max(16, int(rate * 8))  # ~8 s of arrivals per rate: the whole stage fits one call
-                seed = 1000 * (k + 1) + int(rate * 10)  # distinct random prompts per run: no cache hits
-                runs.append(vllm_bench(variant, rate, prompts, seed, headers))
-                g.log(variant, {key: runs[-1].get(key) for key in ("rate", "mean_ttft_ms", "p99_ttft_ms",
-                                                                    "mean_itl_ms", "failed")})  # fmt: skip
-            result[variant] = runs
+            result[variant] = serve_runs(variant, headers, k + 1 if mode == "disagg" else 0, rates)
         if mode == "disagg":
             result["seeded_hops"] = seeded_counts()
     return result
+
+
+# ------------------------------------------------------------------------------------ one deployment each
+
+
+def stage_agg(engine: str, rates: list[float]) -> dict[str, Any]:
+    """The agg half of zero-load and serve-agg on ONE agg deployment (saves a start); keeps the reference."""
+    tok = tokenizer()
+    with Running("agg", engine, "agg") as dep:
+        zero = {"agg_ready_s": round(dep.ready_s, 1), AGG: ttft_runs(tok, AGG, None)}
+        ref = outputs(equality_requests(tok), None)
+        serve = {"input_len": SERVE_IN, "output_len": SERVE_OUT, "agg_ready_s": round(dep.ready_s, 1)}
+        serve[AGG] = serve_runs(AGG, None, 0, rates) if rates else []
+    REF.write_text(json.dumps({"zero": zero, "ref": ref}))
+    (g.OUT / "bench_seeding_serve-agg.json").write_text(json.dumps(serve | {"engine": engine}, indent=1))
+    return {"zero": zero, "serve": serve, "reference_requests": len(ref)}
+
+
+def stage_disagg(engine: str, rates: list[float]) -> dict[str, Any]:
+    """The disagg half of zero-load and serve-disagg on ONE disagg deployment, against stage agg's reference."""
+    tok = tokenizer()
+    saved = json.loads(REF.read_text())
+    eq = equality_requests(tok)
+    result: dict[str, Any] = {"prompt_tokens": ZERO_LOAD_TOKENS, "prompts": ZERO_LOAD_PROMPTS, **saved["zero"]}
+    serve: dict[str, Any] = {"input_len": SERVE_IN, "output_len": SERVE_OUT}
+    with Running("disagg", engine, "disagg") as dep:
+        result["disagg_ready_s"] = serve["disagg_ready_s"] = round(dep.ready_s, 1)
+        seeded_eq = outputs(eq, None)  # first, so the seeded path meets cold caches
+        unseeded_eq = outputs(eq, SEED_OFF)
+        for variant, headers in ((UNSEEDED, SEED_OFF), (SEEDED, None)):
+            result[variant] = ttft_runs(tok, variant, headers)
+        result["seeded_hops"] = seeded_counts()
+        for k, (variant, headers) in enumerate(((UNSEEDED, SEED_OFF), (SEEDED, None))):
+            serve[variant] = serve_runs(variant, headers, k + 1, rates) if rates else []
+        serve["seeded_hops"] = seeded_counts()
+    summarize_zero_load(result, saved["ref"], seeded_eq, unseeded_eq)
+    (g.OUT / "bench_seeding_zero-load.json").write_text(json.dumps(result | {"engine": engine}, indent=1))
+    (g.OUT / "bench_seeding_serve-disagg.json").write_text(json.dumps(serve | {"engine": engine}, indent=1))
+    return {"summary": result["summary"], "greedy_equal": result["greedy_equal"]}
+
+
+def stage_ray_push(engine: str) -> dict[str, Any]:
+    """Issue 20's one-GPU check and issue 21's push mode in one start: ``--backend ray`` (a one-node Ray
+    cluster of this machine, a fractional GPU per worker) with NIXL push and seeding; the smoke chat, then
+    the greedy equality set seeded and unseeded against stage agg's reference; the stop's teardown line."""
+    tok = tokenizer()
+    ref = json.loads(REF.read_text())["ref"]
+    with Running(RAY_PUSH, engine, RAY_PUSH) as dep:
+        ready_s = round(dep.ready_s, 1)
+        smoke = stream("/v1/chat/completions", {"messages": [{"role": "user", "content": "Say hello."}],
+                                                 "max_tokens": 8, "temperature": 0})  # fmt: skip
+        seeded_eq = outputs(equality_requests(tok), None)
+        unseeded_eq = outputs(equality_requests(tok), SEED_OFF)
+        hops = seeded_counts()
+    launch_log = (dep.run_dir / "launch.log").read_text(errors="replace")
+    placed = [line.strip() for line in launch_log.splitlines() if " ready on " in line or "GPUs (Ray)" in line]
+    teardown = [line.strip() for line in launch_log.splitlines() if "removed" in line and "actor" in line]
+    seeded_cmp, unseeded_cmp = compare(ref, seeded_eq), compare(ref, unseeded_eq)
+    return {
+        "ready_s": ready_s,
+        "smoke_answered": bool(smoke["text"]),
+        "equality_seeded_vs_agg": seeded_cmp,
+        "equality_unseeded_vs_agg": unseeded_cmp,
+        "greedy_equal_seeded": all(v["ids_equal"] for v in seeded_cmp.values()),
+        "greedy_equal_unseeded": all(v["ids_equal"] for v in unseeded_cmp.values()),
+        "seeded_hops": hops,
+        "placement_lines": placed,
+        "teardown_lines": teardown,
+        "stop": dep.stopped,
+        "bad_log_lines": g.scan_logs(dep.run_dir),
+    }
 
 
 # ------------------------------------------------------------------------------------ report
@@ -350,14 +456,27 @@ def plot(merged: dict[str, Any]) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--stage", choices=["zero-load", "serve-agg", "serve-disagg", "report"], required=True)
+    parser.add_argument("--stage", choices=[*SPLIT_STAGES, *ONE_START_STAGES, "report"], required=True)
     parser.add_argument("--engine", choices=["vllm", "sim"], default="vllm", help="sim: rehearse on a CPU")
     parser.add_argument("--rates", default=DEFAULT_RATES, help="serve stages: request rates, comma-separated")
     args = parser.parse_args()
     g.OUT.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    if args.stage != "report":
-        rates = [float(r) for r in args.rates.split(",") if r]
+    rates = [float(r) for r in args.rates.split(",") if r]
+    if args.stage in ONE_START_STAGES:
+        if args.stage == "agg":
+            result = stage_agg(args.engine, rates)
+        elif args.stage == "disagg":
+            result = stage_disagg(args.engine, rates)
+        else:
+            result = stage_ray_push(args.engine)
+            (g.OUT / "bench_seeding_ray-push.json").write_text(json.dumps(result | {"engine": args.engine}, indent=1))
+        g.log(args.stage, "done in", round(time.time() - t0), "s:", json.dumps(result)[:3000])
+        if args.stage == "agg":
+            return 0
+        if args.stage == RAY_PUSH:
+            return 0 if result["greedy_equal_seeded"] and result["greedy_equal_unseeded"] else 1
+    elif args.stage != "report":
         if args.stage == "zero-load":
             result = stage_zero_load(args.engine)
         else:
