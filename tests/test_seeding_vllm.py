@@ -35,7 +35,7 @@ pytestmark = [
     only_vllm(
         "0.26",
         "the proof drives vLLM 0.26's NIXL internals (0.32 changed _apply_prefix_caching's signature); "
-        "re-checking seeding on 0.32 is an open item of docs/seeding.md",
+        "0.32: test_seeding_vllm032.py",
     ),
 ]
 

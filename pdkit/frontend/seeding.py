@@ -3,10 +3,10 @@
 Why: the prefill hop already samples the first token (``max_tokens=1``) and the decode used to sample
 it again after the KV pull, so a disaggregated request paid prefill + transfer + one decode step before
 the client saw anything.  With seeding the frontend streams the prefill's token at once and sends the
-decode the prompt *plus that token* as token ids, with the prefill's ``kv_transfer_params``: vLLM 0.26's
-decode then loads the prompt's KV over NIXL and computes only the new token's KV ("recompute the last
-token" of a full remote hit), so it never samples the first token again.  docs/seeding.md has the
-evidence (file/function references into vLLM 0.26) and the step-by-step wiring.
+decode the prompt *plus that token* as token ids, with the prefill's ``kv_transfer_params``: vLLM's
+decode (0.26 and 0.32, pull and push) then loads the prompt's KV over NIXL and computes only the new
+token's KV ("recompute the last token" of a full remote hit), so it never samples the first token again.
+docs/seeding.md has the evidence (file/function references into vLLM 0.26 and 0.32) and the wiring.
 
 Shapes follow vLLM 0.26's protocol classes (``vllm/entrypoints/openai/{completion,chat_completion}/
 protocol.py``, chunks serialized with ``exclude_unset=True``).  The decode hop always goes to
@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
+
+from pdkit.stack import SEED_WHOLE_BLOCK
 
 COMPLETIONS_PATH = "/v1/completions"
 
@@ -268,7 +270,8 @@ def seeded_kv_transfer_params(params: dict[str, Any], block_size: int) -> dict[s
     Raises :class:`SeedingError` when the decode cannot load the prompt's KV correctly with the seed
     appended (the frontend then decodes unseeded: nothing has reached the client yet).  The NIXL mode
     comes from the params themselves: vLLM 0.32's prefill adds ``transfer_mode`` ("pull" | "push"); 0.26's
-    has none (its push writer cuts the longer block list, so 0.26 needs the pull rule only).
+    has none (its push writer cuts the longer block list, so 0.26 needs the pull rule only).  The rule
+    per mode is the version table's ``pdkit.stack.SEED_WHOLE_BLOCK``.
 
     Pull (0.26 and 0.32): the decode allocates blocks for prompt + seed and pairs its unhashed local
     blocks with ``remote_block_ids`` from the ends (``NixlBaseConnectorWorker._apply_prefix_caching``,
@@ -288,12 +291,13 @@ def seeded_kv_transfer_params(params: dict[str, Any], block_size: int) -> dict[s
     out = copy.deepcopy(params)
     n = params.get("remote_num_tokens")
     groups = params.get("remote_block_ids")
-    mode = params.get("transfer_mode", "pull")
-    if mode not in ("pull", "push"):
+    mode = params.get("transfer_mode")
+    rule = SEED_WHOLE_BLOCK.get(mode) if isinstance(mode, str) or mode is None else None
+    if rule is None:
         raise SeedingError(f"unknown NIXL transfer_mode {mode!r}: the seeded block pairing is unproven there")
     if not isinstance(n, int) or n <= 0 or block_size <= 0 or n % block_size:
         return out
-    if mode == "push":
+    if rule == "refuse":
         raise SeedingError(
             f"push mode and a prompt of {n} tokens ({n // block_size} whole blocks of {block_size}): the seed "
             "would open a block the prefill's writer cannot pair"
