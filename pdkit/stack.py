@@ -45,6 +45,9 @@ class Stack:
     lmcache_mp_connector: str = "LMCacheMPConnector"
     # Whether LMCache can run inside this vLLM (a lmcache wheel is built for its torch); False: only mp.
     lmcache_in_process: bool = True
+    # vLLM's check_stop_strings when several stop strings appear in one chunk: True = the one that completes
+    # earliest (0.32 on), False = the first listed (0.26).  The seeded stream re-implements the check.
+    stop_string_earliest_end: bool = True
     # Extra ``vllm serve`` flags and env every worker of this release gets (none needed so far).
     serve_args: tuple[str, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
@@ -68,6 +71,7 @@ STACKS: dict[str, Stack] = {
         torch="2.11.0",
         lmcache="0.5.2",
         nixl="1.5.1",
+        stop_string_earliest_end=False,
         notes=("proven on 2xH200 (docs/gpu-results.md)",),
     ),
     "0.32.0": Stack(

@@ -261,6 +261,9 @@ def test_check_stop_is_vllms_rule_over_the_whole_output() -> None:
     assert seeding.check_stop(" abc def", 4, ["zz", "bc d", "c d"], include=False) == ("bc d", 2)  # list order
     assert seeding.check_stop(" abc def", 2, ["bc"], include=False) is None  # already searched text
     assert seeding.check_stop(" abc", 0, ["a"], include=False) is None
+    # two stops in one chunk: vLLM 0.32 takes the one that completes first, 0.26 the first listed
+    assert seeding.check_stop(" abcdef", 7, ["ef", "bc"], include=False) == ("bc", 2)
+    assert seeding.check_stop(" abcdef", 7, ["ef", "bc"], include=False, earliest_end=False) == ("ef", 5)
 
 
 # ------------------------------------------------------------------------------ against the sim

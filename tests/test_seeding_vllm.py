@@ -49,6 +49,7 @@ from vllm.v1.outputs import KVConnectorOutput, ModelRunnerOutput  # noqa: E402
 from vllm.v1.request import Request, RequestStatus  # noqa: E402
 from vllm_scheduler import real_scheduler, seed_block_hashing  # noqa: E402
 
+from pdkit.frontend import seeding  # noqa: E402
 from pdkit.frontend.seeding import seeded_kv_transfer_params  # noqa: E402
 
 BS = 16
@@ -228,3 +229,18 @@ def test_a_rejected_decode_request_queues_the_prefill_release(mode: str) -> None
     so = scheduler.schedule()
     meta = so.kv_connector_metadata.reqs_to_recv["rel-1"]
     assert not any(meta.local_block_ids) and meta.remote.request_id == params["remote_request_id"]
+
+
+STOP_CASES = [(" abcdef", 7, ["ef", "bc"]), (" abcdef", 2, ["ef", "bc"]), (" abc def", 4, ["zz", "bc d", "c d"]),
+              (" abcdef", 3, ["f", "def", "cdef"]), ("xyz", 1, ["q"]), ("aaaa", 2, ["aa", "a"])]  # fmt: skip
+
+
+@pytest.mark.parametrize("include", [False, True])
+@pytest.mark.parametrize(("text", "new", "stops"), STOP_CASES)
+def test_check_stop_is_vllms_own_rule(text: str, new: int, stops: list[str], include: bool) -> None:
+    from vllm.v1.engine.detokenizer import check_stop_strings
+
+    want = check_stop_strings(text, new, stops, include)
+    if want is not None and want[1] == -1:  # vLLM's "no truncation"
+        want = (want[0], len(text))
+    assert seeding.check_stop(text, new, stops, include, earliest_end=False) == want

@@ -245,3 +245,18 @@ def test_a_rejected_decode_request_queues_the_prefill_release(mode: str) -> None
         assert got is not None and got[1]["kv_transfer_params"] == params and " " in got[1]["model"]
     else:  # the push worker keeps an empty recv waiting and notifies nobody: only the lease frees P
         assert got is None
+
+
+STOP_CASES = [(" abcdef", 7, ["ef", "bc"]), (" abcdef", 2, ["ef", "bc"]), (" abc def", 4, ["zz", "bc d", "c d"]),
+              (" abcdef", 3, ["f", "def", "cdef"]), ("xyz", 1, ["q"]), ("aaaa", 2, ["aa", "a"])]  # fmt: skip
+
+
+@pytest.mark.parametrize("include", [False, True])
+@pytest.mark.parametrize(("text", "new", "stops"), STOP_CASES)
+def test_check_stop_is_vllms_own_rule(text: str, new: int, stops: list[str], include: bool) -> None:
+    from vllm.v1.engine.detokenizer import check_stop_strings
+
+    want = check_stop_strings(text, new, stops, include)
+    if want is not None and want[1] == -1:  # vLLM's "no truncation"
+        want = (want[0], len(text))
+    assert seeding.check_stop(text, new, stops, include, earliest_end=True) == want

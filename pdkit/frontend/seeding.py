@@ -558,17 +558,30 @@ def merge_non_streamed(path: str, body: dict[str, Any], first: FirstToken, decod
 # ------------------------------------------------------------------------------------------ stream
 
 
-def check_stop(text: str, new_chars: int, stops: list[str], include: bool) -> tuple[str, int] | None:
-    """vLLM 0.26's stop-string check (``vllm/v1/engine/detokenizer.py: check_stop_strings``) over the
-    whole output: (the stop string, the length the text is cut to), the first listed string that
-    appears in the last ``new_chars`` characters (plus its own length) winning; None when none does."""
+def check_stop(
+    text: str, new_chars: int, stops: list[str], include: bool, *, earliest_end: bool = True
+) -> tuple[str, int] | None:
+    """vLLM's stop-string check (``vllm/v1/engine/detokenizer.py: check_stop_strings``) over the whole
+    output: (the stop string, the length the text is cut to), searched in the last ``new_chars``
+    characters (plus its own length); None when none appears.  Several hits in one chunk: vLLM 0.32
+    takes the one that completes earliest (list order breaks ties), 0.26 the first listed
+    (``earliest_end=False``; the version table's ``Stack.stop_string_earliest_end``)."""
     if not new_chars:
         return None
+    best: tuple[str, int, int] | None = None  # (stop, start, end)
     for s in stops:
         pos = text.find(s, max(0, len(text) + 1 - new_chars - len(s)))
-        if pos >= 0:
-            return s, min(len(text), pos + len(s)) if include else pos
-    return None
+        if pos < 0:
+            continue
+        if not earliest_end:
+            best = (s, pos, pos + len(s))
+            break
+        if best is None or pos + len(s) < best[2]:
+            best = (s, pos, pos + len(s))
+    if best is None:
+        return None
+    s, pos, stop_end = best
+    return s, min(len(text), stop_end) if include else pos
 
 
 class SeededStream:
@@ -587,7 +600,8 @@ class SeededStream:
     in any split; an error event or ``[DONE]`` passes through as is.
     """
 
-    def __init__(self, path: str, body: dict[str, Any], first: FirstToken) -> None:
+    def __init__(self, path: str, body: dict[str, Any], first: FirstToken, *, earliest_stop: bool = True) -> None:
+        self.earliest_stop = earliest_stop  # the decode's vLLM rule for several stops in one chunk (check_stop)
         self.path = path
         self.body = body
         self.first = first
@@ -644,7 +658,7 @@ class SeededStream:
         if not self.stops:
             return self._reshaped(c, delta, finish, stop_reason, usage)
         self.text += delta
-        hit = check_stop(self.text, len(delta), self.stops, self.include)
+        hit = check_stop(self.text, len(delta), self.stops, self.include, earliest_end=self.earliest_stop)
         if hit is not None:
             stop_reason, cut = hit
             self.text = self.text[:cut]
