@@ -45,6 +45,9 @@ class Stack:
     lmcache_mp_connector: str = "LMCacheMPConnector"
     # Whether LMCache can run inside this vLLM (a lmcache wheel is built for its torch); False: only mp.
     lmcache_in_process: bool = True
+    # vLLM's check_stop_strings when several stop strings appear in one chunk: True = the one that completes
+    # earliest (0.32 on), False = the first listed (0.26).  The seeded stream re-implements the check.
+    stop_string_earliest_end: bool = True
     # Extra ``vllm serve`` flags and env every worker of this release gets (none needed so far).
     serve_args: tuple[str, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
@@ -68,6 +71,7 @@ STACKS: dict[str, Stack] = {
         torch="2.11.0",
         lmcache="0.5.2",
         nixl="1.5.1",
+        stop_string_earliest_end=False,
         notes=("proven on 2xH200 (docs/gpu-results.md)",),
     ),
     "0.32.0": Stack(
@@ -82,6 +86,8 @@ STACKS: dict[str, Stack] = {
             "KVTransferConfig rejects unknown fields and dropped kv_rank/kv_parallel_size/kv_ip/kv_buffer_size",
             "NIXL's compatibility hash adds the transfer mode: push and pull sides never pair",
             "model runner asks connectors for get_transfer_results (PdConnector merges its children's)",
+            "prefill kv_transfer_params carry transfer_mode; push pairs D's blocks on P from the ends: first-token "
+            "seeding skips push at N % block_size == 0 (SEED_WHOLE_BLOCK, docs/seeding.md)",
         ),
     ),
     "0.33.0": Stack(
@@ -103,6 +109,14 @@ STACKS: dict[str, Stack] = {
     ),
 }
 DEFAULT_VERSION = "0.32.0"
+
+# First-token seeding (docs/seeding.md) when the prompt fills whole blocks, so the seed token opens a block
+# the prefill never had.  Keyed by the ``transfer_mode`` of the prefill's kv_transfer_params, because that
+# is what the frontend sees of a worker's vLLM: None = 0.26 (no such field; its push writer cuts the longer
+# block list), "pull"/"push" = 0.32.  "pad": repeat the last remote block id (the decode pairs from the
+# ends); "refuse": decode unseeded (0.32's push writer pairs from the ends on the prefill and asserts).
+SeedWholeBlock = Literal["pad", "refuse"]
+SEED_WHOLE_BLOCK: dict[str | None, SeedWholeBlock] = {None: "pad", "pull": "pad", "push": "refuse"}
 
 # The torch release each lmcache wheel is compiled against (its extension breaks on another torch ABI:
 # LMCache then logs «compiled extension not found» and runs on slow fallbacks).  From the wheels.

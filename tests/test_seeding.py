@@ -12,6 +12,7 @@ block pairing vLLM's NIXL worker would assert on or misalign -- the padding test
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
@@ -153,6 +154,53 @@ def test_pad_only_when_the_seed_token_opens_a_block() -> None:
         assert seeding.seeded_kv_transfer_params(p, 16)["remote_block_ids"] == blocks
 
 
+def test_push_mode_refuses_a_whole_block_and_needs_no_pad_otherwise() -> None:
+    """vLLM 0.32's prefill says ``transfer_mode``; in push its writer pairs the decode's blocks itself."""
+    with pytest.raises(SeedingError, match="push mode"):
+        seeding.seeded_kv_transfer_params(
+            {"remote_block_ids": [[4, 9]], "remote_num_tokens": 32, "transfer_mode": "push"}, 16
+        )
+    p = {"remote_block_ids": ([4, 9],), "remote_num_tokens": 31, "transfer_mode": "push"}
+    assert seeding.seeded_kv_transfer_params(p, 16)["remote_block_ids"] == ([4, 9],)
+    pull = {"remote_block_ids": ([4, 9],), "remote_num_tokens": 32, "transfer_mode": "pull"}  # vLLM's tuple BlockIds
+    assert seeding.seeded_kv_transfer_params(pull, 16)["remote_block_ids"] == [[4, 9, 9]]
+    with pytest.raises(SeedingError, match="transfer_mode"):
+        seeding.seeded_kv_transfer_params({"remote_num_tokens": 31, "transfer_mode": "broadcast"}, 16)
+
+
+def test_a_prefill_that_cut_the_prompt_short_is_not_seeded() -> None:
+    choice = {"text": "a", "token_ids": [5], "prompt_token_ids": [1, 2, 3], "finish_reason": "length"}
+    answer = {
+        "id": "c",
+        "created": 1,
+        "model": "m",
+        "choices": [choice],
+        "kv_transfer_params": {"remote_num_tokens": 2},
+    }
+    with pytest.raises(SeedingError, match="backoff"):
+        seeding.first_token_from_prefill(COMPLETIONS, answer)
+    answer["kv_transfer_params"] = {"remote_num_tokens": 3}
+    assert seeding.first_token_from_prefill(COMPLETIONS, answer).token_id == 5
+
+
+def test_one_token_prefills_without_a_remote_decode() -> None:
+    """No decode hop follows, so NIXL would only pin the prefill's blocks until its lease runs out."""
+    assert "kv_transfer_params" not in seeding.prefill_body(COMPLETIONS, {"prompt": "x", "max_tokens": 1}, PREFILL_KV)
+    chat = seeding.prefill_body(CHAT, {"messages": [], "max_completion_tokens": 1, "max_tokens": 9}, PREFILL_KV)
+    assert "kv_transfer_params" not in chat and chat["max_tokens"] == 1
+    assert seeding.prefill_body(COMPLETIONS, {"prompt": "x", "max_tokens": 2}, PREFILL_KV)["kv_transfer_params"]
+
+
+def test_release_request_only_for_pull_params() -> None:
+    params = {"do_remote_prefill": True, "remote_request_id": "p-1", "remote_num_tokens": 3}
+    first = FirstToken(7, " a", (1, 2, 3), "stop", None, None, params, "i", 1, "m", answer={})
+    path, body = seeding.release_request(first) or ("", {})
+    assert path == "/v1/completions" and body["kv_transfer_params"] == params and body["max_tokens"] == 1
+    assert body["model"] == seeding.RELEASE_MODEL and " " in body["model"]  # never a served model's name
+    for other in (None, {**params, "transfer_mode": "push"}, {**params, "do_remote_prefill": False}):
+        assert seeding.release_request(dataclasses.replace(first, kv_transfer_params=other)) is None
+
+
 def test_prefill_body_keeps_eos_possible_and_asks_for_token_ids() -> None:
     body = {"messages": [{"role": "user", "content": "x"}], "stream": True, "stream_options": {"include_usage": True}}
     out = seeding.prefill_body(CHAT, body, PREFILL_KV)
@@ -213,6 +261,9 @@ def test_check_stop_is_vllms_rule_over_the_whole_output() -> None:
     assert seeding.check_stop(" abc def", 4, ["zz", "bc d", "c d"], include=False) == ("bc d", 2)  # list order
     assert seeding.check_stop(" abc def", 2, ["bc"], include=False) is None  # already searched text
     assert seeding.check_stop(" abc", 0, ["a"], include=False) is None
+    # two stops in one chunk: vLLM 0.32 takes the one that completes first, 0.26 the first listed
+    assert seeding.check_stop(" abcdef", 7, ["ef", "bc"], include=False) == ("bc", 2)
+    assert seeding.check_stop(" abcdef", 7, ["ef", "bc"], include=False, earliest_end=False) == ("ef", 5)
 
 
 # ------------------------------------------------------------------------------ against the sim

@@ -206,7 +206,7 @@ async def test_stop_strings_across_the_seed_equal_agg(http: aiohttp.ClientSessio
 @pytest.mark.parametrize("stream", [False, True])
 async def test_max_tokens_one_never_reaches_the_decode(http: aiohttp.ClientSession, path: str, stream: bool) -> None:
     async with AsyncExitStack() as st:
-        fe, _, d, a = await deployment(st)
+        fe, p, d, a = await deployment(st)
         body = (completion_body(40) if path == COMPLETIONS else chat_body(9)) | {"max_tokens": 1, "stream": stream}
         if stream:
             body["stream_options"] = {"include_usage": True}
@@ -215,6 +215,9 @@ async def test_max_tokens_one_never_reaches_the_decode(http: aiohttp.ClientSessi
         assert seeded(fe, "ended_at_prefill") == 1 and seeded(fe, "seeded") == 0
         m = await metrics_of(http, d.url)
         assert metric(m, "vllm:request_success_total") == 0 and metric(m, "vllm:prompt_tokens_total") == 0
+        # no remote decode was asked for, so the prefill keeps no KV lease for one
+        pm = await metrics_of(http, p.url)
+        assert "pdkit_sim:kv_leases_active " in pm and metric(pm, "pdkit_sim:kv_leases_active") == 0
 
 
 async def test_a_stop_string_in_the_first_token_ends_at_the_prefill(http: aiohttp.ClientSession) -> None:

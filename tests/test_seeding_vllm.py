@@ -35,7 +35,7 @@ pytestmark = [
     only_vllm(
         "0.26",
         "the proof drives vLLM 0.26's NIXL internals (0.32 changed _apply_prefix_caching's signature); "
-        "re-checking seeding on 0.32 is an open item of docs/seeding.md",
+        "0.32: test_seeding_vllm032.py",
     ),
 ]
 
@@ -49,6 +49,7 @@ from vllm.v1.outputs import KVConnectorOutput, ModelRunnerOutput  # noqa: E402
 from vllm.v1.request import Request, RequestStatus  # noqa: E402
 from vllm_scheduler import real_scheduler, seed_block_hashing  # noqa: E402
 
+from pdkit.frontend import seeding  # noqa: E402
 from pdkit.frontend.seeding import seeded_kv_transfer_params  # noqa: E402
 
 BS = 16
@@ -186,3 +187,60 @@ def test_prompt_two_tokens_longer_is_not_caught_by_vllm() -> None:
     step(scheduler, finished_recving={"dec-2"})
     so, _ = step(scheduler)
     assert so.num_scheduled_tokens == {"dec-2": 1}  # position n (the first seed) has no KV, silently
+
+
+def real_prefill_params(connector: str, n: int, *, mamba: bool = False) -> dict[str, Any]:
+    """What vLLM 0.26's prefill really returns for an ``n``-token prompt (``request_finished``)."""
+    ktc = KVTransferConfig(
+        kv_connector=connector, kv_role="kv_producer", kv_connector_extra_config={"backends": ["UCX"]}
+    )
+    scheduler, _, _ = real_scheduler(block_size=BS, num_blocks=64, max_model_len=512,
+                                     kv_events_config=KVEventsConfig(enable_kv_cache_events=False),
+                                     kv_transfer_config=ktc)  # fmt: skip
+    if mamba:  # stand-in for a Mamba model's KV cache config: NIXL's prefill backoff of one token
+        scheduler.connector.connector_scheduler._has_mamba = True
+    scheduler.add_request(request("pre-1", prompt(n), max_tokens=1, params={"do_remote_decode": True}))
+    so = scheduler.schedule()
+    mro = ModelRunnerOutput(req_ids=["pre-1"], req_id_to_index={"pre-1": 0}, sampled_token_ids=[[42]])
+    outputs = scheduler.update_from_output(so, mro)
+    (out,) = [o for eco in outputs.values() for o in eco.outputs if o.request_id == "pre-1"]
+    assert out.kv_transfer_params is not None
+    return out.kv_transfer_params
+
+
+@pytest.mark.parametrize("mode", ["pull", "push"])
+def test_the_real_prefill_reports_n_tokens_and_no_transfer_mode(mode: str) -> None:
+    params = real_prefill_params(MODES[mode], 32)
+    assert params["remote_num_tokens"] == 32 and [len(g) for g in params["remote_block_ids"]] == [2]
+    assert "transfer_mode" not in params  # 0.32 adds it; seeding reads its absence as 0.26's rules
+    padded = seeded_kv_transfer_params(params, BS)  # vLLM's own BlockIds is a tuple of lists
+    assert padded["remote_block_ids"] == [[*params["remote_block_ids"][0], params["remote_block_ids"][0][-1]]]
+    assert real_prefill_params(MODES[mode], 20, mamba=True)["remote_num_tokens"] == 19  # the backoff seeding refuses
+
+
+@pytest.mark.parametrize("mode", ["pull", "push"])
+def test_a_rejected_decode_request_queues_the_prefill_release(mode: str) -> None:
+    """``seeding.release_request``'s mechanism on 0.26: a pre-aborted decode-side request
+    (``notify_kv_transfer_request_rejected``) makes the scheduler queue an empty read (notify-only)."""
+    params = prefill_params(20)
+    scheduler = decode_scheduler(MODES[mode])
+    scheduler.add_request(request("rel-1", [0], max_tokens=1, params=dict(params)))
+    scheduler.finish_requests(["rel-1"], RequestStatus.FINISHED_ABORTED)  # EngineCore's abort_immediately
+    so = scheduler.schedule()
+    meta = so.kv_connector_metadata.reqs_to_recv["rel-1"]
+    assert not any(meta.local_block_ids) and meta.remote.request_id == params["remote_request_id"]
+
+
+STOP_CASES = [(" abcdef", 7, ["ef", "bc"]), (" abcdef", 2, ["ef", "bc"]), (" abc def", 4, ["zz", "bc d", "c d"]),
+              (" abcdef", 3, ["f", "def", "cdef"]), ("xyz", 1, ["q"]), ("aaaa", 2, ["aa", "a"])]  # fmt: skip
+
+
+@pytest.mark.parametrize("include", [False, True])
+@pytest.mark.parametrize(("text", "new", "stops"), STOP_CASES)
+def test_check_stop_is_vllms_own_rule(text: str, new: int, stops: list[str], include: bool) -> None:
+    from vllm.v1.engine.detokenizer import check_stop_strings
+
+    want = check_stop_strings(text, new, stops, include)
+    if want is not None and want[1] == -1:  # vLLM's "no truncation"
+        want = (want[0], len(text))
+    assert seeding.check_stop(text, new, stops, include, earliest_end=False) == want

@@ -3,10 +3,10 @@
 Why: the prefill hop already samples the first token (``max_tokens=1``) and the decode used to sample
 it again after the KV pull, so a disaggregated request paid prefill + transfer + one decode step before
 the client saw anything.  With seeding the frontend streams the prefill's token at once and sends the
-decode the prompt *plus that token* as token ids, with the prefill's ``kv_transfer_params``: vLLM 0.26's
-decode then loads the prompt's KV over NIXL and computes only the new token's KV ("recompute the last
-token" of a full remote hit), so it never samples the first token again.  docs/seeding.md has the
-evidence (file/function references into vLLM 0.26) and the step-by-step wiring.
+decode the prompt *plus that token* as token ids, with the prefill's ``kv_transfer_params``: vLLM's
+decode (0.26 and 0.32, pull and push) then loads the prompt's KV over NIXL and computes only the new
+token's KV ("recompute the last token" of a full remote hit), so it never samples the first token again.
+docs/seeding.md has the evidence (file/function references into vLLM 0.26 and 0.32) and the wiring.
 
 Shapes follow vLLM 0.26's protocol classes (``vllm/entrypoints/openai/{completion,chat_completion}/
 protocol.py``, chunks serialized with ``exclude_unset=True``).  The decode hop always goes to
@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
+
+from pdkit.stack import SEED_WHOLE_BLOCK
 
 COMPLETIONS_PATH = "/v1/completions"
 
@@ -183,7 +185,9 @@ def prefill_body(path: str, body: dict[str, Any], prefill_kv_params: dict[str, A
     Unlike the unseeded hop, ``min_tokens`` stays 0 unless the client asked for at least one token:
     the first token the client sees is this one, so EOS must be as possible here as in an aggregated
     run (NIXL 0.26 returns ``kv_transfer_params`` for a request stopped by EOS or a stop string too:
-    ``NixlPullConnectorScheduler.request_finished`` accepts FINISHED_STOPPED and FINISHED_LENGTH_CAPPED).
+    ``NixlPullConnectorScheduler.request_finished`` accepts FINISHED_STOPPED and FINISHED_LENGTH_CAPPED;
+    0.32 alike).  A client asking for one token gets a plain one-token request, without
+    ``kv_transfer_params``: no decode hop follows, so there are no KV blocks to keep for one.
     """
     out = dict(body)
     out["max_tokens"] = 1
@@ -194,7 +198,12 @@ def prefill_body(path: str, body: dict[str, Any], prefill_kv_params: dict[str, A
     out["stream"] = False
     out.pop("stream_options", None)
     out["return_token_ids"] = True  # completions and chat, vLLM 0.26: output and prompt token ids
-    out["kv_transfer_params"] = dict(prefill_kv_params)
+    if requested_max_tokens(path, body) == 1:
+        # The prefill's token is the whole answer (``ends_request``): asking for a remote decode would
+        # only pin its KV blocks on the prefill worker until NIXL's lease runs out.
+        out.pop("kv_transfer_params", None)
+    else:
+        out["kv_transfer_params"] = dict(prefill_kv_params)
     return out
 
 
@@ -213,6 +222,15 @@ def first_token_from_prefill(path: str, answer: dict[str, Any]) -> FirstToken:
             raise SeedingError(f"the prefill's answer has token_ids {ids!r}, not one token id")
         if not isinstance(prompt_ids, list) or not prompt_ids or not all(isinstance(t, int) for t in prompt_ids):
             raise SeedingError("the prefill's answer has no prompt_token_ids (was return_token_ids sent?)")
+        params = answer.get("kv_transfer_params")
+        computed = params.get("remote_num_tokens") if isinstance(params, dict) else None
+        if isinstance(computed, int) and computed != len(prompt_ids):
+            # NIXL's prefill backoff (Mamba/hybrid models; 0.32 also multi-token MTP and bounded
+            # replay): the prefill cut the prompt short and its "first token" predicts a prompt token.
+            raise SeedingError(
+                f"the prefill computed {computed} of the prompt's {len(prompt_ids)} tokens (NIXL prefill "
+                "backoff): its token is not the first output token"
+            )
         return FirstToken(
             token_id=ids[0],
             text=text or "",
@@ -249,23 +267,71 @@ def ends_request(path: str, body: dict[str, Any], first: FirstToken, max_model_l
 def seeded_kv_transfer_params(params: dict[str, Any], block_size: int) -> dict[str, Any]:
     """The prefill's params for a decode whose prompt is one token longer than the prefill's.
 
-    vLLM 0.26's pull-mode decode allocates blocks for prompt + seed token and pairs its unhashed local
+    Raises :class:`SeedingError` when the decode cannot load the prompt's KV correctly with the seed
+    appended (the frontend then decodes unseeded: nothing has reached the client yet).  The NIXL mode
+    comes from the params themselves: vLLM 0.32's prefill adds ``transfer_mode`` ("pull" | "push"); 0.26's
+    has none (its push writer cuts the longer block list, so 0.26 needs the pull rule only).  The rule
+    per mode is the version table's ``pdkit.stack.SEED_WHOLE_BLOCK``.
+
+    Pull (0.26 and 0.32): the decode allocates blocks for prompt + seed and pairs its unhashed local
     blocks with ``remote_block_ids`` from the ends (``NixlBaseConnectorWorker._apply_prefix_caching``,
-    which asserts ``num_local_blocks <= len(remote_group)``).  When the prefill length is a multiple of
-    the block size the seed token opens a block the prefill never had: without a pad the worker's
-    assertion fires (no local hit) or every block is read one position off (a local prefix hit, silent
-    garbage).  Repeating the last remote block id once per KV group restores the pairing; that read
-    fills the seed token's block, whose only used slot the decode computes itself.  Push mode ignores
-    the list (the decode overwrites it and registers its own blocks), so the pad is harmless there.
+    asserting ``num_local_blocks <= len(remote_group)``).  When the prefill length is a multiple of the
+    block size the seed opens a block the prefill never had: without a pad the worker's assertion fires
+    (no local hit) or every block is read one position off (a local prefix hit, silent garbage).
+    Repeating the last remote block id once per KV group restores the pairing; that read fills the seed
+    token's block, whose only used slot the decode computes itself.
+
+    Push (0.32): the decode registers its unhashed blocks and the *prefill's* writer pairs them with its
+    own from the ends (the same ``_apply_prefix_caching``, in ``NixlPushConnectorWorker._xfer_blocks``);
+    the decode's ``remote_block_ids`` are ignored, so no pad can help.  At a multiple of the block size
+    the decode registers one block more than the prefill has: the writer thread's assertion drops the
+    push (the decode then waits for ``push_registration_timeout``) or, with a local hit, writes every
+    block one position off.  Other lengths pair exactly and need nothing.
     """
     out = copy.deepcopy(params)
     n = params.get("remote_num_tokens")
     groups = params.get("remote_block_ids")
-    if not isinstance(n, int) or n <= 0 or block_size <= 0 or not isinstance(groups, list):
+    mode = params.get("transfer_mode")
+    rule = SEED_WHOLE_BLOCK.get(mode) if isinstance(mode, str) or mode is None else None
+    if rule is None:
+        raise SeedingError(f"unknown NIXL transfer_mode {mode!r}: the seeded block pairing is unproven there")
+    if not isinstance(n, int) or n <= 0 or block_size <= 0 or n % block_size:
         return out
-    if n % block_size == 0:
+    if rule == "refuse":
+        raise SeedingError(
+            f"push mode and a prompt of {n} tokens ({n // block_size} whole blocks of {block_size}): the seed "
+            "would open a block the prefill's writer cannot pair"
+        )
+    if isinstance(groups, (list, tuple)):  # a JSON list over HTTP; vLLM's own BlockIds is a tuple of lists
         out["remote_block_ids"] = [list(g) + [g[-1]] if g else list(g) for g in groups]
     return out
+
+
+# The model name of a release request: no served model (or LoRA resolver) can have a space in its name.
+RELEASE_MODEL = "pdkit release prefill kv"
+
+
+def release_request(first: FirstToken) -> tuple[str, dict[str, Any]] | None:
+    """(path, body) that frees the prefill's leased KV blocks when no decode hop will run, else None.
+
+    Why: a request that the first token ends by EOS or a stop string (``ends_request``) asked the prefill
+    for a remote decode, so NIXL keeps its blocks until ``kv_lease_duration`` (30 s) runs out.  vLLM
+    0.26 and 0.32 free them early for a decode-side request *rejected* by the serving layer
+    (``_with_kv_transfer_rejection_cleanup``: an ErrorResponse from ``create_completion`` submits a
+    pre-aborted engine request with the same ``kv_transfer_params``; the pull scheduler's
+    ``request_finished`` queues an empty read, and the pull worker's notify-only path tells the prefill
+    to free).  An unknown ``model`` is rejected first thing (404), before any prompt work.  POST this to
+    any decode worker and ignore the answer.  None in push mode: there the decode worker only waits
+    for the prefill's writes and notifies nobody (vLLM 0.32 ``NixlPushConnectorWorker.start_load_kv``),
+    so the lease is the only way out.
+    """
+    params = first.kv_transfer_params
+    if not isinstance(params, dict) or not params.get("do_remote_prefill"):
+        return None
+    if params.get("transfer_mode", "pull") != "pull":
+        return None
+    body = {"model": RELEASE_MODEL, "prompt": [first.token_id], "max_tokens": 1, "kv_transfer_params": params}
+    return COMPLETIONS_PATH, body
 
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # vLLM 0.26 CompletionRequest.max_tokens (null is normalized to it)
@@ -492,17 +558,30 @@ def merge_non_streamed(path: str, body: dict[str, Any], first: FirstToken, decod
 # ------------------------------------------------------------------------------------------ stream
 
 
-def check_stop(text: str, new_chars: int, stops: list[str], include: bool) -> tuple[str, int] | None:
-    """vLLM 0.26's stop-string check (``vllm/v1/engine/detokenizer.py: check_stop_strings``) over the
-    whole output: (the stop string, the length the text is cut to), the first listed string that
-    appears in the last ``new_chars`` characters (plus its own length) winning; None when none does."""
+def check_stop(
+    text: str, new_chars: int, stops: list[str], include: bool, *, earliest_end: bool = True
+) -> tuple[str, int] | None:
+    """vLLM's stop-string check (``vllm/v1/engine/detokenizer.py: check_stop_strings``) over the whole
+    output: (the stop string, the length the text is cut to), searched in the last ``new_chars``
+    characters (plus its own length); None when none appears.  Several hits in one chunk: vLLM 0.32
+    takes the one that completes earliest (list order breaks ties), 0.26 the first listed
+    (``earliest_end=False``; the version table's ``Stack.stop_string_earliest_end``)."""
     if not new_chars:
         return None
+    best: tuple[str, int, int] | None = None  # (stop, start, end)
     for s in stops:
         pos = text.find(s, max(0, len(text) + 1 - new_chars - len(s)))
-        if pos >= 0:
-            return s, min(len(text), pos + len(s)) if include else pos
-    return None
+        if pos < 0:
+            continue
+        if not earliest_end:
+            best = (s, pos, pos + len(s))
+            break
+        if best is None or pos + len(s) < best[2]:
+            best = (s, pos, pos + len(s))
+    if best is None:
+        return None
+    s, pos, stop_end = best
+    return s, min(len(text), stop_end) if include else pos
 
 
 class SeededStream:
@@ -521,7 +600,8 @@ class SeededStream:
     in any split; an error event or ``[DONE]`` passes through as is.
     """
 
-    def __init__(self, path: str, body: dict[str, Any], first: FirstToken) -> None:
+    def __init__(self, path: str, body: dict[str, Any], first: FirstToken, *, earliest_stop: bool = True) -> None:
+        self.earliest_stop = earliest_stop  # the decode's vLLM rule for several stops in one chunk (check_stop)
         self.path = path
         self.body = body
         self.first = first
@@ -578,7 +658,7 @@ class SeededStream:
         if not self.stops:
             return self._reshaped(c, delta, finish, stop_reason, usage)
         self.text += delta
-        hit = check_stop(self.text, len(delta), self.stops, self.include)
+        hit = check_stop(self.text, len(delta), self.stops, self.include, earliest_end=self.earliest_stop)
         if hit is not None:
             stop_reason, cut = hit
             self.text = self.text[:cut]
@@ -650,6 +730,7 @@ __all__ = [
     "first_token_from_prefill",
     "merge_non_streamed",
     "prefill_body",
+    "release_request",
     "seed_refusal",
     "seeded_decode_body",
     "seeded_kv_transfer_params",
