@@ -47,6 +47,7 @@ from pdkit.protocol import (
     peek_version,
     version_mismatch,
 )
+from pdkit.stack import installed_version
 from pdkit.streams import output_lines
 
 EXIT_ENGINE_DIED = 3
@@ -509,6 +510,7 @@ def run_agent_cli(ctx: Any, **opts: Any) -> int:
         kv_events_topic=opts.get("kv_events_topic") or worker_id,
         block_size=opts.get("block_size") or 16,
         prefix_caching=prefix_caching_enabled(engine_argv),
+        engine_version=installed_version("vllm") if (opts.get("engine") or "vllm") == "vllm" else None,
         pid=os.getpid(),
     )
     from pdkit.secret import TOKEN_ENV, prepare_ipc_dirs, resolve_token

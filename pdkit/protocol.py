@@ -54,6 +54,10 @@ class WorkerInfo(_Model):
     # The engine's context length (vLLM's /v1/models ``max_model_len``), so the frontend can refuse a
     # prompt + max_tokens that cannot fit before it spends a prefill on it.  None = not reported.
     max_model_len: int | None = Field(default=None, ge=1)
+    # The engine's vLLM release (package metadata on the worker's host), so the frontend can follow that
+    # release's rules where it re-implements them (the seeded stream's stop-string check).  None = unknown:
+    # the newest known release's rules.
+    engine_version: str | None = Field(default=None, max_length=64)
     pid: int | None = None
 
     @field_validator("url", mode="before")

@@ -135,6 +135,11 @@ async def dep(tmp_path: Path) -> AsyncIterator[Deployment]:
                     if st is not None and st.last_seq is not None:
                         break
                     await asyncio.sleep(0.01)
+        # ...and let the last link-check batches land, so a test's "before" is not overtaken by them
+        for wid, w in sims.items():
+            assert await asyncio.to_thread(w.publisher.wait_idle)
+            await wait_until(lambda wid=wid, w=w: fe.kv.index.worker(wid).last_seq == w.publisher.next_seq - 1,
+                             f"{wid}'s last link-check batch")  # fmt: skip
         yield d
 
 

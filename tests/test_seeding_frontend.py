@@ -13,6 +13,7 @@ The only stand-in is ``broken_decode``: a server that breaks a stream after its 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 from contextlib import AsyncExitStack
@@ -232,6 +233,26 @@ async def test_a_stop_string_in_the_first_token_ends_at_the_prefill(http: aiohtt
         assert metric(await metrics_of(http, d.url), "vllm:request_success_total") == 0
 
 
+async def test_a_request_ended_at_the_prefill_frees_the_prefills_kv_at_once(http: aiohttp.ClientSession) -> None:
+    """The prefill leased its blocks for a decode that will not run (the first token hit a stop string);
+    the frontend's release request (an unknown model with the prefill's params, which the decode's serving
+    layer refuses and cleans up after, as vLLM does) frees them long before the 30 s lease runs out."""
+    async with AsyncExitStack() as st:
+        fe, p, d, a = await deployment(st)
+        plain = await call(http, a.url, COMPLETIONS, completion_body(30, max_tokens=2, logprobs=0))
+        t1 = plain["choices"][0]["logprobs"]["tokens"][0]
+        await call(http, fe.url, COMPLETIONS, completion_body(30, stream=True, stop=[t1[1:3]]))
+        assert seeded(fe, "ended_at_prefill") == 1
+        for _ in range(200):  # the release is fire and forget: give it a moment
+            if metric(await metrics_of(http, p.url), "pdkit_sim:kv_leases_active") == 0:
+                break
+            await asyncio.sleep(0.02)
+        pm = await metrics_of(http, p.url)
+        assert metric(pm, "pdkit_sim:kv_leases_active") == 0 and metric(pm, "pdkit_sim:kv_leases_expired_total") == 0
+        dm = await metrics_of(http, d.url)
+        assert metric(dm, "vllm:request_success_total") == 0 and metric(dm, "vllm:prompt_tokens_total") == 0
+
+
 # ------------------------------------------------------------------------------ decode faults
 
 
@@ -438,3 +459,14 @@ async def test_text_prompts_are_seeded_with_the_prefills_own_tokenization(
             want = summary(COMPLETIONS, await call(http, a.url, COMPLETIONS, body), stream)
             assert summary(COMPLETIONS, await call(http, fe.url, COMPLETIONS, body), stream) == want
         assert seeded(fe, "seeded") == 2
+
+
+@pytest.mark.parametrize(("version", "earliest"), [("0.26.0", False), ("0.32.0", True), (None, True), ("junk", True)])
+def test_the_seeded_streams_stop_rule_follows_the_decodes_vllm(version: str | None, earliest: bool) -> None:
+    """The decode's registered vLLM release picks the stop-string rule the seeded stream re-implements
+    (0.26: first listed stop wins; 0.32: earliest completing); unknown or unreadable: the newest rule."""
+    from pdkit.frontend.registry import WorkerState
+    from pdkit.protocol import WorkerInfo
+
+    info = WorkerInfo(worker_id="d", role="decode", url="http://127.0.0.1:1", model="synth", engine_version=version)
+    assert Frontend._earliest_stop(WorkerState(info=info, last_seen=0.0)) is earliest

@@ -55,6 +55,7 @@ from pdkit.frontend.requests import RequestError, TokenEstimator, error_body, er
 from pdkit.frontend.settings import FrontendSettings, is_loopback
 from pdkit.frontend.validation import check_context_length, validate_request
 from pdkit.protocol import Load
+from pdkit.stack import stack_for
 
 UPSTREAM_KEEPALIVE_S = 4.0
 
@@ -196,6 +197,7 @@ class Frontend:
         )
         self.tokens = TokenEstimator(settings.tokenizer)
         self._session: aiohttp.ClientSession | None = None
+        self._kv_releases: set[asyncio.Task[None]] = set()  # fire-and-forget seeding releases in flight
         self._runner: web.AppRunner | None = None
         self._draining = False
         self._active = 0
@@ -301,6 +303,8 @@ class Frontend:
         if self.kv is not None and not self._kv_closed:
             self._kv_closed = True
             await self.kv.close()
+        if self._kv_releases:  # a release is a few ms on a live worker; a dead one must not hold up the stop
+            await asyncio.wait(set(self._kv_releases), timeout=2.0)
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -696,6 +700,7 @@ class Frontend:
             first = seeding.first_token_from_prefill(ctx.path, answer)
             if seeding.ends_request(ctx.path, ctx.body, first, max_len):
                 self.metrics.seeded_hops.labels("ended_at_prefill").inc()
+                self._release_prefill_kv(route.worker, ctx, first)
                 return await self._single_token(request, ctx, first, t0)
             dpath, dbody = seeding.seeded_decode_body(
                 ctx.path, ctx.body, first, block_size=prefill_worker.info.block_size, max_model_len=max_len
@@ -708,6 +713,37 @@ class Frontend:
         if ctx.body.get("stream"):
             return await self._seeded_stream(request, ctx, route, first, dpath, dbody, t0)
         return await self._seeded_json(ctx, route, first, dpath, dbody)
+
+    def _release_prefill_kv(self, decode: WorkerState, ctx: RequestContext, first: seeding.FirstToken) -> None:
+        """Free the prefill's KV lease when the first token ended the request (``seeding.release_request``).
+
+        Fire and forget: the client's answer does not wait for it, and a failure only means the prefill
+        keeps the blocks until its lease (``kv_lease_duration``) runs out, as it would without this."""
+        got = seeding.release_request(first)
+        if got is None or self._session is None:
+            return
+        path, body = got
+        url, payload, headers = decode.url + path, msgspec.json.encode(body), ctx.extra["headers"]
+
+        async def send() -> None:
+            try:
+                async with await self._post(url, payload, headers) as resp:
+                    await resp.read()  # vLLM answers 404 (unknown model) after freeing; nothing to check
+            except (aiohttp.ClientError, OSError) as exc:
+                log.info("request %s: KV release at %s failed (%s); the prefill's lease frees it",
+                         ctx.request_id, decode.worker_id, exc)  # fmt: skip
+
+        task = asyncio.create_task(send())
+        self._kv_releases.add(task)
+        task.add_done_callback(self._kv_releases.discard)
+
+    @staticmethod
+    def _earliest_stop(w: WorkerState) -> bool:
+        """The decode's vLLM rule for several stop strings in one chunk (``Stack.stop_string_earliest_end``)."""
+        try:
+            return stack_for(w.info.engine_version).stop_string_earliest_end
+        except ValueError:  # a version string pdkit cannot read: the newest release's rule
+            return stack_for(None).stop_string_earliest_end
 
     async def _single_token(
         self, request: web.Request, ctx: RequestContext, first: seeding.FirstToken, t0: float
@@ -786,7 +822,8 @@ class Frontend:
         an SSE error event and ``[DONE]``.
         """
         out = await self._open_client_stream(request, ctx)
-        s = seeding.SeededStream(ctx.path, ctx.body, first)
+        assert route.worker is not None
+        s = seeding.SeededStream(ctx.path, ctx.body, first, earliest_stop=self._earliest_stop(route.worker))
         await out.write(s.first_chunk())
         self.metrics.ttft.labels("disagg").observe(time.perf_counter() - t0)
         hop0 = time.perf_counter()

@@ -526,6 +526,19 @@ class SimEngine:
         num_bytes = self._release_lease(req_id, num_blocks_read=len(wanted))
         return {"token_ids": tokens, "num_bytes": num_bytes, "num_blocks": len(wanted)}
 
+    async def release_rejected(self, params: dict[str, Any]) -> None:
+        """Decode side of vLLM's rejection cleanup: a request the serving layer refused (an unknown model,
+        bad parameters) that carried a prefill's ``kv_transfer_params`` still tells that prefill to free its
+        blocks -- an empty read plus the notification (vLLM's ``notify_kv_transfer_request_rejected``)."""
+        groups = params.get("remote_block_ids")
+        if self.transport is None or not params.get("do_remote_prefill") or not isinstance(groups, list) or not groups:
+            return
+        first_group = groups[0] if isinstance(groups[0], list) else groups
+        try:
+            await self.transport.pull(PullSpec(params, [], len(first_group), []))
+        except Exception as exc:  # the prefill's lease frees the blocks in the end
+            logger.info("rejected request: could not release the prefill's KV (%s)", exc)
+
     def on_remote_read_done(self, req_id: str, num_blocks: int) -> None:
         """A decode finished reading a lease (NIXL notification): free the blocks."""
         if req_id in self.leases:

@@ -78,6 +78,7 @@ class SimWorker:
         self.engine: SimEngine | None = None
         self._runner: web.AppRunner | None = None
         self._session: ClientSession | None = None
+        self._background: set[asyncio.Task[None]] = set()
         self.port = 0
         self.created = int(time.time())
 
@@ -266,14 +267,26 @@ class SimWorker:
             raise ApiError(f"Invalid JSON body: {exc}") from exc
         if not isinstance(body, dict):
             raise ApiError("Request body must be a JSON object")
-        model = body.get("model")
-        if model is not None and model != self.settings.served_model_name:
-            raise ApiError(f"The model `{model}` does not exist.", 404, "NotFoundError", "model")
-        try:  # the same vLLM-equal parameter checks as the frontend's: one home for what vLLM refuses
-            validate_request(request.path, body)
-        except RequestError as exc:
-            raise ApiError(exc.message, exc.status, param=exc.param) from None
+        try:
+            model = body.get("model")
+            if model is not None and model != self.settings.served_model_name:
+                raise ApiError(f"The model `{model}` does not exist.", 404, "NotFoundError", "model")
+            try:  # the same vLLM-equal parameter checks as the frontend's: one home for what vLLM refuses
+                validate_request(request.path, body)
+            except RequestError as exc:
+                raise ApiError(exc.message, exc.status, param=exc.param) from None
+        except ApiError:
+            self._release_rejected(body.get("kv_transfer_params"))
+            raise
         return body
+
+    def _release_rejected(self, params: object) -> None:
+        """A refused request with a prefill's KV params frees that prefill's blocks, as vLLM 0.26/0.32's
+        ``_with_kv_transfer_rejection_cleanup`` does (the frontend's seeding release relies on it)."""
+        if isinstance(params, dict) and self.engine is not None:
+            task = asyncio.create_task(self.engine.release_rejected(params))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
 
     def _common(self, body: dict[str, Any]) -> dict[str, Any]:
         """Options shared by every choice of a request (stop, P/D params, cache salt, stream options)."""
