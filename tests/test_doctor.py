@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -113,3 +116,12 @@ def test_launch_with_vllm_on_this_cpu_machine_exits_2(run_cli, monkeypatch: pyte
     monkeypatch.setattr(pdkit.supervisor, "run_launch", lambda plan, smoke_test=False: pytest.fail("started"))
     code, _, err = run_cli("launch", "agg", "--run-dir", str(tmp_path))
     assert code == 2 and len(err.strip().splitlines()) == 1 and err.startswith("pdkit: error: stack: ")
+
+
+def test_python_dash_m_pdkit_is_the_pdkit_command(tmp_path: Path) -> None:
+    """``python -m pdkit`` works where no console script was installed (``pip install --target``, as on
+    the GPU machines): the same doctor, the same one-line refusal with exit code 2."""
+    ok = subprocess.run([sys.executable, "-m", "pdkit", "doctor"], capture_output=True, text=True, cwd=tmp_path)
+    assert ok.returncode in (0, 2) and "verdict:" in ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "pdkit", "--bogus"], capture_output=True, text=True, cwd=tmp_path)
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("pdkit: error:") and "Traceback" not in bad.stderr
