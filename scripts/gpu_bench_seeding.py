@@ -338,10 +338,18 @@ def stage_agg(engine: str, rates: list[float]) -> dict[str, Any]:
     return {"zero": zero, "serve": serve, "reference_requests": len(ref)}
 
 
-def stage_disagg(engine: str, rates: list[float]) -> dict[str, Any]:
-    """The disagg half of zero-load and serve-disagg on ONE disagg deployment, against stage agg's reference."""
+def stage_disagg(engine: str, rates: list[float], agg_from: Path | None = None) -> dict[str, Any]:
+    """The disagg half of zero-load and serve-disagg on ONE disagg deployment, against stage agg's reference.
+
+    ``agg_from``: a stored stage-agg result (a machine that went cold lost the reference): its agg TTFT
+    figures are used, and seeded output is compared with the unseeded output of the same deployment
+    (unseeded disagg == agg is the earlier, separate GPU check)."""
     tok = tokenizer()
-    saved = json.loads(REF.read_text())
+    if agg_from is None:
+        saved = json.loads(REF.read_text())
+    else:
+        agg = json.loads(agg_from.read_text())
+        saved = {"zero": {"agg_ready_s": agg["agg_ready_s"], AGG: agg[AGG], "agg_from": agg_from.name}, "ref": None}
     eq = equality_requests(tok)
     result: dict[str, Any] = {"prompt_tokens": ZERO_LOAD_TOKENS, "prompts": ZERO_LOAD_PROMPTS, **saved["zero"]}
     serve: dict[str, Any] = {"input_len": SERVE_IN, "output_len": SERVE_OUT}
@@ -355,7 +363,10 @@ def stage_disagg(engine: str, rates: list[float]) -> dict[str, Any]:
         for k, (variant, headers) in enumerate(((UNSEEDED, SEED_OFF), (SEEDED, None))):
             serve[variant] = serve_runs(variant, headers, k + 1, rates) if rates else []
         serve["seeded_hops"] = seeded_counts()
-    summarize_zero_load(result, saved["ref"], seeded_eq, unseeded_eq)
+    summarize_zero_load(result, saved["ref"] or unseeded_eq, seeded_eq, unseeded_eq)
+    if saved["ref"] is None:
+        result["reference"] = "disagg_unseeded of the same deployment (no agg reference on this machine)"
+        result["greedy_equal_unseeded"] = None  # compared with itself: says nothing
     (g.OUT / "bench_seeding_zero-load.json").write_text(json.dumps(result | {"engine": engine}, indent=1))
     (g.OUT / "bench_seeding_serve-disagg.json").write_text(json.dumps(serve | {"engine": engine}, indent=1))
     return {"summary": result["summary"], "greedy_equal": result["greedy_equal"]}
@@ -459,6 +470,8 @@ def main() -> int:
     parser.add_argument("--stage", choices=[*SPLIT_STAGES, *ONE_START_STAGES, "report"], required=True)
     parser.add_argument("--engine", choices=["vllm", "sim"], default="vllm", help="sim: rehearse on a CPU")
     parser.add_argument("--rates", default=DEFAULT_RATES, help="serve stages: request rates, comma-separated")
+    parser.add_argument("--agg-from", type=Path, help="stage disagg: a stored stage-agg result instead of this "
+                        "machine's reference (seeded is then compared with unseeded)")  # fmt: skip
     args = parser.parse_args()
     g.OUT.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -467,7 +480,7 @@ def main() -> int:
         if args.stage == "agg":
             result = stage_agg(args.engine, rates)
         elif args.stage == "disagg":
-            result = stage_disagg(args.engine, rates)
+            result = stage_disagg(args.engine, rates, args.agg_from)
         else:
             result = stage_ray_push(args.engine)
             (g.OUT / "bench_seeding_ray-push.json").write_text(json.dumps(result | {"engine": args.engine}, indent=1))
