@@ -102,6 +102,10 @@ STACKS: dict[str, Stack] = {
         # lmcache_mp_connector.py / config/kv_transfer.py are byte-identical to 0.32.0's.
         notes=(
             "table read from the vllm 0.33.0 wheel; no GPU run yet",
+            "CPU: the -m vllm tests run on 0.33.0's Python layer (torch 2.13 CPU build; scripts/test.sh part 3), "
+            "first-token seeding's scheduler/NIXL proof included",
+            "BlockStored gained ownership, session_id, lookahead_token_ids: pdkit's KV-event decoder ignores "
+            "them, and msgspec writes a map16 header (16 keys) where 0.32 wrote a fixmap: same document",
             "torch 2.14: no lmcache wheel, so LMCache runs in multi-process mode (lmcache.mode=mp)",
             "the vLLM side of LMCacheMPConnector imports lmcache.lmcache_native (links libtorch): check "
             "that it loads under torch 2.14 before trusting mp mode here (docs/lmcache-mp.md)",

@@ -5,10 +5,10 @@
 # that a CPU machine's index lacks or cannot use.  Its Python layer (KVTransferConfig, the kv_connector/v1
 # classes, kv_events, the v1 Scheduler) imports fine on torch 2.13 CPU, so: torch 2.13.0 (CPU build),
 # vllm --no-deps, then its pure-Python dependencies (requirements/vllm-cpu.txt for 0.26.0,
-# requirements/vllm032-cpu.txt for 0.32.0).  ~2.6 GB, ~4 minutes the first time; reused while the inputs
+# requirements/vllm032-cpu.txt for 0.32.0, requirements/vllm033-cpu.txt for 0.33.0 -- on torch 2.13 CPU too).  ~2.6 GB, ~4 minutes the first time; reused while the inputs
 # are unchanged (scripts/test.sh keys the directory on them).
 #
-# Usage: bash scripts/setup_env.sh VENV_DIR [VLLM_VERSION]     (VLLM_VERSION: 0.26.0 (default) or 0.32.0)
+# Usage: bash scripts/setup_env.sh VENV_DIR [VLLM_VERSION]     (VLLM_VERSION: 0.26.0 (default), 0.32.0 or 0.33.0)
 set -euo pipefail
 venv=${1:?usage: setup_env.sh VENV_DIR [VLLM_VERSION]}
 vllm_version=${2:-0.26.0}
@@ -16,7 +16,8 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 case "$vllm_version" in
   0.26.0) reqs="$root/requirements/vllm-cpu.txt" ;;
   0.32.0) reqs="$root/requirements/vllm032-cpu.txt" ;;
-  *) echo "setup_env: no CPU requirements for vLLM $vllm_version (known: 0.26.0, 0.32.0); add requirements/vllmXYZ-cpu.txt" >&2; exit 2 ;;
+  0.33.0) reqs="$root/requirements/vllm033-cpu.txt" ;;
+  *) echo "setup_env: no CPU requirements for vLLM $vllm_version (known: 0.26.0, 0.32.0, 0.33.0); add requirements/vllmXYZ-cpu.txt" >&2; exit 2 ;;
 esac
 quiet=(-q --disable-pip-version-check --no-warn-script-location)
 if [ ! -f "$venv/.pdkit-base-ready" ]; then

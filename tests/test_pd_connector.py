@@ -263,6 +263,7 @@ def test_lead_kv_config_validates_and_builds_real_children() -> None:
     """The dict pdkit/kv_config.py emits is a valid KVTransferConfig whose children vLLM can resolve."""
     from pdkit.connectors.pd_children import child_transfer_configs
     from pdkit.kv_config import kv_transfer_config
+    from pdkit.stack import plan_stack
 
     ktc = kv_transfer_config("prefill").kv_transfer_config
     assert isinstance(ktc, KVTransferConfig)
@@ -273,7 +274,12 @@ def test_lead_kv_config_validates_and_builds_real_children() -> None:
     assert children["nixl"].engine_id == children["lmcache"].engine_id == ktc.engine_id
     assert children["nixl"].kv_connector_extra_config == {"backends": ["UCX"]}
     assert KVConnectorFactory.get_connector_class(children["nixl"]) is NixlConnector
-    assert KVConnectorFactory.get_connector_class(children["lmcache"]) is LMCacheConnectorV1
+    stack = plan_stack()
+    if stack.default_lmcache_mode() == "in_process":
+        assert KVConnectorFactory.get_connector_class(children["lmcache"]) is LMCacheConnectorV1
+    else:  # vLLM 0.33: no in-process LMCache; vLLM's MP connector imports lmcache itself, absent here
+        assert children["lmcache"].kv_connector == stack.lmcache_mp_connector
+        assert stack.lmcache_mp_connector in KVConnectorFactory._registry
 
 
 def test_push_mode_nixl_child_from_lead_config() -> None:

@@ -28,10 +28,10 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from vllm_versions import only_vllm
+from vllm_versions import since_vllm
 
 pytest.importorskip("vllm")
-pytestmark = [pytest.mark.vllm, only_vllm("0.32", "drives vLLM 0.32's NIXL internals; 0.26: test_seeding_vllm.py")]
+pytestmark = [pytest.mark.vllm, since_vllm("0.32", "drives the NIXL internals of vLLM 0.32 and 0.33; 0.26: test_seeding_vllm.py")]
 
 from vllm.config import KVEventsConfig, KVTransferConfig  # noqa: E402
 from vllm.distributed.kv_transfer.kv_connector.v1.nixl import NixlBaseConnectorWorker  # noqa: E402

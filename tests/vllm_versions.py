@@ -35,3 +35,16 @@ def gap_since_vllm(minor: str, reason: str) -> pytest.MarkDecorator:
     return pytest.mark.xfail(
         VLLM_MINOR is not None and VLLM_MINOR >= wanted, reason=f"pdkit gap on vLLM >= {minor}: {reason}", strict=True
     )
+
+
+def same_kv_event_wire(mine: bytes, theirs: bytes) -> bool:
+    """pdkit's KV-event bytes say what the installed vLLM's say: byte for byte up to 0.32; from 0.33 on,
+    the same msgpack document.  Why the difference: vLLM 0.33's ``BlockStored`` has 15 fields (+ the tag),
+    so msgspec (``omit_defaults``, it cannot count ahead) writes a map16 header where pdkit's 12-field
+    struct gets a fixmap; every msgpack reader (vLLM's decoder included) reads both alike, and pdkit's
+    decoder ignores the three new keys (ownership, session_id, lookahead_token_ids)."""
+    import msgspec
+
+    if VLLM_MINOR is not None and VLLM_MINOR >= (0, 33):
+        return msgspec.msgpack.decode(mine) == msgspec.msgpack.decode(theirs)
+    return mine == theirs
