@@ -1,4 +1,4 @@
-"""KV-event wire format and publisher vs the installed vLLM (0.26, 0.32, 0.33; real msgspec structs, real ZMQ sockets)."""
+"""KV-event wire format and publisher vs the installed vLLM (0.26, 0.32, 0.33): real msgspec structs, ZMQ."""
 
 from __future__ import annotations
 

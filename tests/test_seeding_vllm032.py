@@ -31,7 +31,7 @@ import pytest
 from vllm_versions import since_vllm
 
 pytest.importorskip("vllm")
-pytestmark = [pytest.mark.vllm, since_vllm("0.32", "drives the NIXL internals of vLLM 0.32 and 0.33; 0.26: test_seeding_vllm.py")]
+pytestmark = [pytest.mark.vllm, since_vllm("0.32", "NIXL internals of 0.32 and 0.33; 0.26: test_seeding_vllm.py")]
 
 from vllm.config import KVEventsConfig, KVTransferConfig  # noqa: E402
 from vllm.distributed.kv_transfer.kv_connector.v1.nixl import NixlBaseConnectorWorker  # noqa: E402
