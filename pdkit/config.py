@@ -35,55 +35,87 @@ REPO_CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
 class _Strict(BaseModel):
-    """Unknown keys are errors: a misspelt key silently ignored is a deployment silently wrong."""
+    """Unknown keys are errors: a misspelt key silently ignored is a deployment silently wrong.
 
-    model_config = ConfigDict(extra="forbid")
+    Every field has a docstring (pydantic's ``use_attribute_docstrings``: its description), the one place
+    each setting is explained; docs/configuration.md is generated from them (``python -m pdkit.config_docs``).
+    """
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
 
 class FrontendConfig(_Strict):
     """The user-facing HTTP server and the ZMQ endpoints workers report to."""
 
     host: str = "127.0.0.1"
+    """HTTP bind address; off loopback needs ``frontend.token``."""
     port: Port = 8000
+    """HTTP port of the OpenAI API."""
     zmq_port: Port = 8100
+    """Worker registration (ZMQ ROUTER)."""
     kv_events_port: Port = 8101
+    """Unused since KV events are read from each worker's own socket (docs/security.md); kept so old configs
+    load."""
     policy: Literal["round_robin", "least_loaded", "kv_aware"] = "least_loaded"
+    """How a worker is picked for each request (docs/kv_routing.md for ``kv_aware``)."""
     token: str | None = None
+    """Shared secret workers must present (env ``PDKIT_TOKEN``); unset: ``pdkit launch`` makes one per
+    deployment."""
     disagg_min_prompt_tokens: int = Field(default=0, ge=0)
+    """Shorter prompts skip prefill and go to a decode worker."""
     max_inflight_per_worker: int = Field(default=256, gt=0)
+    """``--max-inflight-per-worker``: requests per worker at most; more wait in the admission queue
+    (docs/frontend.md)."""
     prefill_timeout_s: float = Field(default=60.0, gt=0)
-    # Admission queue (docs/frontend.md): requests over max_inflight_per_worker wait, oldest first, up to
-    # max_queued of them for at most queue_timeout_s, before a 503.
+    """Prefill hop timeout before retrying elsewhere."""
     max_queued: int = Field(default=4096, ge=0)
+    """``--max-queued``: the admission queue's bound (requests over ``max_inflight_per_worker`` wait, oldest
+    first); past it, 503 + Retry-After."""
     queue_timeout_s: float = Field(default=600.0, gt=0)
-    # A streamed decode hop without its first byte by then is a failed (hung) hop, retried elsewhere.
+    """``--queue-timeout-s``: the longest wait in the admission queue; past it, 503 + Retry-After."""
     decode_first_byte_timeout_s: float = Field(default=120.0, gt=0)
-    # vLLM's --api-key: every /v1/* request needs "Authorization: Bearer <api_key>" (also env PDKIT_API_KEY).
+    """A streamed decode hop silent this long (no first byte) counts as failed (hung) and is retried
+    elsewhere."""
     api_key: str | None = None
-    # Disagg: stream the prefill's first token at once and seed the decode with it (docs/seeding.md).
-    seed_first_token: bool = False  # opt-in until proven on a GPU (docs/seeding.md)
-    # KV-aware routing tokenizes prompts as the workers do: a local folder with the served model's
-    # tokenizer.json / tokenizer_config.json.  None: the deployment's model folder (or the embedded one).
+    """``--api-key`` / env ``PDKIT_API_KEY`` (vLLM's ``--api-key``): every ``/v1/*`` request needs
+    ``Authorization: Bearer KEY`` (401 otherwise)."""
+    seed_first_token: bool = False
+    """``--seed-first-token`` (disagg): stream the prefill's first token at once and seed the decode with it
+    (docs/seeding.md; opt-in until proven on a GPU)."""
     model_dir: str | None = None
+    """KV-aware routing tokenizes prompts as the workers do: a local folder with the served model's
+    ``tokenizer.json`` / ``tokenizer_config.json``; unset: the deployment's model folder (or the embedded
+    one)."""
 
 
 class WorkerGroupConfig(_Strict):
     """Workers of one role: ``gpus`` lists the GPU ids of each worker (a TP group per worker)."""
 
     count: int | None = Field(default=None, ge=0)
+    """Workers of the role; unset: the number of ``gpus`` lists (sim: any number)."""
     gpus: list[list[int]] = Field(default_factory=list)
+    """GPU ids per worker, one list per worker (``--prefill-gpu`` etc.)."""
     tensor_parallel_size: int = Field(default=1, ge=1)
+    """Must equal each worker's GPU count."""
     host: str = "127.0.0.1"
+    """Address others reach the worker at (URL, NIXL side channel)."""
     http_port_base: Port
+    """Worker *i* listens on base + *i*."""
     nixl_side_channel_port_base: Port
+    """``VLLM_NIXL_SIDE_CHANNEL_PORT`` = base + *i*."""
     kv_events_port_base: Port
+    """A worker off the frontend's host publishes KV events on base + *i* (local workers use ipc sockets in
+    the run dir)."""
     extra_args: list[str] = Field(default_factory=list)
+    """Appended to ``vllm serve``."""
     extra_env: dict[str, str] = Field(default_factory=dict)
+    """Added to the worker's environment."""
     startup_timeout_s: float = Field(default=900.0, gt=0)
-    # lmcache.mode=mp: worker i's ``lmcache server`` listens on lmcache_port_base+i (ZMQ requests) and
-    # lmcache_http_port_base+i (HTTP: /healthcheck).  None: the role's default (ROLE_DEFAULTS).
+    """Readiness deadline per worker."""
     lmcache_port_base: Port | None = None
+    """``lmcache.mode: mp``: worker *i*'s ``lmcache server`` takes ZMQ requests on base + *i*."""
     lmcache_http_port_base: Port | None = None
+    """``lmcache.mode: mp``: worker *i*'s ``lmcache server`` answers HTTP (``/healthcheck``) on base + *i*."""
 
     @model_validator(mode="after")
     def _count_follows_gpus(self) -> WorkerGroupConfig:
@@ -100,26 +132,36 @@ class LMCacheConfig(_Strict):
     """LMCache offloading (prefill and agg workers); sizes are in GB and must be positive."""
 
     enabled: bool = True
+    """``--no-lmcache`` turns it off (then prefill is plain NIXL)."""
     chunk_size: int = Field(default=256, gt=0)
+    """Tokens per LMCache chunk."""
     cpu_gb: PositiveGB = 5.0
+    """CPU cache size in GB."""
     disk_path: Path | None = None
+    """Local disk tier's folder (with ``disk_gb``: both or neither)."""
     disk_gb: PositiveGB | None = None
+    """Local disk tier's size in GB (with ``disk_path``: both or neither)."""
     remote_url: str | None = None
+    """Remote LMCache server (``lm://host:port``)."""
     save_unfull_chunk: bool = False
-    # Issue 16.  in_process: LMCache runs inside vLLM (LMCacheConnectorV1, the proven one).  mp: one
-    # ``lmcache server`` per LMCache-using worker, supervised by pdkit, and LMCacheMPConnector inside vLLM
-    # (docs/lmcache-mp.md).  None: mp where the stack cannot run LMCache in-process (vLLM >= 0.33), else
-    # in_process.
+    """LMCache also saves a prompt's last, partial chunk (``LMCACHE_SAVE_UNFULL_CHUNK``)."""
     mode: Literal["in_process", "mp"] | None = None
-    # mp: the Python that runs the server (e.g. a torch-2.13 venv beside a torch-2.14 vLLM), or the whole
-    # command before pdkit's own flags; None: this Python, ``-m lmcache.cli.main server``.
+    """Issue 16.  ``in_process``: LMCache runs inside vLLM (LMCacheConnectorV1, the proven one).  ``mp``: one
+    supervised ``lmcache server`` per LMCache-using worker and LMCacheMPConnector inside vLLM
+    (docs/lmcache-mp.md).  Unset: ``mp`` where the stack cannot run LMCache in-process (vLLM >= 0.33), else
+    ``in_process``."""
     server_python: str | None = None
+    """``mp``: the Python that runs the server (e.g. a torch-2.13 venv beside a torch-2.14 vLLM); unset: this
+    Python, ``-m lmcache.cli.main server``."""
     server_command: list[str] | None = None
+    """``mp``: the whole server command before pdkit's own flags (instead of ``server_python``)."""
     server_args: list[str] = Field(default_factory=list)
+    """``mp``: more ``lmcache server`` flags, after pdkit's (e.g. L2 tiers)."""
     server_startup_timeout_s: float = Field(default=120.0, gt=0)
-    # Restores are never silently wrong: fingerprints of saved blocks are checked when LMCache loads them
-    # back; a mismatch is reported as a load error (recomputed) and counted (connectors/lmcache_restore.py).
+    """``mp``: how long the server may take to answer ``/healthcheck`` before its worker starts."""
     verify_restores: bool = False
+    """Restores are never silently wrong: fingerprints of saved blocks are checked when LMCache loads them
+    back; a mismatch is reported as a load error (recomputed) and counted (connectors/lmcache_restore.py)."""
 
 
 class NixlConfig(_Strict):
@@ -129,13 +171,19 @@ class NixlConfig(_Strict):
     """
 
     mode: Literal["pull", "push"] = "pull"
+    """``pull`` (decode reads) or ``push`` (prefill writes); the same on both roles."""
     backends: list[str] = Field(default_factory=lambda: ["UCX"])
+    """NIXL backends."""
     extra_config: dict[str, Any] = Field(default_factory=dict)
+    """More NixlConnector extra-config keys (e.g. ``kv_lease_duration``)."""
     env: dict[str, str] = Field(default_factory=dict)
+    """Env for both P and D (e.g. UCX transport settings); pdkit sets ``UCX_CUDA_IPC_ENABLE_GET_ZCOPY=on``
+    unless this overrides it."""
     kv_load_failure_policy: Literal["recompute", "fail"] = "recompute"
-    # Issue 9: prefill sends KV block fingerprints, decode (PdConnector, NIXL-only) checks them and
-    # reports mismatching blocks as load errors (recomputed with kv_load_failure_policy=recompute).
+    """Decode: recompute on a failed pull instead of failing the request."""
     verify_transfers: bool = False
+    """Issue 9: prefill sends KV block fingerprints, decode (PdConnector, NIXL-only) checks them and reports
+    mismatching blocks as load errors (recomputed with ``kv_load_failure_policy: recompute``)."""
 
 
 class SupervisionConfig(_Strict):
@@ -150,28 +198,41 @@ class SupervisionConfig(_Strict):
     """
 
     max_restarts: int = Field(default=5, ge=0)
+    """Restarts per process within ``restart_window_s``; past it the worker stays down and the rest keeps
+    serving."""
     restart_window_s: float = Field(default=600.0, gt=0)
+    """The window ``max_restarts`` counts crashes in."""
     restart_backoff_s: float = Field(default=2.0, ge=0)
+    """The first restart's delay; it doubles with each crash in the window."""
     max_backoff_s: float = Field(default=30.0, ge=0)
+    """The longest restart delay."""
     probe_timeout_s: float = Field(default=3.0, gt=0)
+    """An agent's probe of its engine slower than this marks the worker unhealthy (no new requests)."""
 
 
 class RayConfig(_Strict):
     """``backend: ray`` (``ray:`` section): each worker (agent + engine) in a Ray actor placed by a
-    placement group; see docs/multi-node-ray.md.
-
-    ``gpus_per_worker`` None asks ``tensor_parallel_size`` GPUs per worker (with ``share_gpus`` 1/N of
-    one); set 0 to place simulated workers on a cluster without GPUs.  ``max_restarts`` None takes
-    ``supervision.max_restarts``: Ray counts restarts over the actor's whole life, not in a window.
-    """
+    placement group; see docs/multi-node-ray.md."""
 
     address: str = "auto"
+    """``--ray-address``: ``auto`` (the cluster ``ray start`` made on this machine, or ``RAY_ADDRESS``),
+    ``HOST:6379``, ``ray://HOST:10001`` (Ray Client), or ``local``: a private one-node cluster started for
+    this launch and gone with it."""
     namespace: str = "pdkit"
+    """Ray namespace of the actors (``pdkit-<process>``) and placement groups (``pdkit-<role>``); one
+    deployment per namespace."""
     frontend_on_cluster: bool = False
+    """``--frontend-on-cluster``: run the frontend in an actor too."""
     cpus_per_worker: float = Field(default=1.0, ge=0)
+    """CPUs in each worker's bundle."""
     gpus_per_worker: float | None = Field(default=None, ge=0)
+    """Unset: ``tensor_parallel_size`` GPUs per worker (1/N of one with ``share_gpus``); 0 places simulated
+    workers on a cluster without GPUs."""
     max_restarts: int | None = Field(default=None, ge=0)
+    """Ray's restart count per actor, over its whole life (Ray has no window); unset:
+    ``supervision.max_restarts``."""
     placement_timeout_s: float = Field(default=120.0, gt=0)
+    """How long to wait for Ray to place a group on a busy cluster."""
 
 
 # share_gpus: the part of one GPU's memory its workers split when gpu_memory_utilization is unset, and
@@ -205,30 +266,55 @@ class Deployment(_Strict):
     """A whole deployment: frontend plus the worker groups its mode uses."""
 
     mode: Mode = "disagg"
+    """``agg`` or ``disagg`` (set by the ``launch`` subcommand)."""
     engine: Engine = "vllm"
+    """``vllm``, or ``sim`` for the simulated engine (no GPU)."""
     model: str | None = None
+    """Model folder or hub name; a folder must exist and hold ``config.json``; ``engine: sim`` needs a local
+    folder with ``tokenizer.json`` (it downloads nothing).  Unset: the embedded synthetic Llama-8B."""
     served_model_name: str | None = None
+    """The name clients send; unset: ``synth`` for the embedded model, else ``model``."""
     load_format: str | None = None
+    """vLLM ``--load-format``; unset: ``dummy`` for folders without weights, else vLLM's."""
     max_model_len: int | None = Field(default=8192, gt=0)
+    """vLLM ``--max-model-len``."""
     gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1)
+    """vLLM ``--gpu-memory-utilization``; unset: vLLM's (with ``share_gpus``: 0.9/N)."""
     enforce_eager: bool = False
+    """vLLM ``--enforce-eager`` (faster start, slower decode)."""
     block_size: int | None = Field(default=None, gt=0)
+    """KV block size, the same on every worker; unset: vLLM's (16)."""
     kv_cache_dtype: str = "auto"
+    """KV-cache dtype, the same on every worker (NIXL hashes it)."""
     hash_seed: int = 0
+    """``PYTHONHASHSEED`` for every worker (LMCache chunk hashes)."""
     share_gpus: bool = False
-    # Added to every port of the deployment (frontend ports, each role's bases) by load_deployment, so
-    # two deployments run side by side with one flag; the port fields of a loaded Deployment include it.
+    """``--share-gpus``: allow several workers on one GPU; each gets 0.9/N of it unless
+    ``gpu_memory_utilization`` is set (at most 0.95/N), and workers on one GPU start one after the other
+    (vLLM's memory profile would count a neighbour's start-up)."""
     port_offset: int = Field(default=0, ge=0)
+    """``--port-offset N``: added to every port of the deployment (frontend ports, each role's bases) by
+    load_deployment, so deployments run side by side; no port may pass 65535.  The port fields of a loaded
+    Deployment include it."""
     run_dir: Path | None = None
+    """Logs (one file per process) and per-worker metrics dirs; unset: ``./pdkit-run``."""
     frontend: FrontendConfig = Field(default_factory=FrontendConfig)
+    """The frontend (``frontend.*``)."""
     agg: WorkerGroupConfig = Field(default_factory=lambda: _default_group("agg"))
+    """The agg workers (``mode: agg``)."""
     prefill: WorkerGroupConfig = Field(default_factory=lambda: _default_group("prefill"))
+    """The prefill workers (``mode: disagg``)."""
     decode: WorkerGroupConfig = Field(default_factory=lambda: _default_group("decode"))
+    """The decode workers (``mode: disagg``)."""
     lmcache: LMCacheConfig = Field(default_factory=LMCacheConfig)
+    """LMCache (``lmcache.*``)."""
     nixl: NixlConfig = Field(default_factory=NixlConfig)
+    """NIXL (``nixl.*``)."""
     supervision: SupervisionConfig = Field(default_factory=SupervisionConfig)
-    # Plan for this vLLM release instead of the installed one (pdkit/stack.py); None: read it here.
+    """Restarts and probes (``supervision.*``)."""
     vllm_version: str | None = None
+    """``--vllm-version``: plan for this vLLM release (connector names, flags, env from pdkit/stack.py)
+    instead of the installed one; unset: the installed vLLM."""
 
     @field_validator("vllm_version")
     @classmethod
@@ -241,7 +327,10 @@ class Deployment(_Strict):
         return value
 
     backend: Backend = "local"
+    """``--backend``: ``local`` processes, or ``ray``: every worker in a Ray actor placed by a placement group
+    (docs/multi-node-ray.md)."""
     ray: RayConfig = Field(default_factory=RayConfig)
+    """Ray (``ray.*``, ``backend: ray``)."""
 
     @model_validator(mode="before")
     @classmethod
@@ -417,7 +506,7 @@ def apply_port_offset(dep: Deployment) -> Deployment:
 
 
 _FIX_BY_TYPE = {
-    "extra_forbidden": "remove it or check its spelling against the configuration reference (README.md)",
+    "extra_forbidden": "remove it or check its spelling against docs/configuration.md",
     "missing": "add it",
     "greater_than": "use a positive value",
     "greater_than_equal": "use a larger value",

@@ -24,14 +24,11 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from pdkit.config import Deployment, Role
 from pdkit.errors import ConfigError
+from pdkit.process_spec import ProcessSpec
 from pdkit.stack import plan_stack
-
-if TYPE_CHECKING:
-    from pdkit.plan import ProcessSpec
 
 SERVER_HOST = "127.0.0.1"  # the admin API is unauthenticated: never off the host
 HEALTH_PATH = "/healthcheck"
@@ -109,8 +106,6 @@ def server_spec(
     dep: Deployment, role: Role, index: int, run_dir: Path, cuda_visible_devices: str | None
 ) -> ProcessSpec | None:
     """Worker ``index``'s ``lmcache server`` as a ProcessSpec (``sidecar_of`` = the worker), or None."""
-    from pdkit.plan import ProcessSpec
-
     ports = server_ports(dep, role, index)
     if ports is None:
         return None

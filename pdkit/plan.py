@@ -11,7 +11,7 @@ import json
 import shlex
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, Field
 
@@ -20,36 +20,11 @@ from pdkit.errors import ConfigError
 from pdkit.kv_config import kv_transfer_config
 from pdkit.lmcache_server import server_ports, server_spec
 from pdkit.model_files import has_weights, is_synthetic
+from pdkit.process_spec import ProcessSpec
 from pdkit.secret import API_KEY_ENV, API_KEY_PLACEHOLDER, TOKEN_ENV, TOKEN_PLACEHOLDER, ipc_dir
 
 DEFAULT_RUN_DIR = Path("pdkit-run")
 VLLM_ENTRY = ["-m", "vllm.entrypoints.cli.main", "serve"]
-
-
-class ProcessSpec(BaseModel):
-    """One process of a deployment, as the supervisor starts it."""
-
-    name: str
-    role: Literal["frontend", "prefill", "decode", "agg"]
-    index: int = 0
-    host: str = "127.0.0.1"
-    argv: list[str]
-    engine_argv: list[str] = Field(default_factory=list)
-    env: dict[str, str] = Field(default_factory=dict)
-    cuda_visible_devices: str | None = None
-    ports: dict[str, int] = Field(default_factory=dict)
-    url: str | None = None
-    kv_transfer_config: dict[str, Any] | None = None
-    kv_events_config: dict[str, Any] | None = None
-    log_file: str
-    startup_timeout_s: float = 900.0
-    # A helper process of one worker (its ``lmcache server``, lmcache.mode=mp): the worker's name.  It
-    # starts before the worker, is ready when ``health_url`` answers 200, and stops after it.
-    sidecar_of: str | None = None
-    health_url: str | None = None
-
-    def command_line(self) -> str:
-        return shlex.join(self.engine_argv or self.argv)
 
 
 class LaunchPlan(BaseModel):
