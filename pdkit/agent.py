@@ -31,8 +31,8 @@ from typing import Any
 import aiohttp
 import zmq
 import zmq.asyncio
-from prometheus_client.parser import text_string_to_metric_families
 
+from pdkit import prom
 from pdkit.errors import ConfigError
 from pdkit.parent_death import wrap as tie_to_parent
 from pdkit.protocol import (
@@ -70,13 +70,6 @@ FATAL_ENGINE_LINES = {
     ),
 }
 
-_LOAD_METRICS = {
-    "vllm:num_requests_running": "running",
-    "vllm:num_requests_waiting": "waiting",
-    "vllm:kv_cache_usage_perc": "kv_usage",
-}
-
-
 # Counter families (names without ``_total``) -> optional Load fields; summed over engines / label sets.
 _CACHE_COUNTERS = {
     "vllm:prefix_cache_hits": "prefix_cache_hits",
@@ -88,27 +81,14 @@ _CACHE_COUNTERS = {
 def parse_load(metrics_text: str) -> Load:
     """Load from a vLLM ``/metrics`` page: running/waiting summed over engines, KV usage the max, and
     the prefix-cache counters when the page has them (absent families stay None)."""
-    values: dict[str, float] = {"running": 0.0, "waiting": 0.0, "kv_usage": 0.0}
-    counters: dict[str, float] = {}
-    for family in text_string_to_metric_families(metrics_text):
-        field = _CACHE_COUNTERS.get(family.name)
-        if field is not None:
-            total = sum(s.value for s in family.samples if s.name.endswith("_total"))
-            counters[field] = counters.get(field, 0.0) + total
-            continue
-        key = _LOAD_METRICS.get(family.name)
-        if key is None:
-            continue
-        for sample in family.samples:
-            if key == "kv_usage":
-                values[key] = max(values[key], sample.value)
-            else:
-                values[key] += sample.value
+    fams = prom.families(metrics_text)
+    present = {fam.name for fam in fams}
+    counters = {field: prom.total(fams, name + "_total") for name, field in _CACHE_COUNTERS.items() if name in present}
     return Load.model_validate(
         {
-            "running": int(values["running"]),
-            "waiting": int(values["waiting"]),
-            "kv_usage": values["kv_usage"],
+            "running": int(prom.total(fams, "vllm:num_requests_running")),
+            "waiting": int(prom.total(fams, "vllm:num_requests_waiting")),
+            "kv_usage": max([0.0, *(s.value for s in prom.samples(fams, "vllm:kv_cache_usage_perc"))]),
             **counters,
         }
     )

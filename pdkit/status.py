@@ -15,8 +15,7 @@ import urllib.request
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from prometheus_client.parser import text_string_to_metric_families
-
+from pdkit import prom
 from pdkit.errors import ConfigError
 
 
@@ -76,14 +75,6 @@ def _get(url: str, timeout_s: float) -> str:
         ) from None
 
 
-def _by_label(families: dict[str, list[tuple[dict[str, str], float]]], name: str, *keys: str) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for labels, value in families.get(name, []):
-        key = "/".join(labels.get(k, "") for k in keys)
-        out[key] = out.get(key, 0.0) + value
-    return out
-
-
 def fetch_status(endpoint: str, timeout_s: float = 5.0) -> FleetStatus:
     """Read ``/workers`` and ``/metrics`` of the frontend at ``endpoint`` (``http://host:port``)."""
     base = endpoint.rstrip("/")
@@ -93,14 +84,10 @@ def fetch_status(endpoint: str, timeout_s: float = 5.0) -> FleetStatus:
         raise ConfigError("--endpoint", f"{base}/workers is not JSON", "point it at a pdkit frontend") from None
     if not isinstance(workers_doc, dict) or "workers" not in workers_doc:
         raise ConfigError("--endpoint", f"{base}/workers is not a pdkit frontend's", "point it at a pdkit frontend")
-    families: dict[str, list[tuple[dict[str, str], float]]] = {}
-    for fam in text_string_to_metric_families(_get(base + "/metrics", timeout_s)):
-        for s in fam.samples:
-            if s.name.endswith("_total"):
-                families.setdefault(s.name, []).append((dict(s.labels), float(s.value)))
-    predicted = _by_label(families, "pdkit_kv_predicted_hit_tokens_total", "worker")
-    actual = _by_label(families, "pdkit_kv_actual_hit_tokens_total", "worker")
-    queried = _by_label(families, "pdkit_kv_actual_query_tokens_total", "worker")
+    page = prom.families(_get(base + "/metrics", timeout_s))
+    predicted = prom.by_label(page, "pdkit_kv_predicted_hit_tokens_total", "worker")
+    actual = prom.by_label(page, "pdkit_kv_actual_hit_tokens_total", "worker")
+    queried = prom.by_label(page, "pdkit_kv_actual_query_tokens_total", "worker")
     workers = []
     for w in workers_doc.get("workers", []):
         wid = str(w.get("worker_id"))
@@ -127,9 +114,9 @@ def fetch_status(endpoint: str, timeout_s: float = 5.0) -> FleetStatus:
         mode=str(workers_doc.get("mode")),
         policy=str(workers_doc.get("policy")),
         workers=workers,
-        requests=_by_label(families, "pdkit_requests_total", "status"),
-        retries=_by_label(families, "pdkit_retries_total", "role", "reason"),
-        fallbacks=_by_label(families, "pdkit_fallbacks_total", "reason"),
+        requests=prom.by_label(page, "pdkit_requests_total", "status"),
+        retries=prom.by_label(page, "pdkit_retries_total", "role", "reason"),
+        fallbacks=prom.by_label(page, "pdkit_fallbacks_total", "reason"),
     )
 
 

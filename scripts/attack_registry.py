@@ -72,6 +72,7 @@ async def attacker_main(fe: str, zmq_ep: str, old_kv_port: int, run_dir: str) ->
     import zmq.asyncio
     from aiohttp import web
 
+    from pdkit.bench.stats import percentile
     from pdkit.protocol import PROTOCOL_VERSION
     from pdkit.routing import kv_events as ke
 
@@ -180,7 +181,7 @@ async def attacker_main(fe: str, zmq_ep: str, old_kv_port: int, run_dir: str) ->
             await asyncio.sleep(0.02)
         lat.sort()
         codes = await requests(http, N_REQ)
-        p99 = lat[int(0.99 * (len(lat) - 1))]
+        p99 = percentile(lat, 99) or 0.0
         health = f"/health p99 {p99 * 1000:.0f} ms, max {lat[-1] * 1000:.0f} ms over {len(lat)} probes"
         row("10,000 registrations, distinct ids", before, snapshot(fe), codes, health, r0)
         flood.close(0)

@@ -210,7 +210,7 @@ async def run_level(
     base: int,
     router_pid: int | None = None,
 ) -> dict[str, Any]:
-    import numpy as np
+    from pdkit.bench.stats import percentile
 
     results: list[tuple[float, float, int]] = []
     failures = 0
@@ -235,8 +235,8 @@ async def run_level(
         await asyncio.gather(*(loop() for _ in range(concurrency)))
         wall = time.perf_counter() - t0
         cpu1 = cpu_seconds(router_pid)
-    ttft = np.array([r[0] for r in results]) * 1000
-    e2e = np.array([r[1] for r in results]) * 1000
+    ttft = [r[0] * 1000 for r in results]
+    e2e = [r[1] * 1000 for r in results]
     tokens = sum(r[2] for r in results)
     return {
         "concurrency": concurrency,
@@ -246,9 +246,9 @@ async def run_level(
         "wall_s": round(wall, 3),
         "req_per_s": round(len(results) / wall, 1),
         "tokens_per_s": round(tokens / wall, 1),
-        "ttft_ms_p50": round(float(np.percentile(ttft, 50)), 3) if len(ttft) else None,
-        "ttft_ms_p99": round(float(np.percentile(ttft, 99)), 3) if len(ttft) else None,
-        "e2e_ms_p50": round(float(np.percentile(e2e, 50)), 3) if len(e2e) else None,
+        "ttft_ms_p50": round(percentile(ttft, 50), 3) if ttft else None,
+        "ttft_ms_p99": round(percentile(ttft, 99), 3) if ttft else None,
+        "e2e_ms_p50": round(percentile(e2e, 50), 3) if e2e else None,
         # the router's own CPU per request: its overhead, free of the machine's contention
         "router_cpu_ms_per_req": (
             round((cpu1 - cpu0) * 1000 / max(1, len(results)), 3) if cpu0 is not None and cpu1 is not None else None

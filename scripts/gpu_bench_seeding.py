@@ -168,9 +168,9 @@ def frontend_metric(name: str, **labels: str) -> float:
     conn.request("GET", "/metrics")
     text = conn.getresponse().read().decode()
     conn.close()
-    from pdkit.frontend.testing import metric
+    from pdkit import prom
 
-    return metric(text, name, **labels)
+    return prom.total(text, name, **labels)
 
 
 def seeded_counts() -> dict[str, float]:

@@ -122,6 +122,8 @@ def calibrate(prompts_by_len: dict[int, str]) -> dict:
     streams with short prompts)."""
     import concurrent.futures as cf
 
+    from pdkit.bench.stats import percentile
+
     prefill = {}
     for n, prompt in sorted(prompts_by_len.items()):
         times = []
@@ -140,7 +142,7 @@ def calibrate(prompts_by_len: dict[int, str]) -> dict:
         with cf.ThreadPoolExecutor(batch) as pool:
             rs = list(pool.map(one, range(batch)))
         itl = [(r["e2e_s"] - r["ttft_s"]) / 63 for r in rs if r["ttft_s"] is not None]
-        decode[batch] = round(sorted(itl)[len(itl) // 2], 5)
+        decode[batch] = round(percentile(itl, 50), 5)
     return {"prefill_s_by_tokens": prefill, "decode_step_s_by_batch": decode}
 
 

@@ -68,11 +68,11 @@ from typing import Any
 
 import aiohttp
 
+from pdkit import prom
 from pdkit.agent import parse_load
 from pdkit.bench.client import RequestRecord, send_streaming
 from pdkit.bench.prompts import PromptFactory
 from pdkit.bench.report import environment
-from pdkit.frontend.testing import metric
 from pdkit.model_files import SYNTHETIC_SERVED_NAME, default_model_dir
 from pdkit.status import fetch_status
 
@@ -360,7 +360,7 @@ def wait_workers(frontend: str, n: int, timeout_s: float = 60) -> None:
 def scrape(url: str, names: tuple[str, ...]) -> dict[str, float]:
     """Each series' sum over its labels, from one read of ``url``/metrics."""
     text = asyncio.run(_scrape(url))
-    return {name: metric(text, name) for name in names}
+    return prom.totals(text, names)
 
 
 async def _scrape(url: str) -> str:

@@ -106,11 +106,11 @@ def config(mode: str, verify: bool, inject: int = 0, slot: int = 0, side_by_side
 
 def metrics(port: int, names: tuple[str, ...] | list[str]) -> dict[str, float]:
     """Each series' sum over its labels, from one read of a process's /metrics (0 when absent)."""
-    from pdkit.frontend.testing import metric as sum_of_samples
+    from pdkit import prom
 
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
         text = resp.read().decode()
-    return {name: sum_of_samples(text, name) for name in names}
+    return prom.totals(text, names)
 
 
 DECODE_METRICS = ("pdkit:kv_verify_checked_blocks_total", "pdkit:kv_verify_mismatch_blocks_total",

@@ -196,7 +196,7 @@ async def _workers(fleet: FleetSpec, zmq_endpoint: str, kv_endpoint: str, conn: 
 
 
 def sim_counters(w: Any) -> dict[str, float]:
-    from prometheus_client.parser import text_string_to_metric_families
+    from pdkit import prom
 
     want = {
         "vllm:prefix_cache_hits_total": "hits",
@@ -206,11 +206,7 @@ def sim_counters(w: Any) -> dict[str, float]:
         "vllm:num_preemptions_total": "preemptions",
         "vllm:request_success_total": "requests",
     }
-    out = dict.fromkeys(want.values(), 0.0)
-    for fam in text_string_to_metric_families(w.metrics.render().decode()):
-        for s in fam.samples:
-            if s.name in want:
-                out[want[s.name]] += s.value
+    out = {want[name]: v for name, v in prom.totals(w.metrics.render().decode(), want).items()}
     e = w.engine
     out["cached_blocks"] = float(e.pool.num_cached_blocks) if e is not None else 0.0
     return out
@@ -234,11 +230,11 @@ class LoopLag:
 
 
 def pct(xs: list[float], q: float) -> float:
-    if not xs:
-        return float("nan")
-    s = sorted(xs)
-    k = min(len(s) - 1, max(0, int(round(q / 100 * (len(s) - 1)))))
-    return s[k]
+    """pdkit's percentile (:func:`pdkit.bench.stats.percentile`, interpolating); NaN when there are none."""
+    from pdkit.bench.stats import percentile
+
+    p = percentile(xs, q)
+    return float("nan") if p is None else p
 
 
 # ------------------------------------------------------------------------------------ one run
@@ -351,7 +347,7 @@ def summarize(
     policy: str, fleet: FleetSpec, wl: Workload, results: list[RequestResult], wall: float, cpu: float,
     lag: dict[str, float], child: dict[str, Any], fe_metrics: str,
 ) -> dict[str, Any]:  # fmt: skip
-    from pdkit.frontend.testing import metric
+    from pdkit import prom
 
     ok = [r for r in results if r.ok]
     ttft = [r.ttft_s * 1e3 for r in ok]
@@ -366,7 +362,7 @@ def summarize(
         return role_sum(role, "hits") / q if q else 0.0
 
     sim_wall = wall / (fleet.time_scale or 1.0)
-    predicted = metric(fe_metrics, "pdkit_kv_predicted_hit_tokens_total")
+    predicted = prom.total(fe_metrics, "pdkit_kv_predicted_hit_tokens_total")
     return {
         "policy": policy,
         "requests": len(results),
@@ -387,7 +383,7 @@ def summarize(
         "predicted_hit_tokens": predicted,
         "actual_hit_tokens": role_sum("prefill", "hits") + role_sum("decode", "hits"),
         "preemptions": role_sum("prefill", "preemptions") + role_sum("decode", "preemptions"),
-        "direct_cached_requests": metric(fe_metrics, "pdkit_requests_total", mode="direct_cached"),
+        "direct_cached_requests": prom.total(fe_metrics, "pdkit_requests_total", mode="direct_cached"),
         "wall_s": wall,
         "simulated_s": sim_wall,
         "cpu": {"frontend_and_client": cpu / wall, "workers": child["cpu_s"] / wall},

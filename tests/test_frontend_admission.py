@@ -20,10 +20,11 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from pdkit import prom
 from pdkit.frontend import server as server_mod
 from pdkit.frontend.server import Frontend
 from pdkit.frontend.settings import FrontendSettings
-from pdkit.frontend.testing import announce, metric, wait_until
+from pdkit.frontend.testing import announce, wait_until
 from pdkit.protocol import Load
 from pdkit.sim.server import SimWorker
 from pdkit.sim.settings import SimSettings
@@ -55,7 +56,7 @@ async def post(http: aiohttp.ClientSession, url: str, body: Any, **kw: Any) -> t
 
 async def successes(http: aiohttp.ClientSession, w: SimWorker) -> float:
     async with http.get(w.url + "/metrics") as r:
-        return metric(await r.text(), "vllm:request_success_total")
+        return prom.total(await r.text(), "vllm:request_success_total")
 
 
 def record_max_inflight(fe: Frontend) -> dict[str, int]:
@@ -91,9 +92,9 @@ async def test_burst_of_600_is_queued_not_refused_and_cap_holds() -> None:
             # every prefill that ran had its decode: the engines' own success counters agree
             assert await successes(http, p) == await successes(http, d) == 600
         m = fe.metrics.render().decode()
-        assert metric(m, "pdkit_admission_queue_wait_seconds_count", role="prefill") == 600
-        assert metric(m, "pdkit_admission_rejections_total") == 0
-        assert metric(m, "pdkit_admission_queue_depth") == 0
+        assert prom.total(m, "pdkit_admission_queue_wait_seconds_count", role="prefill") == 600
+        assert prom.total(m, "pdkit_admission_rejections_total") == 0
+        assert prom.total(m, "pdkit_admission_queue_depth") == 0
 
 
 async def test_queue_full_and_queue_timeout_give_503_naming_key_and_flag(http: aiohttp.ClientSession) -> None:
@@ -117,8 +118,8 @@ async def test_queue_full_and_queue_timeout_give_503_naming_key_and_flag(http: a
             assert "frontend.queue_timeout_s" in message and "--queue-timeout-s" in message
             r.close()
         m = fe.metrics.render().decode()
-        assert metric(m, "pdkit_admission_rejections_total", reason="queue_full") == 1
-        assert metric(m, "pdkit_admission_rejections_total", reason="queue_timeout") == 1
+        assert prom.total(m, "pdkit_admission_rejections_total", reason="queue_full") == 1
+        assert prom.total(m, "pdkit_admission_rejections_total", reason="queue_timeout") == 1
 
 
 async def test_full_decode_refuses_before_any_prefill_runs(http: aiohttp.ClientSession) -> None:
@@ -173,7 +174,7 @@ async def test_fifo_order_disconnect_leaves_queue_and_stop_answers_queued_503(ht
             assert not stopping.done()
             r.close()
             await stopping
-        assert metric(fe.metrics.render().decode(), "pdkit_admission_rejections_total", reason="draining") == 1
+        assert prom.total(fe.metrics.render().decode(), "pdkit_admission_rejections_total", reason="draining") == 1
 
 
 async def test_stream_outliving_the_stop_grace_ends_with_an_error_event(http: aiohttp.ClientSession) -> None:
@@ -190,7 +191,7 @@ async def test_stream_outliving_the_stop_grace_ends_with_an_error_event(http: ai
         assert events[-1] == "[DONE]"
         err = json.loads(events[-2])["error"]
         assert err["code"] == 503 and "shutting down" in err["message"]
-        assert metric(fe.metrics.render().decode(), "pdkit_requests_total", status="shutdown_cut") == 1
+        assert prom.total(fe.metrics.render().decode(), "pdkit_requests_total", status="shutdown_cut") == 1
 
 
 async def test_readiness_needs_every_role_live_and_healthy(http: aiohttp.ClientSession) -> None:
@@ -291,7 +292,7 @@ async def test_decode_without_first_byte_in_time_is_retried_elsewhere(http: aioh
         status, _, body = await post(http, fe.url + "/v1/completions", {"prompt": "x", "max_tokens": 3, "stream": True})
         assert status == 200 and body.endswith("data: [DONE]\n\n")
         m = fe.metrics.render().decode()
-        assert metric(m, "pdkit_retries_total", role="agg", reason="first_byte_timeout") == 1
+        assert prom.total(m, "pdkit_retries_total", role="agg", reason="first_byte_timeout") == 1
         assert fe.registry.workers["a-hung"].inflight == 0
 
 
@@ -386,7 +387,7 @@ async def test_an_invalid_request_costs_no_prefill_token(http: aiohttp.ClientSes
             assert status == 400, (bad, text)
             assert json.loads(text)["error"]["code"] == 400
         async with http.get(p.url + "/metrics") as r:
-            assert metric(await r.text(), "vllm:prompt_tokens_total") == 0  # not one prefill token spent
+            assert prom.total(await r.text(), "vllm:prompt_tokens_total") == 0  # not one prefill token spent
         assert (await post(http, fe.url + path, {**base, "max_tokens": 4}))[0] == 200  # and valid ones still work
         async with http.get(p.url + "/metrics") as r:
-            assert metric(await r.text(), "vllm:prompt_tokens_total") > 0  # the counter is the real one
+            assert prom.total(await r.text(), "vllm:prompt_tokens_total") > 0  # the counter is the real one

@@ -17,9 +17,10 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from pdkit import prom
 from pdkit.frontend.server import Frontend
 from pdkit.frontend.settings import FrontendSettings
-from pdkit.frontend.testing import announce, metric, sse_text, wait_until
+from pdkit.frontend.testing import announce, sse_text, wait_until
 from pdkit.sim.server import SimWorker
 from pdkit.sim.settings import SimSettings
 
@@ -74,10 +75,12 @@ async def test_dead_prefill_worker_retried_on_another(http: aiohttp.ClientSessio
         status, _, body = await post(http, fe.url + "/v1/completions", {"prompt": LONG, "max_tokens": 5})
         assert status == 200, body
         m = fe.metrics.render().decode()
-        assert metric(m, "pdkit_retries_total", role="prefill", reason="connect_error") == 1
-        assert metric(m, "pdkit_fallbacks_total") == 0
+        assert prom.total(m, "pdkit_retries_total", role="prefill", reason="connect_error") == 1
+        assert prom.total(m, "pdkit_fallbacks_total") == 0
         assert (
-            metric(await text_of(http, d.url + "/metrics"), "pdkit_sim:kv_transfer_bytes_total", direction="received")
+            prom.total(
+                await text_of(http, d.url + "/metrics"), "pdkit_sim:kv_transfer_bytes_total", direction="received"
+            )
             > 0
         )
 
@@ -92,9 +95,11 @@ async def test_all_prefills_dead_falls_back_to_local_prefill(http: aiohttp.Clien
         _, _, want = await post(http, ref.url + "/v1/completions", req)
         assert json.loads(body)["choices"][0]["text"] == json.loads(want)["choices"][0]["text"]
         m = fe.metrics.render().decode()
-        assert metric(m, "pdkit_fallbacks_total", reason="connect_error") == 1
+        assert prom.total(m, "pdkit_fallbacks_total", reason="connect_error") == 1
         assert (
-            metric(await text_of(http, d.url + "/metrics"), "pdkit_sim:kv_transfer_bytes_total", direction="received")
+            prom.total(
+                await text_of(http, d.url + "/metrics"), "pdkit_sim:kv_transfer_bytes_total", direction="received"
+            )
             == 0
         )
 
@@ -107,7 +112,7 @@ async def test_no_prefill_worker_registered_prefills_on_decode(http: aiohttp.Cli
             http, fe.url + "/v1/chat/completions", {"messages": [{"role": "user", "content": LONG}], "max_tokens": 3}
         )
         assert status == 200
-        assert metric(fe.metrics.render().decode(), "pdkit_fallbacks_total", reason="no_prefill_worker") == 1
+        assert prom.total(fe.metrics.render().decode(), "pdkit_fallbacks_total", reason="no_prefill_worker") == 1
 
 
 async def test_prefill_timeout_aborts_it_and_prefills_locally(http: aiohttp.ClientSession) -> None:
@@ -117,11 +122,11 @@ async def test_prefill_timeout_aborts_it_and_prefills_locally(http: aiohttp.Clie
         fe = await frontend(st, {"p": ("prefill", slow.url), "d": ("decode", d.url)}, prefill_timeout_s=0.3)
         status, _, body = await post(http, fe.url + "/v1/completions", {"prompt": LONG, "max_tokens": 4})
         assert status == 200, body
-        assert metric(fe.metrics.render().decode(), "pdkit_fallbacks_total", reason="timeout") == 1
+        assert prom.total(fe.metrics.render().decode(), "pdkit_fallbacks_total", reason="timeout") == 1
 
         async def prefill_idle() -> bool:  # the timed-out prefill request was aborted, not left running
             m = await text_of(http, slow.url + "/metrics")
-            return metric(m, "vllm:num_requests_running") + metric(m, "vllm:num_requests_waiting") == 0
+            return prom.total(m, "vllm:num_requests_running") + prom.total(m, "vllm:num_requests_waiting") == 0
 
         await wait_until(prefill_idle, timeout=20)
 
@@ -138,10 +143,12 @@ async def test_dead_decode_worker_retried_with_the_same_kv(http: aiohttp.ClientS
             )
             assert status == 200, body
         m = fe.metrics.render().decode()
-        assert metric(m, "pdkit_retries_total", role="decode", reason="connect_error") >= 1
-        assert metric(m, "pdkit_fallbacks_total") == 0  # connection refused: the KV lease is untouched
+        assert prom.total(m, "pdkit_retries_total", role="decode", reason="connect_error") >= 1
+        assert prom.total(m, "pdkit_fallbacks_total") == 0  # connection refused: the KV lease is untouched
         assert (
-            metric(await text_of(http, d.url + "/metrics"), "pdkit_sim:kv_transfer_bytes_total", direction="received")
+            prom.total(
+                await text_of(http, d.url + "/metrics"), "pdkit_sim:kv_transfer_bytes_total", direction="received"
+            )
             > 0
         )
 
@@ -171,8 +178,8 @@ async def test_failed_kv_load_retried_with_local_prefill(
             assert json.loads(body)["choices"][0]["text"] == json.loads(want)["choices"][0]["text"]
         m = fe.metrics.render().decode()
         reason = "stream_error_event" if stream else "status_500"
-        assert metric(m, "pdkit_retries_total", role="decode", reason=reason) == 1
-        assert metric(m, "pdkit_fallbacks_total", reason=f"decode_{reason}") == 1
+        assert prom.total(m, "pdkit_retries_total", role="decode", reason=reason) == 1
+        assert prom.total(m, "pdkit_fallbacks_total", reason=f"decode_{reason}") == 1
         assert all(fe.registry.workers[wid].inflight == 0 for wid in decoders)
 
 
@@ -207,13 +214,13 @@ async def test_client_disconnect_aborts_upstream(http: aiohttp.ClientSession) ->
 
         async def decode_idle() -> bool:
             m = await text_of(http, d.url + "/metrics")
-            return metric(m, "vllm:num_requests_running") + metric(m, "vllm:num_requests_waiting") == 0
+            return prom.total(m, "vllm:num_requests_running") + prom.total(m, "vllm:num_requests_waiting") == 0
 
         await wait_until(decode_idle, timeout=15)
         await wait_until(lambda: fe.registry.workers["d"].inflight == 0)
         m = fe.metrics.render().decode()
-        assert metric(m, "pdkit_client_disconnects_total") == 1
-        assert metric(m, "pdkit_requests_total", status="client_disconnect") == 1
+        assert prom.total(m, "pdkit_client_disconnects_total") == 1
+        assert prom.total(m, "pdkit_requests_total", status="client_disconnect") == 1
 
 
 async def test_saturation_and_no_workers_give_503_with_retry_after(http: aiohttp.ClientSession) -> None:
@@ -241,7 +248,7 @@ async def test_saturation_and_no_workers_give_503_with_retry_after(http: aiohttp
             assert "--max-inflight-per-worker" in message
             r.close()
         m = fe.metrics.render().decode()
-        assert metric(m, "pdkit_requests_total", mode="agg", status="503") == 2
+        assert prom.total(m, "pdkit_requests_total", mode="agg", status="503") == 2
 
 
 @pytest.mark.parametrize(
@@ -318,8 +325,8 @@ async def test_error_after_first_byte_ends_stream_with_error_event(http: aiohttp
         assert err["code"] == 502 and "broke after the first byte" in err["message"]
         assert events[-1] == "[DONE]"
         m = fe.metrics.render().decode()
-        assert metric(m, "pdkit_stream_errors_total") == 1
-        assert metric(m, "pdkit_requests_total", status="stream_error") == 1
+        assert prom.total(m, "pdkit_stream_errors_total") == 1
+        assert prom.total(m, "pdkit_requests_total", status="stream_error") == 1
 
 
 async def test_stop_drains_in_flight_and_refuses_new(http: aiohttp.ClientSession) -> None:

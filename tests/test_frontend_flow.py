@@ -14,9 +14,10 @@ from typing import Any
 import aiohttp
 import pytest
 
+from pdkit import prom
 from pdkit.frontend.server import Frontend
 from pdkit.frontend.settings import FrontendSettings
-from pdkit.frontend.testing import announce, metric, sse_text
+from pdkit.frontend.testing import announce, sse_text
 from pdkit.sim.server import SimWorker
 from pdkit.sim.settings import SimSettings
 
@@ -85,17 +86,17 @@ async def test_disagg_equals_agg(http: aiohttp.ClientSession, path: str, body: d
             assert answer_text(json.loads(got)) == answer_text(json.loads(want))
             assert json.loads(got)["usage"] == json.loads(want)["usage"]
         fe_m = await text_of(http, d.fe.url + "/metrics")
-        assert metric(fe_m, "pdkit_requests_total", mode="disagg", status="200") == 1
-        assert metric(fe_m, "pdkit_prefill_hop_seconds_count") == 1
-        assert metric(fe_m, "pdkit_decode_hop_seconds_count", mode="disagg") == 1
-        assert metric(fe_m, "pdkit_fallbacks_total") == 0
+        assert prom.total(fe_m, "pdkit_requests_total", mode="disagg", status="200") == 1
+        assert prom.total(fe_m, "pdkit_prefill_hop_seconds_count") == 1
+        assert prom.total(fe_m, "pdkit_decode_hop_seconds_count", mode="disagg") == 1
+        assert prom.total(fe_m, "pdkit_fallbacks_total") == 0
         if stream:
-            assert metric(fe_m, "pdkit_time_to_first_token_seconds_count", mode="disagg") == 1
-            assert metric(fe_m, "pdkit_inter_token_latency_seconds_count", mode="disagg") >= 1
+            assert prom.total(fe_m, "pdkit_time_to_first_token_seconds_count", mode="disagg") == 1
+            assert prom.total(fe_m, "pdkit_inter_token_latency_seconds_count", mode="disagg") >= 1
         p_m = await text_of(http, d.workers["p0"].url + "/metrics")
         d_m = await text_of(http, d.workers["d0"].url + "/metrics")
-        assert metric(p_m, "vllm:generation_tokens_total") == 1  # max_tokens=1 on the prefill hop
-        assert metric(d_m, "pdkit_sim:kv_transfer_bytes_total", direction="received") > 0  # KV came from P
+        assert prom.total(p_m, "vllm:generation_tokens_total") == 1  # max_tokens=1 on the prefill hop
+        assert prom.total(d_m, "pdkit_sim:kv_transfer_bytes_total", direction="received") > 0  # KV came from P
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -115,9 +116,9 @@ async def test_agg_one_hop(http: aiohttp.ClientSession, path: str, body: dict[st
             )
         for wid in ("a0", "a1"):  # round robin: one request each
             m = await text_of(http, d.workers[wid].url + "/metrics")
-            assert metric(m, "vllm:request_success_total") == 1
+            assert prom.total(m, "vllm:request_success_total") == 1
         fe_m = await text_of(http, d.fe.url + "/metrics")
-        assert metric(fe_m, "pdkit_requests_total", mode="agg", status="200") == 2
+        assert prom.total(fe_m, "pdkit_requests_total", mode="agg", status="200") == 2
 
 
 async def test_short_prompts_skip_the_prefill_hop(http: aiohttp.ClientSession) -> None:
@@ -129,10 +130,10 @@ async def test_short_prompts_skip_the_prefill_hop(http: aiohttp.ClientSession) -
         status, _, _ = await post(http, d.fe.url + "/v1/completions", {"prompt": LONG, "max_tokens": 4})
         assert status == 200
         fe_m = await text_of(http, d.fe.url + "/metrics")
-        assert metric(fe_m, "pdkit_requests_total", mode="direct") == 1
-        assert metric(fe_m, "pdkit_requests_total", mode="disagg") == 1
+        assert prom.total(fe_m, "pdkit_requests_total", mode="direct") == 1
+        assert prom.total(fe_m, "pdkit_requests_total", mode="disagg") == 1
         p_m = await text_of(http, d.workers["p0"].url + "/metrics")
-        assert metric(p_m, "vllm:request_success_total") == 1  # only the long prompt was prefilled there
+        assert prom.total(p_m, "vllm:request_success_total") == 1  # only the long prompt was prefilled there
 
 
 async def test_token_ids_prompt_and_request_id_header(http: aiohttp.ClientSession) -> None:
@@ -159,6 +160,6 @@ async def test_models_health_workers_metrics(http: aiohttp.ClientSession) -> Non
             ws = await r.json()
         assert ws["mode"] == "disagg" and sorted(w["worker_id"] for w in ws["workers"]) == ["d0", "d1", "p0"]
         m = await text_of(http, d.fe.url + "/metrics")
-        assert metric(m, "pdkit_registry_workers", role="decode") == 2
-        assert metric(m, "pdkit_registry_workers", role="prefill") == 1
+        assert prom.total(m, "pdkit_registry_workers", role="decode") == 2
+        assert prom.total(m, "pdkit_registry_workers", role="prefill") == 1
         assert 'pdkit_worker_inflight{role="decode",worker_id="d1"} 0.0' in m

@@ -13,9 +13,10 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from pdkit import prom
 from pdkit.frontend.server import Frontend
 from pdkit.frontend.settings import FrontendSettings
-from pdkit.frontend.testing import announce, metric
+from pdkit.frontend.testing import announce
 
 
 async def _completion(request: web.Request) -> web.Response:
@@ -53,7 +54,7 @@ async def test_request_after_idle_pause_survives_a_closed_pooled_connection(quic
                 await asyncio.sleep(0.5)  # the upstream closes the idle pooled connection meanwhile
             async with http.get(f"{fe.url}/metrics") as resp:
                 text = await resp.text()
-        assert metric(text, "pdkit_requests_total", status="200") == 3
+        assert prom.total(text, "pdkit_requests_total", status="200") == 3
     finally:
         await client.close()
         await fe.stop(1.0)

@@ -12,8 +12,8 @@ import aiohttp
 import prometheus_client
 import pytest
 from prometheus_client import CollectorRegistry
-from prometheus_client.parser import text_string_to_metric_families
 
+from pdkit import prom
 from pdkit.frontend.policies import RequestContext
 from pdkit.frontend.registry import WorkerState
 from pdkit.model_files import default_model_dir
@@ -163,12 +163,7 @@ async def wait_for(cond: Callable[[], bool], what: str, timeout: float = 20.0) -
 async def prefix_hits(http: aiohttp.ClientSession, w: SimWorker) -> float:
     async with http.get(w.url + "/metrics") as r:
         text = await r.text()
-    return sum(
-        s.value
-        for fam in text_string_to_metric_families(text)
-        for s in fam.samples
-        if s.name == "vllm:prefix_cache_hits_total"
-    )
+    return prom.total(text, "vllm:prefix_cache_hits_total")
 
 
 async def post(http: aiohttp.ClientSession, w: SimWorker, path: str, body: dict[str, Any]) -> dict[str, Any]:

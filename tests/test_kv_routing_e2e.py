@@ -17,12 +17,12 @@ from typing import Any
 
 import aiohttp
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
+from pdkit import prom
 from pdkit.frontend import Frontend, FrontendSettings
 from pdkit.frontend.metrics import ActualHits, FrontendMetrics
 from pdkit.frontend.registry import Registry
-from pdkit.frontend.testing import RegistryClient, announce, metric, wait_until
+from pdkit.frontend.testing import RegistryClient, announce, wait_until
 from pdkit.protocol import Load, WorkerInfo
 from pdkit.sim.server import SimWorker
 from pdkit.sim.settings import SimSettings
@@ -43,10 +43,7 @@ class Fleet:
 
 
 def sim_counter(w: SimWorker, name: str) -> float:
-    text = w.metrics.render().decode()
-    return sum(
-        s.value for fam in text_string_to_metric_families(text) for s in fam.samples if s.name == name
-    )  # fmt: skip
+    return prom.total(w.metrics.render().decode(), name)
 
 
 @contextlib.asynccontextmanager
@@ -155,14 +152,14 @@ async def test_multi_turn_sticks_to_the_prefix_holders_and_predictions_equal_hit
         text = await frontend_metrics(f)
         predicted_total = 0.0
         for wid, w in f.sims.items():
-            predicted = metric(text, "pdkit_kv_predicted_hit_tokens_total", worker=wid) - metric(
+            predicted = prom.total(text, "pdkit_kv_predicted_hit_tokens_total", worker=wid) - prom.total(
                 text0, "pdkit_kv_predicted_hit_tokens_total", worker=wid
             )
             actual = sim_counter(w, "vllm:prefix_cache_hits_total") - hits0[wid]
             assert predicted == actual, (wid, predicted, actual)
             predicted_total += predicted
         assert predicted_total > 0
-        assert metric(text, "pdkit_requests_total", mode="disagg", status="200") == 8
+        assert prom.total(text, "pdkit_requests_total", mode="disagg", status="200") == 8
         async with f.http.get(f.fe.url + "/workers") as r:
             workers = (await r.json())["workers"]
         assert all(sum(w["kv_index_blocks"].values()) > 0 for w in workers)
@@ -190,10 +187,10 @@ async def test_conditional_disaggregation_prefills_on_the_decode_worker_holding_
             await synced(f)
             assert served(f, before) == {decode}, turn  # one hop: only the tail is computed, locally
         text = await frontend_metrics(f)
-        assert metric(text, "pdkit_requests_total", mode="direct_cached", status="200") == 3
-        assert metric(text, "pdkit_requests_total", mode="disagg", status="200") == 1
+        assert prom.total(text, "pdkit_requests_total", mode="direct_cached", status="200") == 3
+        assert prom.total(text, "pdkit_requests_total", mode="disagg", status="200") == 1
         for wid, w in f.sims.items():
-            predicted = metric(text, "pdkit_kv_predicted_hit_tokens_total", worker=wid)
+            predicted = prom.total(text, "pdkit_kv_predicted_hit_tokens_total", worker=wid)
             assert predicted == sim_counter(w, "vllm:prefix_cache_hits_total") - hits0[wid], wid
 
 

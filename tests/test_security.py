@@ -23,9 +23,10 @@ import zmq
 import zmq.asyncio
 from aiohttp import web
 
+from pdkit import prom
 from pdkit.frontend.server import Frontend
 from pdkit.frontend.settings import FrontendSettings
-from pdkit.frontend.testing import RegistryClient, announce, metric
+from pdkit.frontend.testing import RegistryClient, announce
 from pdkit.protocol import Ack, Deregister, Heartbeat, Load, Register, WorkerInfo, encode, parse_message
 from pdkit.routing import kv_events as ke
 from pdkit.secret import private_dir
@@ -227,7 +228,7 @@ async def test_heartbeats_with_a_fake_load_are_refused(dep: Deployment) -> None:
             assert not ack.ok and not ack.reregister  # the owner's agent would not loop on this either
         assert dep.records() == before and dep.fe.registry.workers["decode-0"].load.running == 0
         text = await asyncio.to_thread(lambda: dep.fe.metrics.render().decode())
-        assert metric(text, "pdkit_registry_messages_total", type="heartbeat", result="rejected") >= 98
+        assert prom.total(text, "pdkit_registry_messages_total", type="heartbeat", result="rejected") >= 98
     finally:
         attacker.close()
 
@@ -271,8 +272,8 @@ async def test_kv_events_from_anyone_but_the_worker_never_reach_the_index(dep: D
     await fe.kv.subscriber.handle([b"evil", ke.seq_to_bytes(0), ke.encode_batch(evil)], source="nobody")
     assert dep.index() == before
     text = fe.metrics.render().decode()
-    assert metric(text, "pdkit_kv_event_batches_dropped_total", reason="wrong_topic") == 1
-    assert metric(text, "pdkit_kv_event_batches_dropped_total", reason="unknown_worker") == 1
+    assert prom.total(text, "pdkit_kv_event_batches_dropped_total", reason="wrong_topic") == 1
+    assert prom.total(text, "pdkit_kv_event_batches_dropped_total", reason="unknown_worker") == 1
     # 4. the ipc sockets are in a directory only this user may enter
     assert (Path(str(dep.sims["decode-0"].kv_events_endpoint)[len("ipc://") :]).parent.stat().st_mode & 0o077) == 0
     # the legitimate workers' events still arrive
@@ -321,7 +322,7 @@ async def test_a_registration_flood_keeps_health_answering(
             flooding.start()
 
             def handled() -> float:
-                return metric(fe.metrics.render().decode(), "pdkit_registry_messages_total")
+                return prom.total(fe.metrics.render().decode(), "pdkit_registry_messages_total")
 
             # probe while the frontend works through the flood (the sender finishes long before it does)
             give_up = time.monotonic() + 300  # a hang guard only

@@ -21,6 +21,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from pdkit import prom
 from pdkit.frontend import seeding
 from pdkit.frontend.seeding import FirstToken, SeededStream, SeedingError
 from pdkit.sim.server import SimWorker
@@ -68,14 +69,6 @@ def stream_summary(path: str, raw: bytes) -> dict[str, Any]:
             if c.get("finish_reason") is not None:
                 finish, stop = c["finish_reason"], c.get("stop_reason")
     return {"text": text, "ids": ids, "finish": finish, "stop": stop, "usage": usage, "rids": rids}
-
-
-def metric(text: str, name: str) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 async def read_all(resp: aiohttp.ClientResponse) -> bytes:
@@ -286,8 +279,8 @@ async def test_seeded_completion_equals_agg(trio, http: aiohttp.ClientSession, n
     async with http.get(d.url + "/metrics") as r:
         metrics = await r.text()
     # the decode sampled tokens 2..8 only: the first one is the prefill's
-    assert metric(metrics, "vllm:generation_tokens_total") == 7
-    assert metric(metrics, "pdkit_sim:kv_transfer_bytes_total") > 0  # and it loaded the prompt's KV
+    assert prom.total(metrics, "vllm:generation_tokens_total") == 7
+    assert prom.total(metrics, "pdkit_sim:kv_transfer_bytes_total") > 0  # and it loaded the prompt's KV
 
 
 @pytest.mark.parametrize("n", [16, 32])

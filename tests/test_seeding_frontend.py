@@ -23,9 +23,10 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from pdkit import prom
 from pdkit.frontend.server import SEED_HEADER, Frontend
 from pdkit.frontend.settings import FrontendSettings
-from pdkit.frontend.testing import announce, metric
+from pdkit.frontend.testing import announce
 from pdkit.sim.server import SimWorker
 from pdkit.sim.settings import SimSettings
 
@@ -120,7 +121,7 @@ def chat_body(words: int, **kw: Any) -> dict[str, Any]:
 
 
 def seeded(fe: Frontend, outcome: str) -> float:
-    return metric(fe.metrics.render().decode(), "pdkit_frontend_seeded_hops_total", outcome=outcome)
+    return prom.total(fe.metrics.render().decode(), "pdkit_frontend_seeded_hops_total", outcome=outcome)
 
 
 # ------------------------------------------------------------------------------ equality with agg
@@ -142,9 +143,9 @@ async def test_seeded_completions_equal_agg_token_for_token(http: aiohttp.Client
         assert seeded(fe, "seeded") == len(LENGTHS) and seeded(fe, "fallback") == seeded(fe, "refused") == 0
         m = await metrics_of(http, d.url)
         # the decode sampled tokens 2..8 of every request: the first one was the prefill's
-        assert metric(m, "vllm:generation_tokens_total") == 7 * len(LENGTHS)
-        assert metric(m, "pdkit_sim:kv_transfer_bytes_total", direction="received") > 0
-        assert metric(m, "pdkit_sim:kv_transfer_failures_total") == 0
+        assert prom.total(m, "vllm:generation_tokens_total") == 7 * len(LENGTHS)
+        assert prom.total(m, "pdkit_sim:kv_transfer_bytes_total", direction="received") > 0
+        assert prom.total(m, "pdkit_sim:kv_transfer_failures_total") == 0
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -182,7 +183,7 @@ async def test_first_byte_is_the_prefills_token_and_counts_as_ttft(http: aiohttp
         assert ev["choices"][0]["text"] and want["text"].startswith(ev["choices"][0]["text"])
         assert summary(COMPLETIONS, first + rest, True) == want
         m = fe.metrics.render().decode()
-        assert metric(m, "pdkit_time_to_first_token_seconds_count", mode="disagg") == 1
+        assert prom.total(m, "pdkit_time_to_first_token_seconds_count", mode="disagg") == 1
 
 
 async def test_stop_strings_across_the_seed_equal_agg(http: aiohttp.ClientSession) -> None:
@@ -215,10 +216,10 @@ async def test_max_tokens_one_never_reaches_the_decode(http: aiohttp.ClientSessi
         assert summary(path, await call(http, fe.url, path, body), stream) == want
         assert seeded(fe, "ended_at_prefill") == 1 and seeded(fe, "seeded") == 0
         m = await metrics_of(http, d.url)
-        assert metric(m, "vllm:request_success_total") == 0 and metric(m, "vllm:prompt_tokens_total") == 0
+        assert prom.total(m, "vllm:request_success_total") == 0 and prom.total(m, "vllm:prompt_tokens_total") == 0
         # no remote decode was asked for, so the prefill keeps no KV lease for one
         pm = await metrics_of(http, p.url)
-        assert "pdkit_sim:kv_leases_active " in pm and metric(pm, "pdkit_sim:kv_leases_active") == 0
+        assert "pdkit_sim:kv_leases_active " in pm and prom.total(pm, "pdkit_sim:kv_leases_active") == 0
 
 
 async def test_a_stop_string_in_the_first_token_ends_at_the_prefill(http: aiohttp.ClientSession) -> None:
@@ -230,7 +231,7 @@ async def test_a_stop_string_in_the_first_token_ends_at_the_prefill(http: aiohtt
         want = summary(COMPLETIONS, await call(http, a.url, COMPLETIONS, body), True)
         assert summary(COMPLETIONS, await call(http, fe.url, COMPLETIONS, body), True) == want
         assert seeded(fe, "ended_at_prefill") == 1
-        assert metric(await metrics_of(http, d.url), "vllm:request_success_total") == 0
+        assert prom.total(await metrics_of(http, d.url), "vllm:request_success_total") == 0
 
 
 async def test_a_request_ended_at_the_prefill_frees_the_prefills_kv_at_once(http: aiohttp.ClientSession) -> None:
@@ -244,13 +245,16 @@ async def test_a_request_ended_at_the_prefill_frees_the_prefills_kv_at_once(http
         await call(http, fe.url, COMPLETIONS, completion_body(30, stream=True, stop=[t1[1:3]]))
         assert seeded(fe, "ended_at_prefill") == 1
         for _ in range(200):  # the release is fire and forget: give it a moment
-            if metric(await metrics_of(http, p.url), "pdkit_sim:kv_leases_active") == 0:
+            if prom.total(await metrics_of(http, p.url), "pdkit_sim:kv_leases_active") == 0:
                 break
             await asyncio.sleep(0.02)
         pm = await metrics_of(http, p.url)
-        assert metric(pm, "pdkit_sim:kv_leases_active") == 0 and metric(pm, "pdkit_sim:kv_leases_expired_total") == 0
+        assert (
+            prom.total(pm, "pdkit_sim:kv_leases_active") == 0
+            and prom.total(pm, "pdkit_sim:kv_leases_expired_total") == 0
+        )
         dm = await metrics_of(http, d.url)
-        assert metric(dm, "vllm:request_success_total") == 0 and metric(dm, "vllm:prompt_tokens_total") == 0
+        assert prom.total(dm, "vllm:request_success_total") == 0 and prom.total(dm, "vllm:prompt_tokens_total") == 0
 
 
 # ------------------------------------------------------------------------------ decode faults
@@ -268,11 +272,11 @@ async def test_dead_decode_worker_retried_elsewhere_with_the_same_seeded_body(
         want = summary(COMPLETIONS, await call(http, a.url, COMPLETIONS, body), stream)
         assert summary(COMPLETIONS, await call(http, fe.url, COMPLETIONS, body), stream) == want
         m = fe.metrics.render().decode()
-        assert metric(m, "pdkit_retries_total", role="decode", reason="connect_error") == 1
-        assert metric(m, "pdkit_fallbacks_total") == 0 and seeded(fe, "seeded") == 1
+        assert prom.total(m, "pdkit_retries_total", role="decode", reason="connect_error") == 1
+        assert prom.total(m, "pdkit_fallbacks_total") == 0 and seeded(fe, "seeded") == 1
         dm = await metrics_of(http, d.url)
-        assert metric(dm, "pdkit_sim:kv_transfer_bytes_total", direction="received") > 0  # the prefill's KV
-        assert metric(dm, "vllm:generation_tokens_total") == 7
+        assert prom.total(dm, "pdkit_sim:kv_transfer_bytes_total", direction="received") > 0  # the prefill's KV
+        assert prom.total(dm, "vllm:generation_tokens_total") == 7
 
 
 @pytest.mark.parametrize("decoders", [("d0", "d1"), ("d",)], ids=["another_decoder", "only_decoder"])
@@ -299,16 +303,16 @@ async def test_failed_kv_load_reprefills_prompt_and_first_token(
         assert got == want and len(got["ids"]) == 7  # no duplicated, no lost token
         m = fe.metrics.render().decode()
         reason = "stream_error_event" if stream else "status_500"
-        assert metric(m, "pdkit_retries_total", role="decode", reason=reason) == 1
-        assert metric(m, "pdkit_fallbacks_total", reason=f"decode_{reason}") == 1
+        assert prom.total(m, "pdkit_retries_total", role="decode", reason=reason) == 1
+        assert prom.total(m, "pdkit_fallbacks_total", reason=f"decode_{reason}") == 1
         assert seeded(fe, "seeded") == 1
         assert all(fe.registry.workers[wid].inflight == 0 for wid in decoders)
         # the local prefill covered prompt + first token: 49 prompt tokens, none received over "NIXL"
-        served = [w for w in ds.values() if metric(await metrics_of(http, w.url), "vllm:generation_tokens_total")]
+        served = [w for w in ds.values() if prom.total(await metrics_of(http, w.url), "vllm:generation_tokens_total")]
         assert len(served) == 1
         sm = await metrics_of(http, served[0].url)
-        assert metric(sm, "vllm:prompt_tokens_total") >= 49
-        assert metric(sm, "vllm:generation_tokens_total") == 6
+        assert prom.total(sm, "vllm:prompt_tokens_total") >= 49
+        assert prom.total(sm, "vllm:generation_tokens_total") == 6
 
 
 async def broken_decode(stack: AsyncExitStack, seen: list[dict[str, Any]]) -> str:
@@ -347,8 +351,8 @@ async def test_decode_breaking_after_its_first_byte_ends_with_an_error_event(htt
         assert events[1]["choices"][0]["text"] == " hello" and events[1]["id"] == events[0]["id"]
         assert events[2]["error"]["code"] == 502 and events[-1] == "[DONE]" and len(events) == 4
         m = fe.metrics.render().decode()
-        assert metric(m, "pdkit_stream_errors_total") == 1
-        assert metric(m, "pdkit_requests_total", status="stream_error") == 1
+        assert prom.total(m, "pdkit_stream_errors_total") == 1
+        assert prom.total(m, "pdkit_requests_total", status="stream_error") == 1
 
 
 async def test_every_decode_failing_after_the_first_token_ends_with_an_error_event(
@@ -388,7 +392,7 @@ async def test_refused_requests_take_the_unseeded_path(
             assert [c["text"] for c in got["choices"]] == [c["text"] for c in want["choices"]]
         assert seeded(fe, "refused") == 1 and seeded(fe, "seeded") == 0
         # unseeded: the decode samples every token itself, the first one included
-        assert metric(await metrics_of(http, d.url), "vllm:generation_tokens_total") >= 8 * len(want["choices"])
+        assert prom.total(await metrics_of(http, d.url), "vllm:generation_tokens_total") >= 8 * len(want["choices"])
 
 
 async def test_switched_off_counts_nothing_and_decodes_unseeded(http: aiohttp.ClientSession) -> None:
@@ -398,7 +402,7 @@ async def test_switched_off_counts_nothing_and_decodes_unseeded(http: aiohttp.Cl
         want = summary(COMPLETIONS, await call(http, a.url, COMPLETIONS, body), True)
         assert summary(COMPLETIONS, await call(http, fe.url, COMPLETIONS, body), True) == want
         assert sum(seeded(fe, o) for o in ("seeded", "ended_at_prefill", "refused", "fallback")) == 0
-        assert metric(await metrics_of(http, d.url), "vllm:generation_tokens_total") == 8
+        assert prom.total(await metrics_of(http, d.url), "vllm:generation_tokens_total") == 8
 
 
 async def test_no_prefill_worker_falls_back_to_a_local_unseeded_prefill(http: aiohttp.ClientSession) -> None:
@@ -425,10 +429,10 @@ async def test_a_hung_decode_is_replaced_by_a_local_prefill_of_prompt_and_first_
         want = summary(COMPLETIONS, await call(http, a.url, COMPLETIONS, body), True)
         assert summary(COMPLETIONS, await call(http, fe.url, COMPLETIONS, body), True) == want
         m = fe.metrics.render().decode()
-        assert metric(m, "pdkit_retries_total", role="decode", reason="first_byte_timeout") == 1
+        assert prom.total(m, "pdkit_retries_total", role="decode", reason="first_byte_timeout") == 1
         bm = await metrics_of(http, b.url)
-        assert metric(bm, "pdkit_sim:kv_transfer_bytes_total", direction="received") == 0  # a local prefill
-        assert metric(bm, "vllm:generation_tokens_total") == 7
+        assert prom.total(bm, "pdkit_sim:kv_transfer_bytes_total", direction="received") == 0  # a local prefill
+        assert prom.total(bm, "vllm:generation_tokens_total") == 7
         assert fe.registry.workers["a-slow"].inflight == 0
 
 

@@ -10,6 +10,7 @@ import msgspec
 import pytest
 from vllm_versions import same_kv_event_wire
 
+from pdkit import prom
 from pdkit.routing import kv_events
 from pdkit.routing.block_hash import BlockHasher
 from pdkit.sim.engine import SimEngine, SimRequest
@@ -134,10 +135,6 @@ async def test_chunked_prefill_respects_token_budget() -> None:
     assert sizes == [64, 64, 22, 1]
 
 
-def _metric(text: str, name: str) -> float:
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
-
-
 async def test_prefix_cache_hits_are_counted(http: aiohttp.ClientSession) -> None:
     async with SimWorker(SimSettings(time_scale=0, hash_seed="0")) as w:
         tok = SimTokenizer(w.settings.model)
@@ -154,8 +151,8 @@ async def test_prefix_cache_hits_are_counted(http: aiohttp.ClientSession) -> Non
             common += 1
         expected_hit = (common // 16) * 16
         assert expected_hit >= 64
-        assert _metric(text, "vllm:prefix_cache_hits_total") == expected_hit
-        assert _metric(text, "vllm:prefix_cache_queries_total") == len(ids) + len(ids2)
+        assert prom.total(text, "vllm:prefix_cache_hits_total") == expected_hit
+        assert prom.total(text, "vllm:prefix_cache_queries_total") == len(ids) + len(ids2)
 
 
 async def test_preemption_keeps_outputs_identical() -> None:

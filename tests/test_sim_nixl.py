@@ -8,6 +8,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from pdkit import prom
 from pdkit.sim.server import SimWorker
 from pdkit.sim.settings import SimSettings
 
@@ -23,15 +24,11 @@ async def _post(http: aiohttp.ClientSession, url: str, body: Any) -> tuple[int, 
         return r.status, await r.json(content_type=None)
 
 
-def _metric(text: str, name: str) -> float:
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
-
-
 async def _wait_metric(http: aiohttp.ClientSession, w: SimWorker, name: str, value: float) -> str:
     for _ in range(500):
         async with http.get(w.url + "/metrics") as r:
             text = await r.text()
-        if _metric(text, name) == value:
+        if prom.total(text, name) == value:
             return text
         await asyncio.sleep(0.01)
     raise AssertionError(f"{name} never reached {value}")
@@ -57,7 +54,7 @@ async def test_pd_through_nixl(http: aiohttp.ClientSession) -> None:
         assert dec["choices"][0]["text"] == agg["choices"][0]["text"]
         # the NIXL notification released the prefill's lease and zeroed its slots
         text = await _wait_metric(http, p, "pdkit_sim:kv_leases_active", 0.0)
-        assert _metric(text, "pdkit_sim:kv_transfer_bytes_total") > 0
+        assert prom.total(text, "pdkit_sim:kv_transfer_bytes_total") > 0
         # reading the same params again finds freed (zeroed) blocks: a KV load failure
         body2 = {**body, "prompt": "other words first " + body["prompt"]}
         status, r = await _post(http, d.url + "/v1/completions", {**body2, "kv_transfer_params": params})

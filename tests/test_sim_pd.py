@@ -11,6 +11,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from pdkit import prom
 from pdkit.sim.server import SimWorker
 from pdkit.sim.settings import SimSettings
 
@@ -48,14 +49,6 @@ async def _prefill(http: aiohttp.ClientSession, p: SimWorker, path: str, body: d
     return dict(params)
 
 
-def _metric(text: str, name: str) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
-
-
 async def _metrics(http: aiohttp.ClientSession, w: SimWorker) -> str:
     async with http.get(w.url + "/metrics") as r:
         return await r.text()
@@ -82,7 +75,7 @@ async def test_prefill_returns_nixl_params(trio, http: aiohttp.ClientSession) ->
     assert params["tp_size"] == 1
     n = params["remote_num_tokens"]
     assert len(params["remote_block_ids"]) == 1 and len(params["remote_block_ids"][0]) == -(-n // 16)
-    assert _metric(await _metrics(http, p), "pdkit_sim:kv_leases_active") == 1.0
+    assert prom.total(await _metrics(http, p), "pdkit_sim:kv_leases_active") == 1.0
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -106,10 +99,10 @@ async def test_agg_equals_disagg_completions(trio, http: aiohttp.ClientSession, 
         assert "".join(c["choices"][0]["text"] for c in chunks) == agg["choices"][0]["text"]
     # the decode pulled the blocks: the lease is gone and the bytes were counted on both sides
     pm, dm = await _metrics(http, p), await _metrics(http, d)
-    assert _metric(pm, "pdkit_sim:kv_leases_active") == 0.0
-    sent = _metric(pm, "pdkit_sim:kv_transfer_bytes_total")
-    assert sent > 0 and sent == _metric(dm, "pdkit_sim:kv_transfer_bytes_total")
-    assert _metric(pm, "vllm:kv_cache_usage_perc") == 0.0
+    assert prom.total(pm, "pdkit_sim:kv_leases_active") == 0.0
+    sent = prom.total(pm, "pdkit_sim:kv_transfer_bytes_total")
+    assert sent > 0 and sent == prom.total(dm, "pdkit_sim:kv_transfer_bytes_total")
+    assert prom.total(pm, "vllm:kv_cache_usage_perc") == 0.0
 
 
 async def test_agg_equals_disagg_chat(trio, http: aiohttp.ClientSession) -> None:
@@ -149,7 +142,7 @@ async def test_params_used_twice_fail(trio, http: aiohttp.ClientSession) -> None
     body2 = {**body, "prompt": body["prompt"] + " and more"}  # no local prefix covers the last block
     status, r = await _post(http, d.url + "/v1/completions", {**body2, "kv_transfer_params": params})
     assert (status, r) == (500, INTERNAL_ERROR)
-    assert _metric(await _metrics(http, d), "pdkit_sim:kv_transfer_failures_total") == 1.0
+    assert prom.total(await _metrics(http, d), "pdkit_sim:kv_transfer_failures_total") == 1.0
 
 
 async def test_expired_lease_fails_and_frees_blocks(http: aiohttp.ClientSession) -> None:
@@ -160,12 +153,12 @@ async def test_expired_lease_fails_and_frees_blocks(http: aiohttp.ClientSession)
         body = {"prompt": "too late " * 10, "max_tokens": 3}
         params = await _prefill(http, p, "/v1/completions", body)
         for _ in range(200):  # wait for the lease sweeper (no timing assertion)
-            if _metric(await _metrics(http, p), "pdkit_sim:kv_leases_expired_total") == 1.0:
+            if prom.total(await _metrics(http, p), "pdkit_sim:kv_leases_expired_total") == 1.0:
                 break
             await asyncio.sleep(0.02)
         pm = await _metrics(http, p)
-        assert _metric(pm, "pdkit_sim:kv_leases_expired_total") == 1.0
-        assert _metric(pm, "vllm:kv_cache_usage_perc") == 0.0
+        assert prom.total(pm, "pdkit_sim:kv_leases_expired_total") == 1.0
+        assert prom.total(pm, "vllm:kv_cache_usage_perc") == 0.0
         status, r = await _post(http, d.url + "/v1/completions", {**body, "kv_transfer_params": params})
         assert (status, r) == (500, INTERNAL_ERROR)
         # a streamed request fails inside the stream, as vLLM's generators do
@@ -230,5 +223,5 @@ async def test_heartbeats_keep_leases_alive_while_decode_queues(http: aiohttp.Cl
         _, agg = await _post(http, a.url + "/v1/completions", body)
         assert dec["choices"][0]["text"] == agg["choices"][0]["text"]
         pm = await _metrics(http, p)
-        assert _metric(pm, "pdkit_sim:kv_lease_extensions_total") > 0
-        assert _metric(pm, "pdkit_sim:kv_leases_expired_total") == 0
+        assert prom.total(pm, "pdkit_sim:kv_lease_extensions_total") > 0
+        assert prom.total(pm, "pdkit_sim:kv_leases_expired_total") == 0

@@ -54,11 +54,11 @@ def parse_metrics(text: str) -> Snapshot:
 
     Label sets (engines, model names) are summed: the benchmark reports per worker URL.
     """
-    from prometheus_client.parser import text_string_to_metric_families
+    from pdkit import prom
 
     hist: dict[str, dict[str, Any]] = {}
     counters: dict[str, float] = defaultdict(float)
-    for fam in text_string_to_metric_families(text):
+    for fam in prom.families(text):
         for s in fam.samples:
             name = s.name
             if fam.type == "histogram" and fam.name in HISTOGRAMS:

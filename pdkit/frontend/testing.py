@@ -128,20 +128,6 @@ async def announce(
     return client
 
 
-def metric(text: str, name: str, **labels: str) -> float:
-    """Sum of the samples of ``name`` in a Prometheus text page whose labels include ``labels``."""
-    total = 0.0
-    for line in text.splitlines():
-        if not line.startswith(name):
-            continue
-        head, value = line.rsplit(" ", 1)
-        base, _, lab = head.partition("{")
-        if base != name or not all(f'{k}="{v}"' in lab for k, v in labels.items()):
-            continue
-        total += float(value)
-    return total
-
-
 def sse_text(raw: str) -> str:
     """Generated text of an OpenAI SSE stream (completions or chat); asserts it ends with ``[DONE]``."""
     import json
