@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The test command (README.md and .ci/run call exactly this): set up both cached environments, lint, test.
+# The test command (README.md and .ci/run call exactly this): set up the three cached environments, lint, test.
 #
 # Part 1, vLLM 0.26.0's Python layer (PDKIT_VENV): ruff, then the whole suite with "$@".
 # Part 2, vLLM 0.32.0's Python layer (PDKIT_VENV_032): the tests that use vLLM's real classes
@@ -7,8 +7,8 @@
 #   (tests/vllm_versions.py).  PDKIT_SKIP_032=1 runs part 1 only (quick local loops).
 # Part 3, vLLM 0.33.0's Python layer (PDKIT_VENV_033; torch 2.13 CPU, see requirements/vllm033-cpu.txt):
 #   the same -m vllm tests; PDKIT_SKIP_033=1 leaves it out.
-# Extra args apply to both parts (part 2 puts -m vllm first, so a -m of yours replaces it; a file or -k
-# that selects no vLLM test makes part 2 a no-op).  The wall time of each part is printed at the end.
+# Extra args apply to every part (parts 2 and 3 put -m vllm first, so a -m of yours replaces it; a file or -k
+# that selects no vLLM test makes parts 2 and 3 no-ops).  The wall time of each part is printed at the end.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
