@@ -9,13 +9,23 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from pdkit.config import Deployment, Role, load_deployment
+from pdkit.config import Deployment, load_deployment
 from pdkit.errors import ConfigError
+from pdkit.flags import takes_settings
+from pdkit.launch_options import (
+    ConfigOpt,
+    LaunchOptions,
+    ModelOpt,
+    NameOpt,
+    NoLmcOpt,
+    TpOpt,
+    gpu_groups,
+    group_overrides,
+)
 
 try:  # typer >= 0.29 bundles its own click and raises its exceptions, not click's
     from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError
@@ -34,150 +44,6 @@ launch_app = typer.Typer(help="Start a frontend and its vLLM (or simulated) work
 config_app = typer.Typer(help="Inspect the configuration pdkit generates.", no_args_is_help=True)
 app.add_typer(launch_app, name="launch")
 app.add_typer(config_app, name="config")
-
-# --------------------------------------------------------------------------------------------------
-# shared options
-
-ConfigOpt = Annotated[str | None, typer.Option("--config", help="YAML file or preset name from configs/.")]
-ModelOpt = Annotated[
-    str | None, typer.Option("--model", help="Model folder or hub name (default: embedded synthetic Llama).")
-]
-NameOpt = Annotated[str | None, typer.Option("--served-model-name", help="Name clients use.")]
-EngineOpt = Annotated[str | None, typer.Option("--engine", help="vllm (GPU) or sim (simulated engine, CPU).")]
-PortOpt = Annotated[int | None, typer.Option("--port", help="Frontend HTTP port (default 8000).")]
-HostOpt = Annotated[str | None, typer.Option("--host", help="Frontend bind address (default 127.0.0.1).")]
-PolicyOpt = Annotated[str | None, typer.Option("--policy", help="round_robin | least_loaded | kv_aware.")]
-DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the plan; start nothing.")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="With --dry-run: print the plan as JSON.")]
-RunDirOpt = Annotated[Path | None, typer.Option("--run-dir", help="Logs and per-worker state (default ./pdkit-run).")]
-EagerOpt = Annotated[bool | None, typer.Option("--enforce-eager/--cuda-graphs", help="vLLM --enforce-eager.")]
-MaxLenOpt = Annotated[int | None, typer.Option("--max-model-len", help="vLLM --max-model-len.")]
-MemOpt = Annotated[float | None, typer.Option("--gpu-memory-utilization", help="vLLM GPU memory share.")]
-BlockOpt = Annotated[int | None, typer.Option("--block-size", help="KV block size (same on every worker).")]
-NoLmcOpt = Annotated[bool, typer.Option("--no-lmcache", help="Run without LMCache offloading.")]
-SmokeOpt = Annotated[
-    bool, typer.Option("--smoke-test", help="Start, serve one chat completion through the frontend, stop.")
-]
-PortOffsetOpt = Annotated[
-    int | None,
-    typer.Option(
-        "--port-offset",
-        help="Add N to every port of the deployment (frontend, ZMQ, KV events, every worker's bases) "
-        "to run a second deployment beside the first, e.g. 1000 (config: port_offset).",
-    ),
-]
-TpOpt = Annotated[int | None, typer.Option("--tp", help="Tensor-parallel size of every worker.")]
-MaxInflightOpt = Annotated[
-    int | None,
-    typer.Option("--max-inflight-per-worker", help="Frontend: requests per worker at most; more wait in its queue."),
-]
-MaxQueuedOpt = Annotated[
-    int | None, typer.Option("--max-queued", help="Frontend: requests that may wait for a slot; more get 503.")
-]
-QueueTimeoutOpt = Annotated[
-    float | None, typer.Option("--queue-timeout-s", help="Frontend: longest wait for a worker slot before 503.")
-]
-ApiKeyOpt = Annotated[
-    str | None,
-    typer.Option("--api-key", envvar="PDKIT_API_KEY", help="Frontend: require Authorization: Bearer KEY on /v1/*."),
-]
-VllmVersionOpt = Annotated[
-    str | None, typer.Option("--vllm-version", help="Plan for this vLLM release (default: the installed one).")
-]
-AllowUntestedOpt = Annotated[
-    bool, typer.Option("--allow-untested-stack", help="Start even if pdkit doctor refuses this machine's stack.")
-]
-# issue 20: workers as Ray actors (pdkit/backends/, docs/multi-node-ray.md)
-BackendOpt = Annotated[
-    str | None, typer.Option("--backend", help="local (processes here) or ray (workers as Ray actors).")
-]
-RayAddressOpt = Annotated[
-    str | None, typer.Option("--ray-address", help="With --backend ray: auto, HOST:6379 or ray://HOST:10001.")
-]
-FrontendOnClusterOpt = Annotated[
-    bool, typer.Option("--frontend-on-cluster", help="With --backend ray: run the frontend in a Ray actor too.")
-]
-SeedOpt = Annotated[
-    bool | None,
-    typer.Option(
-        "--seed-first-token/--no-seed-first-token",
-        help="Frontend (disagg): stream the prefill's first token at once and seed the decode with it "
-        "(config: frontend.seed_first_token; off until proven on a GPU, docs/seeding.md).",
-    ),
-]
-ShareOpt = Annotated[
-    bool,
-    typer.Option(
-        "--share-gpus",
-        help="Let workers share GPUs (development, one-GPU machines): each gets 0.9/N of a GPU unless "
-        "--gpu-memory-utilization says otherwise; without GPU flags or --config every worker goes on GPU 0.",
-    ),
-]
-
-
-def _gpu_groups(flag: str, values: list[str] | None, tp: int) -> list[list[int]] | None:
-    """``["1"]`` or ``["0,1", "2"]`` -> GPU ids split into groups of ``tp`` (one group per worker)."""
-    if not values:
-        return None
-    ids: list[int] = []
-    for value in values:
-        for part in value.replace(" ", "").split(","):
-            if not part:
-                continue
-            if not part.isdigit():
-                raise ConfigError(flag, f"'{part}' is not a GPU id", "give GPU ids as integers, e.g. 0,1")
-            ids.append(int(part))
-    if len(ids) % tp:
-        raise ConfigError(flag, f"{len(ids)} GPU(s) do not split into TP groups of {tp}", f"give a multiple of {tp}")
-    return [ids[i : i + tp] for i in range(0, len(ids), tp)]
-
-
-def _common_overrides(**kw: Any) -> dict[str, Any]:
-    mapping = {
-        "model": "model",
-        "served_model_name": "served_model_name",
-        "engine": "engine",
-        "port": "frontend.port",
-        "host": "frontend.host",
-        "policy": "frontend.policy",
-        "run_dir": "run_dir",
-        "enforce_eager": "enforce_eager",
-        "max_model_len": "max_model_len",
-        "gpu_memory_utilization": "gpu_memory_utilization",
-        "block_size": "block_size",
-        "max_inflight_per_worker": "frontend.max_inflight_per_worker",
-        "max_queued": "frontend.max_queued",
-        "queue_timeout_s": "frontend.queue_timeout_s",
-        "api_key": "frontend.api_key",
-        "seed_first_token": "frontend.seed_first_token",
-        "port_offset": "port_offset",
-    }
-    out = {mapping[k]: (str(v) if isinstance(v, Path) else v) for k, v in kw.items() if k in mapping}
-    if kw.get("no_lmcache"):
-        out["lmcache.enabled"] = False
-    if kw.get("share_gpus"):
-        out["share_gpus"] = True
-    if kw.get("backend") is not None:
-        out["backend"] = kw["backend"]
-    if kw.get("ray_address") is not None:
-        out["ray.address"] = kw["ray_address"]
-    if kw.get("frontend_on_cluster"):
-        out["ray.frontend_on_cluster"] = True
-    return out
-
-
-def _group_overrides(role: Role, gpus: list[list[int]] | None, tp: int | None, count: int | None) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    if gpus is not None:
-        out[f"{role}.gpus"] = gpus
-        out[f"{role}.count"] = len(gpus)
-    if tp is not None:
-        out[f"{role}.tensor_parallel_size"] = tp
-    if count is not None:
-        out[f"{role}.count"] = count
-        if gpus is None:
-            out[f"{role}.gpus"] = [[i] for i in range(count)]
-    return out
 
 
 def _run_launch(dep: Deployment, dry_run: bool, as_json: bool, smoke_test: bool) -> None:
@@ -219,54 +85,26 @@ def _check_stack(dep: Deployment, dry_run: bool, allow_untested: bool) -> None:
 
 
 @launch_app.command("agg")
+@takes_settings
 def launch_agg(
     gpu: Annotated[list[str] | None, typer.Option("--gpu", "--gpus", help="GPU ids, e.g. 0 or 0,1.")] = None,
     tp: TpOpt = None,
     workers: Annotated[int | None, typer.Option("--workers", help="Number of agg workers.")] = None,
-    config: ConfigOpt = None,
-    model: ModelOpt = None,
-    served_model_name: NameOpt = None,
-    engine: EngineOpt = None,
-    port: PortOpt = None,
-    host: HostOpt = None,
-    policy: PolicyOpt = None,
-    run_dir: RunDirOpt = None,
-    enforce_eager: EagerOpt = None,
-    max_model_len: MaxLenOpt = None,
-    gpu_memory_utilization: MemOpt = None,
-    block_size: BlockOpt = None,
-    no_lmcache: NoLmcOpt = False,
-    max_inflight_per_worker: MaxInflightOpt = None,
-    max_queued: MaxQueuedOpt = None,
-    queue_timeout_s: QueueTimeoutOpt = None,
-    api_key: ApiKeyOpt = None,
-    seed_first_token: SeedOpt = None,
-    share_gpus: ShareOpt = False,
-    port_offset: PortOffsetOpt = None,
-    backend: BackendOpt = None,
-    ray_address: RayAddressOpt = None,
-    frontend_on_cluster: FrontendOnClusterOpt = False,
-    dry_run: DryRunOpt = False,
-    json_: JsonOpt = False,
-    smoke_test: SmokeOpt = False,
-    vllm_version: VllmVersionOpt = None,
-    allow_untested_stack: AllowUntestedOpt = False,
+    *,
+    opts: LaunchOptions,
 ) -> None:
     """Frontend + aggregated vLLM worker(s) with LMCache offloading (default: one worker on GPU 0)."""
-    overrides = {"mode": "agg"}
-    overrides.update(_common_overrides(**locals()))
-    groups = _gpu_groups("--gpu", gpu, tp or 1)
-    if share_gpus and groups is None and config is None and workers:
-        overrides.update(_group_overrides("agg", [[0]] * workers, tp, None))  # every worker on GPU 0
+    overrides: dict[str, Any] = {"mode": "agg", **opts.overrides()}
+    groups = gpu_groups("--gpu", gpu, tp or 1)
+    if opts.share_gpus and groups is None and opts.config is None and workers:
+        overrides.update(group_overrides("agg", [[0]] * workers, tp, None))  # every worker on GPU 0
     else:
-        overrides.update(_group_overrides("agg", groups, tp, workers))
-    overrides.update({"vllm_version": vllm_version} if vllm_version else {})
-    dep = load_deployment(config, overrides)
-    _check_stack(dep, dry_run, allow_untested_stack)
-    _run_launch(dep, dry_run, json_, smoke_test)
+        overrides.update(group_overrides("agg", groups, tp, workers))
+    _launch(opts, overrides)
 
 
 @launch_app.command("disagg")
+@takes_settings
 def launch_disagg(
     prefill_gpu: Annotated[
         list[str] | None,
@@ -281,53 +119,29 @@ def launch_disagg(
     decode_tp: Annotated[int | None, typer.Option("--decode-tp", help="TP size of each decode worker.")] = None,
     prefill_workers: Annotated[int | None, typer.Option("--prefill-workers", help="Prefill count (sim).")] = None,
     decode_workers: Annotated[int | None, typer.Option("--decode-workers", help="Decode count (sim).")] = None,
-    config: ConfigOpt = None,
-    model: ModelOpt = None,
-    served_model_name: NameOpt = None,
-    engine: EngineOpt = None,
-    port: PortOpt = None,
-    host: HostOpt = None,
-    policy: PolicyOpt = None,
-    run_dir: RunDirOpt = None,
-    enforce_eager: EagerOpt = None,
-    max_model_len: MaxLenOpt = None,
-    gpu_memory_utilization: MemOpt = None,
-    block_size: BlockOpt = None,
-    no_lmcache: NoLmcOpt = False,
-    max_inflight_per_worker: MaxInflightOpt = None,
-    max_queued: MaxQueuedOpt = None,
-    queue_timeout_s: QueueTimeoutOpt = None,
-    api_key: ApiKeyOpt = None,
-    seed_first_token: SeedOpt = None,
-    share_gpus: ShareOpt = False,
-    port_offset: PortOffsetOpt = None,
-    backend: BackendOpt = None,
-    ray_address: RayAddressOpt = None,
-    frontend_on_cluster: FrontendOnClusterOpt = False,
-    dry_run: DryRunOpt = False,
-    json_: JsonOpt = False,
-    smoke_test: SmokeOpt = False,
-    vllm_version: VllmVersionOpt = None,
-    allow_untested_stack: AllowUntestedOpt = False,
+    *,
+    opts: LaunchOptions,
 ) -> None:
     """Frontend + prefill worker(s) (PdConnector: LMCache + NIXL) + decode worker(s) (NIXL)."""
-    overrides: dict[str, Any] = {"mode": "disagg"}
-    overrides.update(_common_overrides(**locals()))
+    overrides: dict[str, Any] = {"mode": "disagg", **opts.overrides()}
     p_tp, d_tp = prefill_tp or tp, decode_tp or tp
-    p_groups = _gpu_groups("--prefill-gpu", prefill_gpu, p_tp or 1)
-    d_groups = _gpu_groups("--decode-gpu", decode_gpu, d_tp or 1)
-    if share_gpus and p_groups is None and d_groups is None and config is None:
+    p_groups = gpu_groups("--prefill-gpu", prefill_gpu, p_tp or 1)
+    d_groups = gpu_groups("--decode-gpu", decode_gpu, d_tp or 1)
+    if opts.share_gpus and p_groups is None and d_groups is None and opts.config is None:
         p_groups = d_groups = [[0]]  # one GPU for both roles
-    overrides.update(_group_overrides("prefill", p_groups, p_tp, None))
-    overrides.update(_group_overrides("decode", d_groups, d_tp, None))
+    overrides.update(group_overrides("prefill", p_groups, p_tp, None))
+    overrides.update(group_overrides("decode", d_groups, d_tp, None))
     if prefill_workers is not None:
-        overrides.update(_group_overrides("prefill", None, None, prefill_workers))
+        overrides.update(group_overrides("prefill", None, None, prefill_workers))
     if decode_workers is not None:
-        overrides.update(_group_overrides("decode", None, None, decode_workers))
-    overrides.update({"vllm_version": vllm_version} if vllm_version else {})
-    dep = load_deployment(config, overrides)
-    _check_stack(dep, dry_run, allow_untested_stack)
-    _run_launch(dep, dry_run, json_, smoke_test)
+        overrides.update(group_overrides("decode", None, None, decode_workers))
+    _launch(opts, overrides)
+
+
+def _launch(opts: LaunchOptions, overrides: dict[str, Any]) -> None:
+    dep = load_deployment(opts.config, overrides)
+    _check_stack(dep, opts.dry_run, opts.allow_untested_stack)
+    _run_launch(dep, opts.dry_run, opts.json_, opts.smoke_test)
 
 
 # --------------------------------------------------------------------------------------------------
