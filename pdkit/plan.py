@@ -17,6 +17,8 @@ from pydantic import BaseModel, Field
 
 from pdkit.config import Deployment, Role, SupervisionConfig, is_loopback
 from pdkit.errors import ConfigError
+from pdkit.flags import to_flags
+from pdkit.frontend.settings import FrontendProcessOptions, FrontendSettings
 from pdkit.kv_config import kv_transfer_config
 from pdkit.lmcache_server import server_ports, server_spec
 from pdkit.model_files import has_weights, is_synthetic
@@ -90,31 +92,32 @@ def frontend_spec(dep: Deployment, run_dir: Path) -> ProcessSpec:
     folder is not local (a hub model name without ``frontend.model_dir``), KV events stay off, and
     ``kv_aware`` is refused: its predictions would be made with the wrong tokenizer."""
     fe = dep.frontend
-    argv = _pdkit_cli() + [
-        "frontend",
-        "--host", fe.host,
-        "--port", str(fe.port),
-        "--zmq-port", str(fe.zmq_port),
-        "--mode", dep.mode,
-        "--policy", fe.policy,
-        "--disagg-min-prompt-tokens", str(fe.disagg_min_prompt_tokens),
-        "--max-inflight-per-worker", str(fe.max_inflight_per_worker),
-        "--prefill-timeout-s", str(fe.prefill_timeout_s),
-        "--max-queued", str(fe.max_queued),
-        "--queue-timeout-s", str(fe.queue_timeout_s),
-        "--decode-first-byte-timeout-s", str(fe.decode_first_byte_timeout_s),
-    ]  # fmt: skip
-    argv.append("--seed-first-token" if fe.seed_first_token else "--no-seed-first-token")
-    if dep.max_model_len:
-        argv += ["--max-model-len", str(dep.max_model_len)]
+    argv = [*_pdkit_cli(), "frontend"]
+    argv += to_flags(
+        FrontendSettings,
+        host=fe.host,
+        port=fe.port,
+        zmq_port=fe.zmq_port,
+        mode=dep.mode,
+        policy=fe.policy,
+        disagg_min_prompt_tokens=fe.disagg_min_prompt_tokens,
+        max_inflight_per_worker=fe.max_inflight_per_worker,
+        prefill_timeout_s=fe.prefill_timeout_s,
+        max_queued=fe.max_queued,
+        queue_timeout_s=fe.queue_timeout_s,
+        decode_first_byte_timeout_s=fe.decode_first_byte_timeout_s,
+        seed_first_token=fe.seed_first_token,
+        max_model_len=dep.max_model_len,
+    )
     model_dir = fe.model_dir or dep.model_path
     if (Path(model_dir).expanduser() / "tokenizer.json").is_file():
-        argv += [
-            "--kv-events-port", str(fe.kv_events_port),
-            "--hash-seed", str(dep.hash_seed),
-            "--block-size", str(dep.block_size or 16),
-            "--model-dir", model_dir,
-        ]  # fmt: skip
+        argv += to_flags(
+            FrontendSettings,
+            kv_events_port=fe.kv_events_port,
+            hash_seed=dep.hash_seed,
+            block_size=dep.block_size or 16,
+            model_dir=model_dir,
+        )
     elif fe.policy == "kv_aware":
         raise ConfigError(
             "frontend.model_dir",
@@ -123,7 +126,7 @@ def frontend_spec(dep: Deployment, run_dir: Path) -> ProcessSpec:
             "set frontend.model_dir to a local copy of the model folder (tokenizer.json, tokenizer_config.json)",
         )
     else:
-        argv.append("--no-kv-events")
+        argv += to_flags(FrontendProcessOptions, kv_events=False)
     env = {TOKEN_ENV: TOKEN_PLACEHOLDER}  # the supervisor puts the deployment's secret here
     if fe.api_key:
         # by env, not argv (argv is visible to every local user); the value replaces the placeholder at launch

@@ -1,13 +1,18 @@
-"""Settings of one frontend (what ``pdkit frontend`` options map to)."""
+"""Settings of one frontend, each with the ``pdkit frontend`` flag that sets it (:mod:`pdkit.flags`).
+
+Why the flags live here: the command's options, its defaults and the launch plan's argv are all derived
+from these fields, so a setting is written once.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 from pdkit.config import is_loopback
+from pdkit.flags import Flag
 
-__all__ = ["FrontendSettings", "Mode", "is_loopback"]
+__all__ = ["FrontendProcessOptions", "FrontendSettings", "Mode", "is_loopback"]
 
 Mode = Literal["agg", "disagg"]
 
@@ -43,35 +48,74 @@ class FrontendSettings:
     whose cached prefix leaves fewer than that many prompt tokens to compute prefills locally.
     """
 
-    host: str = "127.0.0.1"
-    port: int = 8000
-    zmq_port: int = 8100
-    mode: Mode = "disagg"
-    policy: str = "least_loaded"
-    token: str | None = None
-    disagg_min_prompt_tokens: int = 0
-    prefill_timeout_s: float = 60.0
+    host: Annotated[str, Flag("--host", "Bind address of HTTP and ZMQ (off loopback needs a token).")] = "127.0.0.1"
+    port: Annotated[int, Flag("--port", "HTTP port of the OpenAI API.")] = 8000
+    zmq_port: Annotated[int, Flag("--zmq-port", "ZMQ ROUTER port workers register with.")] = 8100
+    mode: Annotated[Mode, Flag("--mode", "agg (one hop) or disagg (prefill → decode).", cli_type=str)] = "disagg"
+    policy: Annotated[str, Flag("--policy", "round_robin | least_loaded | kv_aware.")] = "least_loaded"
+    token: Annotated[str | None, Flag("--token", "Shared registry token (env PDKIT_TOKEN).", envvar="PDKIT_TOKEN")] = (
+        None
+    )
+    disagg_min_prompt_tokens: Annotated[
+        int, Flag("--disagg-min-prompt-tokens", "Shorter prompts skip the prefill hop (0 = never).")
+    ] = 0
+    prefill_timeout_s: Annotated[float, Flag("--prefill-timeout-s", "Prefill hop timeout before trying elsewhere.")] = (
+        60.0
+    )
     connect_timeout_s: float = 5.0
-    heartbeat_interval_s: float = 1.0
-    liveness_timeout_s: float | None = None
-    max_inflight_per_worker: int = 256
-    max_prefill_attempts: int = 2
-    max_decode_attempts: int = 2
-    retry_after_s: int = 1
-    tokenizer: str | None = None
-    kv_events_port: int | None = None
-    hash_seed: str | int | None = 0
-    model_dir: str | None = None
-    block_size: int = 16
-    max_queued: int = 4096
-    queue_timeout_s: float = 600.0
-    decode_first_byte_timeout_s: float = 120.0
-    api_key: str | None = None
-    max_model_len: int | None = None
+    heartbeat_interval_s: Annotated[float, Flag("--heartbeat-interval-s", "Heartbeat pace told to agents.")] = 1.0
+    liveness_timeout_s: Annotated[
+        float | None, Flag("--liveness-timeout-s", "Drop a silent worker after this (default 3 beats).")
+    ] = None
+    max_inflight_per_worker: Annotated[
+        int, Flag("--max-inflight-per-worker", "Requests per worker at most; more wait in the queue.")
+    ] = 256
+    max_queued: Annotated[int, Flag("--max-queued", "Requests that may wait for a worker slot; more get 503.")] = 4096
+    queue_timeout_s: Annotated[float, Flag("--queue-timeout-s", "Longest wait for a worker slot before 503.")] = 600.0
+    decode_first_byte_timeout_s: Annotated[
+        float, Flag("--decode-first-byte-timeout-s", "A streamed decode hop without a first byte by then fails.")
+    ] = 120.0
+    api_key: Annotated[
+        str | None, Flag("--api-key", "Require Authorization: Bearer KEY on /v1/*.", envvar="PDKIT_API_KEY")
+    ] = None
+    max_model_len: Annotated[int | None, Flag("--max-model-len", "Context length (default: what workers report).")] = (
+        None
+    )
+    tokenizer: Annotated[
+        str | None, Flag("--tokenizer", "tokenizer.json for exact prompt lengths (default chars/4).")
+    ] = None
+    # ``pdkit frontend`` always binds it (8101 unless told; ``--no-kv-events``: None).
+    kv_events_port: Annotated[
+        int | None,
+        Flag(
+            "--kv-events-port",
+            "Unused: the frontend reads each registered worker's own KV-event socket (docs/security.md).",
+            cli_type=int,
+            cli_default=8101,
+        ),
+    ] = None
+    hash_seed: Annotated[
+        str | int | None,
+        Flag("--hash-seed", "The workers' PYTHONHASHSEED (the deployment's hash_seed).", cli_type=str, cli_default="0"),
+    ] = 0
+    model_dir: Annotated[
+        str | None, Flag("--model-dir", "Served model folder: tokenizer + chat template (default: embedded model).")
+    ] = None
+    block_size: Annotated[int, Flag("--block-size", "The workers' KV block size.")] = 16
     # First-token seeding (docs/seeding.md): stream the prefill's token at once and send the decode
     # prompt + that token, so disaggregated TTFT is the prefill's, not prefill + transfer + decode step.
     # Off until the padded NIXL read it relies on is proven on a GPU (docs/seeding.md, "Status").
-    seed_first_token: bool = False
+    seed_first_token: Annotated[
+        bool,
+        Flag(
+            "--seed-first-token/--no-seed-first-token",
+            "Disagg: stream the prefill's first token at once and seed the decode with it (opt-in until "
+            "proven on a GPU; docs/seeding.md).",
+        ),
+    ] = False
+    max_prefill_attempts: int = 2
+    max_decode_attempts: int = 2
+    retry_after_s: int = 1
     # Registry bound (docs/security.md): registrations beyond it are refused.
     max_workers: int = 4096
     # Legacy: bind one SUB socket on kv_events_port that workers' publishers connect to.  Unauthenticated
@@ -128,3 +172,16 @@ class FrontendSettings:
 
         if self.policy not in policy_names():
             raise ValueError(f"unknown policy {self.policy!r}; choose one of {policy_names()}")
+
+
+@dataclass
+class FrontendProcessOptions:
+    """``pdkit frontend``'s options that are about the process, not the :class:`FrontendSettings`."""
+
+    token_file: Annotated[str | None, Flag("--token-file", "File holding the registry token (mode 0600).")] = None
+    kv_events: Annotated[
+        bool,
+        Flag("--kv-events/--no-kv-events", "Keep a KV index (required by kv_aware; off: no KV-event sockets)."),
+    ] = True
+    stop_grace_s: Annotated[float, Flag("--stop-grace-s", "Drain time on SIGTERM.")] = 30.0
+    log_level: Annotated[str, Flag("--log-level", "debug | info | warning.")] = "info"
