@@ -13,12 +13,12 @@ import pytest
 
 from pdkit.agent import prefix_caching_enabled
 from pdkit.model_files import default_model_dir
+from pdkit.prompt_tokens import PromptTokenizer
 from pdkit.protocol import Load, WorkerInfo
 from pdkit.routing import kv_events as ke
 from pdkit.routing.kv_aware import KvAwarePolicy
 from pdkit.routing.kv_index import KvIndex
 from pdkit.routing.pending import PendingBlocks
-from pdkit.routing.prompt_tokens import PromptTokenizer
 from pdkit.routing.types import RequestContext, WorkerState
 
 SEED = "3"

@@ -539,7 +539,7 @@ class Frontend:
         if not check_context_length(_prompt_token_bound(ctx), body, max_len, exact=False):
             return  # even the upper bound fits (the usual case: no tokenization)
         from pdkit.model_files import default_model_dir
-        from pdkit.routing.prompt_tokens import PromptError, load_prompt_tokenizer
+        from pdkit.prompt_tokens import PromptError, load_prompt_tokenizer
 
         model_dir = str(self.s.model_dir or default_model_dir())
 

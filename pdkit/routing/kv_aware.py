@@ -37,12 +37,12 @@ from urllib.parse import urlsplit
 
 from prometheus_client import CollectorRegistry
 
+from pdkit.prompt_tokens import PromptError, PromptTokenizer, load_prompt_tokenizer
 from pdkit.protocol import WorkerInfo
 from pdkit.routing.block_hash import DEFAULT_HASH_ALGO, BlockHasher
 from pdkit.routing.kv_index import CPU, DISK, GPU, KvIndex
 from pdkit.routing.kv_metrics import KvRoutingMetrics
 from pdkit.routing.pending import PendingBlocks
-from pdkit.routing.prompt_tokens import PromptError, PromptTokenizer, load_prompt_tokenizer
 from pdkit.routing.subscriber import KvEventSubscriber
 from pdkit.routing.types import RequestContext, RoutedWorker, W, load_of
 
