@@ -31,6 +31,7 @@ import zmq.asyncio
 
 from pdkit.protocol import Ack, Deregister, Heartbeat, Load, Register, WorkerInfo, encode, parse_message
 from pdkit.routing.types import WorkerState
+from pdkit.zmq_sockets import bind_tcp
 
 log = logging.getLogger("pdkit.frontend.registry")
 
@@ -248,17 +249,7 @@ class RegistryServer:
         sock.setsockopt(zmq.LINGER, 0)
         # Oversized frames are dropped by libzmq before they reach Python.
         sock.setsockopt(zmq.MAXMSGSIZE, 1 << 20)
-        host = f"[{self.host}]" if ":" in self.host and not self.host.startswith("[") else self.host
-        if ":" in self.host:
-            sock.setsockopt(zmq.IPV6, 1)
-        try:
-            if self.port == 0:
-                self.port = sock.bind_to_random_port(f"tcp://{host}")
-            else:
-                sock.bind(f"tcp://{host}:{self.port}")
-        except zmq.ZMQError:
-            sock.close(linger=0)
-            raise
+        self.port = bind_tcp(sock, self.host, self.port)
         self._sock = sock
         return self.port
 
