@@ -315,7 +315,7 @@ async def test_context_length_is_counted_exactly_only_when_the_cheap_bound_does_
         assert [c for c in calls if c[2]] == []  # 2 bytes + allowance + 2 tokens fit: no tokenizing
         assert (await post(http, fe.url + "/v1/completions", {"prompt": LONG, "max_tokens": 2}))[0] == 200
         from pdkit.model_files import default_model_dir
-        from pdkit.routing.prompt_tokens import load_prompt_tokenizer
+        from pdkit.prompt_tokens import load_prompt_tokenizer
 
         want = len(load_prompt_tokenizer(str(default_model_dir())).request_ids({"prompt": LONG}, False))
         assert [c for c in calls if c[2]] == [(want, 400, True)]

@@ -8,12 +8,12 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 
-from pdkit.frontend.policies import LeastLoaded, RequestContext, RoundRobin, make_policy
-from pdkit.frontend.registry import WorkerState
 from pdkit.frontend.server import Frontend
 from pdkit.frontend.settings import FrontendSettings, is_loopback
 from pdkit.frontend.testing import RegistryClient, wait_until
 from pdkit.protocol import Heartbeat, Load, WorkerInfo
+from pdkit.routing.policies import LeastLoaded, RoundRobin, make_policy
+from pdkit.routing.types import RequestContext, WorkerState
 
 
 def info(wid: str, role: str = "decode", port: int = 9) -> WorkerInfo:

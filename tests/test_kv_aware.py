@@ -14,16 +14,15 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from pdkit import prom
-from pdkit.frontend.policies import RequestContext
-from pdkit.frontend.registry import WorkerState
 from pdkit.model_files import default_model_dir
+from pdkit.prompt_tokens import PromptTokenizer
 from pdkit.protocol import Load, WorkerInfo
 from pdkit.routing import kv_events as ke
 from pdkit.routing.block_hash import BlockHasher
 from pdkit.routing.kv_aware import KvAwarePolicy, KvRouting
 from pdkit.routing.kv_index import KvIndex
 from pdkit.routing.kv_metrics import KvRoutingMetrics
-from pdkit.routing.prompt_tokens import PromptTokenizer
+from pdkit.routing.types import RequestContext, WorkerState
 from pdkit.sim.server import SimWorker
 from pdkit.sim.settings import SimSettings
 

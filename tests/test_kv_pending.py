@@ -12,15 +12,14 @@ from typing import Any
 import pytest
 
 from pdkit.agent import prefix_caching_enabled
-from pdkit.frontend.policies import RequestContext
-from pdkit.frontend.registry import WorkerState
 from pdkit.model_files import default_model_dir
+from pdkit.prompt_tokens import PromptTokenizer
 from pdkit.protocol import Load, WorkerInfo
 from pdkit.routing import kv_events as ke
 from pdkit.routing.kv_aware import KvAwarePolicy
 from pdkit.routing.kv_index import KvIndex
 from pdkit.routing.pending import PendingBlocks
-from pdkit.routing.prompt_tokens import PromptTokenizer
+from pdkit.routing.types import RequestContext, WorkerState
 
 SEED = "3"
 PROMPT = "a system prompt that every request of this test shares, word after word, " * 6

@@ -37,10 +37,10 @@ from vllm.v1.outputs import ModelRunnerOutput  # noqa: E402
 from vllm.v1.request import Request  # noqa: E402
 from vllm_scheduler import real_scheduler  # noqa: E402
 
-from pdkit.frontend.policies import RequestContext  # noqa: E402
 from pdkit.model_files import default_model_dir  # noqa: E402
 from pdkit.protocol import Load, WorkerInfo  # noqa: E402
 from pdkit.routing.kv_aware import KvRouting  # noqa: E402
+from pdkit.routing.types import RequestContext  # noqa: E402
 
 SEED = "13"
 BLOCK = 16

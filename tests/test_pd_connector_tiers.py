@@ -35,11 +35,11 @@ from vllm_scheduler import seed_block_hashing  # noqa: E402
 from pdkit.connectors.lmcache_tiers import LMCacheTierSettings  # noqa: E402
 from pdkit.connectors.pd_connector import PdConnector  # noqa: E402
 from pdkit.model_files import default_model_dir  # noqa: E402
+from pdkit.prompt_tokens import PromptTokenizer  # noqa: E402
 from pdkit.routing import kv_events as ke  # noqa: E402
 from pdkit.routing.block_hash import BlockHasher  # noqa: E402
 from pdkit.routing.kv_aware import KvAwarePolicy  # noqa: E402
 from pdkit.routing.kv_index import KvIndex  # noqa: E402
-from pdkit.routing.prompt_tokens import PromptTokenizer  # noqa: E402
 
 SEED = "7"
 BLOCK = 16

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from pdkit.model_files import default_model_dir
-from pdkit.routing.prompt_tokens import PromptError, PromptTokenizer
+from pdkit.prompt_tokens import PromptError, PromptTokenizer
 from pdkit.sim.text import SimTokenizer
 
 MODEL = default_model_dir()

@@ -469,8 +469,8 @@ async def test_text_prompts_are_seeded_with_the_prefills_own_tokenization(
 def test_the_seeded_streams_stop_rule_follows_the_decodes_vllm(version: str | None, earliest: bool) -> None:
     """The decode's registered vLLM release picks the stop-string rule the seeded stream re-implements
     (0.26: first listed stop wins; 0.32: earliest completing); unknown or unreadable: the newest rule."""
-    from pdkit.frontend.registry import WorkerState
     from pdkit.protocol import WorkerInfo
+    from pdkit.routing.types import WorkerState
 
     info = WorkerInfo(worker_id="d", role="decode", url="http://127.0.0.1:1", model="synth", engine_version=version)
     assert Frontend._earliest_stop(WorkerState(info=info, last_seen=0.0)) is earliest

@@ -11,6 +11,8 @@ random session key; heartbeats and the deregistration must present it, and a sec
 live id is refused unless it does.  Cost is bounded: at most ``max_workers`` records, registrations
 rate-limited per ZMQ identity and overall, and every change is reported to listeners one worker at a
 time (``on_added`` / ``on_removed`` / ``on_forgotten``) instead of "something changed, resync all".
+
+The records it keeps are :class:`~pdkit.routing.types.WorkerState`, the type routing policies read.
 """
 
 from __future__ import annotations
@@ -23,12 +25,13 @@ import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import zmq
 import zmq.asyncio
 
 from pdkit.protocol import Ack, Deregister, Heartbeat, Load, Register, WorkerInfo, encode, parse_message
+from pdkit.routing.types import WorkerState
+from pdkit.zmq_sockets import bind_tcp
 
 log = logging.getLogger("pdkit.frontend.registry")
 
@@ -41,41 +44,6 @@ class RegistrationRefused(Exception):
 
 def _key_ok(presented: str | None, expected: str) -> bool:
     return presented is not None and hmac.compare_digest(presented.encode(), expected.encode())
-
-
-@dataclass(eq=False)
-class WorkerState:
-    """One registered engine: what it told us plus this frontend's own in-flight count."""
-
-    info: WorkerInfo
-    last_seen: float
-    load: Load = field(default_factory=Load)
-    seq: int = 0
-    inflight: int = 0
-    registered_at: float = field(default_factory=time.time)
-    # Proof of ownership for heartbeats / deregistration; never shown in /workers (as_json omits it).
-    session_key: str = field(default_factory=lambda: secrets.token_urlsafe(24), repr=False)
-
-    @property
-    def worker_id(self) -> str:
-        return self.info.worker_id
-
-    @property
-    def role(self) -> str:
-        return self.info.role
-
-    @property
-    def url(self) -> str:
-        return self.info.url
-
-    def as_json(self, now: float) -> dict[str, object]:
-        return {
-            **self.info.model_dump(),
-            "load": self.load.model_dump(exclude_none=True),
-            "inflight": self.inflight,
-            "seq": self.seq,
-            "last_seen_s_ago": round(now - self.last_seen, 3),
-        }
 
 
 class Registry:
@@ -281,17 +249,7 @@ class RegistryServer:
         sock.setsockopt(zmq.LINGER, 0)
         # Oversized frames are dropped by libzmq before they reach Python.
         sock.setsockopt(zmq.MAXMSGSIZE, 1 << 20)
-        host = f"[{self.host}]" if ":" in self.host and not self.host.startswith("[") else self.host
-        if ":" in self.host:
-            sock.setsockopt(zmq.IPV6, 1)
-        try:
-            if self.port == 0:
-                self.port = sock.bind_to_random_port(f"tcp://{host}")
-            else:
-                sock.bind(f"tcp://{host}:{self.port}")
-        except zmq.ZMQError:
-            sock.close(linger=0)
-            raise
+        self.port = bind_tcp(sock, self.host, self.port)
         self._sock = sock
         return self.port
 

@@ -49,12 +49,13 @@ from aiohttp import web
 from pdkit.frontend import seeding
 from pdkit.frontend.admission import AdmissionQueue
 from pdkit.frontend.metrics import ActualHits, FrontendMetrics
-from pdkit.frontend.policies import KV_AWARE, Policy, RequestContext, make_policy
-from pdkit.frontend.registry import Registry, RegistryServer, WorkerState
+from pdkit.frontend.registry import Registry, RegistryServer
 from pdkit.frontend.requests import RequestError, TokenEstimator, error_body, error_obj, extract_prompt, parse_body
 from pdkit.frontend.settings import FrontendSettings, is_loopback
 from pdkit.frontend.validation import check_context_length, validate_request
 from pdkit.protocol import Load
+from pdkit.routing.policies import KV_AWARE, make_policy
+from pdkit.routing.types import Policy, RequestContext, WorkerState
 from pdkit.stack import stack_for
 
 UPSTREAM_KEEPALIVE_S = 4.0
@@ -491,7 +492,8 @@ class Frontend:
             prompt_token_ids=ids,
             prompt_tokens=self.tokens.count(text, ids),
             request_id=rid,
-            extra={"raw": raw, "headers": self._forward_headers(request, rid)},
+            raw=raw,
+            headers=self._forward_headers(request, rid),
         )
 
     @staticmethod
@@ -537,7 +539,7 @@ class Frontend:
         if not check_context_length(_prompt_token_bound(ctx), body, max_len, exact=False):
             return  # even the upper bound fits (the usual case: no tokenization)
         from pdkit.model_files import default_model_dir
-        from pdkit.routing.prompt_tokens import PromptError, load_prompt_tokenizer
+        from pdkit.prompt_tokens import PromptError, load_prompt_tokenizer
 
         model_dir = str(self.s.model_dir or default_model_dir())
 
@@ -723,7 +725,7 @@ class Frontend:
         if got is None or self._session is None:
             return
         path, body = got
-        url, payload, headers = decode.url + path, msgspec.json.encode(body), ctx.extra["headers"]
+        url, payload, headers = decode.url + path, msgspec.json.encode(body), ctx.headers
 
         async def send() -> None:
             try:
@@ -1008,7 +1010,7 @@ class Frontend:
     ) -> dict[str, Any]:
         assert self._session is not None
         try:
-            async with await self._post(w.url + ctx.path, payload, ctx.extra["headers"]) as resp:
+            async with await self._post(w.url + ctx.path, payload, ctx.headers) as resp:
                 data = await resp.read()
                 if 400 <= resp.status < 500:
                     raise _Passthrough(resp.status, data, resp.headers.get("Content-Type", _JSON))
@@ -1044,7 +1046,7 @@ class Frontend:
 
         def attempt(w: WorkerState, p: dict[str, Any] | None) -> Awaitable[tuple[web.StreamResponse, str]]:
             if p is None:
-                payload = ctx.extra["raw"]  # one hop: the client's bytes, untouched
+                payload = ctx.raw  # one hop: the client's bytes, untouched
             else:
                 payload = msgspec.json.encode({**ctx.body, "kv_transfer_params": p})
             return self._decode_hop(request, w, ctx, payload, mode, t0)
@@ -1148,7 +1150,7 @@ class Frontend:
         """Send the hop (to ``path``, default the client's); the whole answer (not streamed, or an
         error) or the stream's first bytes."""
         try:
-            resp = await self._post(w.url + (path or ctx.path), payload, ctx.extra["headers"])
+            resp = await self._post(w.url + (path or ctx.path), payload, ctx.headers)
             opened.append(resp)
             if resp.status >= 500:
                 raise _HopFailed(f"status_{resp.status}", True, resp.status, await resp.read())

@@ -11,7 +11,7 @@ Why these rules:
   computed), in whole blocks; predicted hits use the same rule so that they compare with
   ``vllm:prefix_cache_hits_total``.
 * **Load penalty in blocks**: ``score = weighted_hit_blocks - load_weight * load`` where ``load`` is
-  ``max(own in-flight, running + waiting)`` (as :class:`~pdkit.frontend.policies.LeastLoaded`).  With
+  :func:`~pdkit.routing.types.load_of` (as :class:`~pdkit.routing.policies.LeastLoaded`).  With
   ``load_weight`` unset it is half the request's prompt blocks: one queued request ahead costs about
   as much as recomputing half of this prompt, so a worker holding most of the prefix wins over an idle
   one until its queue is two deep.  Ties go to the less loaded worker, then rotate.
@@ -30,28 +30,26 @@ import asyncio
 import itertools
 import logging
 from collections.abc import Container, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Protocol
 from urllib.parse import urlsplit
 
 from prometheus_client import CollectorRegistry
 
+from pdkit.prompt_tokens import PromptError, PromptTokenizer, load_prompt_tokenizer
+from pdkit.protocol import WorkerInfo
 from pdkit.routing.block_hash import DEFAULT_HASH_ALGO, BlockHasher
 from pdkit.routing.kv_index import CPU, DISK, GPU, KvIndex
 from pdkit.routing.kv_metrics import KvRoutingMetrics
 from pdkit.routing.pending import PendingBlocks
-from pdkit.routing.prompt_tokens import PromptError, PromptTokenizer, load_prompt_tokenizer
 from pdkit.routing.subscriber import KvEventSubscriber
+from pdkit.routing.types import RequestContext, RoutedWorker, W, load_of
 
 log = logging.getLogger("pdkit.routing.kv_aware")
 
 DEFAULT_TIER_WEIGHTS: dict[str, float] = {"GPU": 1.0, "CPU": 0.8, "DISK": 0.5}
-_CTX_KEY = "pdkit_kv_prompt"
-_PENDING_KEY = "pdkit_kv_pending"  # ctx.extra: worker id -> the hashes this request marked pending there
 PENDING = "pending"
-
-C = TypeVar("C")
 
 
 @dataclass
@@ -69,10 +67,29 @@ class PromptBlocks:
 
 
 @dataclass
+class _RequestState:
+    """What KV-aware routing remembers about one request (``RequestContext.policy_state``): the prompt's
+    token ids and hashes per block size, computed once for its prefill and decode choice, and the
+    hashes it marked pending per worker id (released when the hop there ends)."""
+
+    tokenized: bool = False
+    token_ids: list[int] | None = None
+    blocks: dict[int, PromptBlocks | None] = field(default_factory=dict)
+    pending: dict[str, list[int | bytes]] = field(default_factory=dict)
+
+
+def _state(ctx: RequestContext) -> _RequestState:
+    state = ctx.policy_state
+    if not isinstance(state, _RequestState):
+        state = ctx.policy_state = _RequestState()
+    return state
+
+
+@dataclass
 class WorkerScore:
     """One candidate's evaluation (``hit_blocks`` already capped by vLLM's rule)."""
 
-    worker: Any
+    worker: RoutedWorker
     hit_blocks: int
     tier_blocks: dict[str, int]
     weighted: float
@@ -84,35 +101,18 @@ class WorkerScore:
         return str(self.worker.worker_id)
 
 
-def load_of(w: Any) -> float:
-    """Outstanding requests: the larger of the frontend's own count and the engine's heartbeat."""
-    load = getattr(w, "load", None)
-    engine = (getattr(load, "running", 0) + getattr(load, "waiting", 0)) if load is not None else 0
-    return float(max(getattr(w, "inflight", 0), engine))
-
-
 def _best_tier(bits: int) -> str:
     """The fastest tier in a block's tier bits (what its hit counts as)."""
     return "GPU" if bits & GPU else "CPU" if bits & CPU else "DISK"
 
 
-def _caches_prefixes(w: Any) -> bool:
-    """False for a worker whose engine runs without prefix caching (nothing it computes is reused)."""
-    return bool(getattr(getattr(w, "info", None), "prefix_caching", True))
-
-
-def _kv_usage(w: Any) -> float:
-    load = getattr(w, "load", None)
-    return float(getattr(load, "kv_usage", 0.0)) if load is not None else 0.0
-
-
 class KvAwarePolicy:
     """A frontend routing policy (``choose(role, candidates, ctx)``) scoring KV prefix overlap.
 
-    ``candidates`` need ``worker_id``, ``inflight``, ``load.running/waiting/kv_usage`` and optionally
-    ``info.block_size``.  ``ctx`` needs ``body`` (the parsed OpenAI request), ``is_chat``,
-    ``prompt_token_ids`` / ``prompt_text`` (fallbacks) and an ``extra`` dict (used to cache the prompt's
-    hashes between the prefill and the decode choice of one request).
+    ``candidates`` are :class:`~pdkit.routing.types.RoutedWorker` (their ``info`` gives block size and
+    prefix caching); ``ctx`` gives ``body`` (the parsed OpenAI request), ``is_chat`` and
+    ``prompt_token_ids`` / ``prompt_text`` (fallbacks), and keeps the prompt's hashes in its
+    ``policy_state`` between the prefill and the decode choice of one request.
     """
 
     name = "kv_aware"
@@ -158,11 +158,11 @@ class KvAwarePolicy:
             h = self._hashers[block_size] = BlockHasher(block_size, self.hash_algo, self.hash_seed, use_env_seed=False)
         return h
 
-    def token_ids(self, ctx: Any) -> list[int] | None:
+    def token_ids(self, ctx: RequestContext) -> list[int] | None:
         """The prompt's token ids as the worker computes them, or None when they cannot be reproduced."""
-        body = getattr(ctx, "body", None) or {}
-        chat = bool(getattr(ctx, "is_chat", False))
-        ids = getattr(ctx, "prompt_token_ids", None)
+        body = ctx.body or {}
+        chat = ctx.is_chat
+        ids = ctx.prompt_token_ids
         if ids and not chat:
             return list(ids)
         if self.tokenizer is None:
@@ -170,32 +170,32 @@ class KvAwarePolicy:
         try:
             if body:
                 return self.tokenizer.request_ids(body, chat)
-            text = getattr(ctx, "prompt_text", None)
+            text = ctx.prompt_text
             if isinstance(text, str) and not chat:
                 return self.tokenizer.completion_ids(text)
         except (PromptError, TypeError) as exc:
             log.debug("no KV prediction for this request: %s", exc)
         return None
 
-    def prompt_blocks(self, ctx: Any, block_size: int | None = None) -> PromptBlocks | None:
+    def prompt_blocks(self, ctx: RequestContext, block_size: int | None = None) -> PromptBlocks | None:
         bs = block_size or self.block_size
-        extra = getattr(ctx, "extra", None)
-        cache: dict[Any, Any] = extra.setdefault(_CTX_KEY, {}) if isinstance(extra, dict) else {}
-        if bs in cache:
-            return cache[bs]
-        if "ids" not in cache:
-            cache["ids"] = self.token_ids(ctx)
-        ids = cache["ids"]
+        state = _state(ctx)
+        if bs in state.blocks:
+            return state.blocks[bs]
+        if not state.tokenized:
+            state.token_ids = self.token_ids(ctx)
+            state.tokenized = True
+        ids = state.token_ids
         blocks = None
         if ids is not None:
-            body = getattr(ctx, "body", None) or {}
+            body = ctx.body or {}
             salt = body.get("cache_salt") if isinstance(body.get("cache_salt"), str) else None
             hashes = self._hasher(bs).event_hashes(ids, cache_salt=salt)
             blocks = PromptBlocks(ids, hashes, bs)
-        cache[bs] = blocks
+        state.blocks[bs] = blocks
         return blocks
 
-    async def prepare(self, ctx: Any) -> None:
+    async def prepare(self, ctx: RequestContext) -> None:
         """Tokenize and hash the prompt in a worker thread before the frontend routes the request.
 
         Why: a 4k-token chat costs ~10 ms of template rendering and tokenization; done inside
@@ -213,21 +213,20 @@ class KvAwarePolicy:
 
     # -- scoring ---------------------------------------------------------------------------------
 
-    def _block_size_of(self, w: Any) -> int:
-        info = getattr(w, "info", None)
-        bs = getattr(info, "block_size", None)
-        return int(bs) if isinstance(bs, int) and bs > 0 else self.block_size
+    def _block_size_of(self, w: RoutedWorker) -> int:
+        bs = w.info.block_size
+        return bs if bs > 0 else self.block_size
 
-    def score(self, w: Any, ctx: Any) -> WorkerScore:
+    def score(self, w: RoutedWorker, ctx: RequestContext) -> WorkerScore:
         blocks = self.prompt_blocks(ctx, self._block_size_of(w))
-        load = load_of(w)
+        load = float(load_of(w))
         if blocks is None:
             return WorkerScore(w, 0, {}, 0.0, load, -load)
         wid = str(w.worker_id)
         held = self.index.worker(wid)
         cached = held.blocks if held is not None else {}
         # Past what the events announced, blocks of requests routed there (not announced yet) count too.
-        pending = self.pending if self.pending is not None and _caches_prefixes(w) else None
+        pending = self.pending if self.pending is not None and w.info.prefix_caching else None
         now = pending.now() if pending is not None else 0.0
         tier_blocks = {"GPU": 0, "CPU": 0, "DISK": 0}
         weighted = 0.0
@@ -246,20 +245,20 @@ class KvAwarePolicy:
         lw = self.load_weight if self.load_weight is not None else max(1.0, 0.5 * len(blocks.hashes))
         return WorkerScore(w, hit, tier_blocks, weighted, load, weighted - lw * load)
 
-    def scores(self, candidates: Sequence[Any], ctx: Any) -> list[WorkerScore]:
+    def scores(self, candidates: Sequence[RoutedWorker], ctx: RequestContext) -> list[WorkerScore]:
         return [self.score(w, ctx) for w in candidates]
 
-    def choose(self, role: str, candidates: Sequence[C], ctx: Any) -> C:
+    def choose(self, role: str, candidates: Sequence[W], ctx: RequestContext) -> W:
         """The best-scoring candidate; ties: lower load, lower KV usage, then a rotating offset."""
-        ordered = sorted(candidates, key=lambda w: str(w.worker_id))  # type: ignore[attr-defined]
+        ordered = sorted(candidates, key=lambda w: str(w.worker_id))
         offset = next(self._rr) % len(ordered)
         rotated = ordered[offset:] + ordered[:offset]
         scored = self.scores(rotated, ctx)
-        best = max(scored, key=lambda s: (s.score, -s.load, -_kv_usage(s.worker)))
-        self._chosen(role, best, ctx)
-        return best.worker
+        i = max(range(len(scored)), key=lambda i: (scored[i].score, -scored[i].load, -rotated[i].load.kv_usage))
+        self._chosen(role, scored[i], ctx)
+        return rotated[i]
 
-    def local_prefill_worker(self, candidates: Sequence[C], ctx: Any, max_uncached_tokens: int) -> C | None:
+    def local_prefill_worker(self, candidates: Sequence[W], ctx: RequestContext, max_uncached_tokens: int) -> W | None:
         """Conditional disaggregation: the decode candidate that should prefill this request itself.
 
         A decode worker qualifies when the prompt tokens it would still compute (prompt minus its
@@ -268,48 +267,39 @@ class KvAwarePolicy:
         """
         if not candidates:
             return None
-        qualified: list[WorkerScore] = []
-        for s in self.scores(candidates, ctx):
-            blocks = self.prompt_blocks(ctx, self._block_size_of(s.worker))
+        qualified: list[tuple[WorkerScore, W]] = []
+        for s, w in zip(self.scores(candidates, ctx), candidates, strict=True):
+            blocks = self.prompt_blocks(ctx, self._block_size_of(w))
             if blocks is None:
                 return None
             uncached = len(blocks.token_ids) - s.hit_blocks * blocks.block_size
             if uncached <= max_uncached_tokens:
-                qualified.append(s)
+                qualified.append((s, w))
         if not qualified:
             return None
-        best = max(qualified, key=lambda s: (s.score, -s.load))
+        best, worker = max(qualified, key=lambda sw: (sw[0].score, -sw[0].load))
         self._chosen("decode", best, ctx)
-        return best.worker
+        return worker
 
-    def hop_done(self, worker: Any, ctx: Any) -> None:
+    def hop_done(self, worker: RoutedWorker, ctx: RequestContext) -> None:
         """The frontend's hop to ``worker`` for this request ended (any outcome): release its pending marks."""
-        extra = getattr(ctx, "extra", None)
-        marks = extra.get(_PENDING_KEY) if isinstance(extra, dict) else None
-        if self.pending is None or not marks:
+        state = ctx.policy_state
+        if self.pending is None or not isinstance(state, _RequestState) or not state.pending:
             return
-        hashes = marks.pop(str(worker.worker_id), None)
+        hashes = state.pending.pop(str(worker.worker_id), None)
         if hashes:
             self.pending.done(str(worker.worker_id), hashes)
 
-    def _chosen(self, role: str, s: WorkerScore, ctx: Any) -> None:
+    def _chosen(self, role: str, s: WorkerScore, ctx: RequestContext) -> None:
         """Book the choice: the request's blocks become pending on the worker; predicted-hit metrics."""
         blocks = self.prompt_blocks(ctx, self._block_size_of(s.worker))
         if blocks is None:
             return
         wid = s.worker_id
-        extra = getattr(ctx, "extra", None)
         # A decode hop that pulls the prompt's KV from a prefill worker: vLLM caches those blocks only
         # when the transfer is done and announces them then; marking them earlier over-predicts.
-        remote = bool(getattr(ctx, "remote_kv", False))
-        if (
-            self.pending is not None
-            and isinstance(extra, dict)
-            and blocks.hashes
-            and _caches_prefixes(s.worker)
-            and not remote
-        ):
-            marks = extra.setdefault(_PENDING_KEY, {})
+        if self.pending is not None and blocks.hashes and s.worker.info.prefix_caching and not ctx.remote_kv:
+            marks = _state(ctx).pending
             if wid in marks:  # chosen again for the same request: release the earlier mark first
                 self.pending.done(wid, marks.pop(wid))
             self.pending.add(wid, blocks.hashes)
@@ -322,6 +312,16 @@ class KvAwarePolicy:
             if n:
                 m.predicted_hit_blocks.labels(wid, role, tier).inc(n)
         m.predicted_hit_tokens.labels(wid, role).inc(s.hit_blocks * blocks.block_size)
+
+
+class _Registered(Protocol):
+    """What :class:`KvRouting` reads of a worker to follow its KV events."""
+
+    @property
+    def worker_id(self) -> str: ...
+
+    @property
+    def info(self) -> WorkerInfo: ...
 
 
 class KvRouting:
@@ -394,17 +394,15 @@ class KvRouting:
     async def close(self) -> None:
         await self.subscriber.close()
 
-    def add_worker(self, worker: Any) -> None:
+    def add_worker(self, worker: _Registered) -> None:
         """Track one registered worker (a ``WorkerState`` or anything with ``worker_id`` and ``info``)."""
-        info = getattr(worker, "info", worker)
-        url = getattr(info, "url", None)
-        host = urlsplit(url).hostname if isinstance(url, str) else None
+        info = worker.info
         self.subscriber.add_worker(
             str(worker.worker_id),
-            getattr(info, "kv_events_replay_endpoint", None),
-            topic=getattr(info, "kv_events_topic", None) or None,
-            host=host,
-            endpoint=getattr(info, "kv_events_endpoint", None) or None,
+            info.kv_events_replay_endpoint,
+            topic=info.kv_events_topic or None,
+            host=urlsplit(info.url).hostname,
+            endpoint=info.kv_events_endpoint or None,
         )
 
     def remove_worker(self, worker_id: str) -> None:
@@ -412,13 +410,13 @@ class KvRouting:
         if self.pending is not None:
             self.pending.remove_worker(worker_id)
 
-    def worker_left(self, worker: Any, reaped: bool) -> None:
+    def worker_left(self, worker: _Registered, reaped: bool) -> None:
         """Registry hook: a deregistered worker is forgotten at once; a reaped one (missed heartbeats) is
         kept -- its index and event link stay, see :meth:`sync_workers` -- until ``forget``."""
         if not reaped:
             self.remove_worker(str(worker.worker_id))
 
-    def sync_workers(self, workers: Iterable[Any], keep: Container[str] = ()) -> None:
+    def sync_workers(self, workers: Iterable[_Registered], keep: Container[str] = ()) -> None:
         """Make the tracked set equal to ``workers`` (O(all workers): for tests and tools; the frontend
         uses the per-worker hooks :meth:`add_worker` / :meth:`worker_left` / :meth:`remove_worker`).
 

@@ -32,6 +32,7 @@ import zmq.asyncio
 
 from pdkit.routing.kv_events import KVEventBatch, decode_batch, request_replay, seq_from_bytes
 from pdkit.routing.kv_index import Gap, KvIndex
+from pdkit.zmq_sockets import bind_tcp
 
 log = logging.getLogger("pdkit.routing.subscriber")
 
@@ -102,17 +103,7 @@ class KvEventSubscriber:
         sock.setsockopt(zmq.RCVHWM, 100_000)
         sock.setsockopt(zmq.MAXMSGSIZE, MAX_BATCH_BYTES)
         sock.setsockopt(zmq.SUBSCRIBE, b"")
-        host = f"[{self.host}]" if ":" in self.host and not self.host.startswith("[") else self.host
-        if ":" in self.host:
-            sock.setsockopt(zmq.IPV6, 1)
-        try:
-            if self.port == 0:
-                self.port = sock.bind_to_random_port(f"tcp://{host}")
-            else:
-                sock.bind(f"tcp://{host}:{self.port}")
-        except zmq.ZMQError:
-            sock.close(linger=0)  # an open socket would make close()'s ctx.term() wait forever
-            raise
+        self.port = bind_tcp(sock, self.host, self.port)
         self._sock = sock
         return self.port
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import time
@@ -29,6 +30,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from pdkit.frontend.requests import RequestError
 from pdkit.frontend.validation import validate_request
+from pdkit.prompt_tokens import PromptError
 from pdkit.sim.call import Call as _Call
 from pdkit.sim.call import Prompt as _Prompt
 from pdkit.sim.engine import SimEngine
@@ -44,7 +46,7 @@ from pdkit.sim.openai import (
     sampling_options,
 )
 from pdkit.sim.settings import SimSettings
-from pdkit.sim.text import ChatTemplateError, OutputModel, load_tokenizer
+from pdkit.sim.text import OutputModel, load_tokenizer
 from pdkit.sim.transport import HttpTransport, KVTransport, NixlTransport, send_heartbeat
 
 logger = logging.getLogger(__name__)
@@ -360,10 +362,18 @@ class SimWorker:
                 raise ApiError("max_tokens must be at least 1, got 0.", param=key)
             check_max_tokens(requested, key, self.max_model_len)
             self._common(body)
-            add_generation_prompt = bool(body.get("add_generation_prompt", True))
+            render = functools.partial(
+                self.tokenizer.render_chat,
+                messages,
+                add_generation_prompt=bool(body.get("add_generation_prompt", True)),
+                continue_final_message=bool(body.get("continue_final_message", False)),
+                tools=body.get("tools"),
+                documents=body.get("documents"),
+                chat_template_kwargs=kwargs,
+            )
             try:
-                text = await asyncio.to_thread(self.tokenizer.render_chat, messages, add_generation_prompt, **kwargs)
-            except ChatTemplateError as exc:
+                text = await asyncio.to_thread(render)
+            except PromptError as exc:
                 raise ApiError(str(exc), param="messages") from exc
             # vLLM 0.26 takes chat ids straight from the rendered template and never adds special tokens.
             ids = await self._tokenize_text(text, requested, False)

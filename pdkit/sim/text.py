@@ -11,60 +11,39 @@ Generated tokens are drawn from the tokenizer's whole-word tokens (a leading spa
 lowercase ASCII letters) so that the text reads as words and decoding token by token equals decoding
 the whole sequence -- streaming deltas then need no incremental detokenizer.
 
-Prompts are tokenized as vLLM does: completions add the tokenizer's special tokens (BOS); chat renders
-the model's chat template (jinja2, sandboxed, ``trim_blocks``/``lstrip_blocks`` like Hugging Face) and
-tokenizes the result *without* adding special tokens (the template writes BOS itself).
+Prompts are tokenized as vLLM does, by the same code the frontend's KV-aware routing predicts them
+with (:mod:`pdkit.prompt_tokens`): completions add the tokenizer's special tokens (BOS); chat renders
+the model's chat template and tokenizes the result *without* adding special tokens.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 from array import array
 from collections.abc import Sequence
 from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
-from tokenizers import Tokenizer
+from pdkit.prompt_tokens import PromptError, PromptTokenizer
+
+# The simulator's chat errors are the shared tokenizer's (kept under this name for its callers).
+ChatTemplateError = PromptError
 
 
-class ChatTemplateError(ValueError):
-    """The request's messages cannot be rendered (bad shape or a template error)."""
-
-
-def _raise_exception(message: str) -> None:
-    raise ChatTemplateError(message)
-
-
-class SimTokenizer:
-    """The embedded model's tokenizer plus its chat template."""
+class SimTokenizer(PromptTokenizer):
+    """The embedded model's tokenizer and chat template (vLLM-equal, :mod:`pdkit.prompt_tokens`) plus
+    what the simulated engine needs beyond the prompt: decoding, vocabulary facts, EOS."""
 
     def __init__(self, model_dir: str | Path) -> None:
-        model_dir = Path(model_dir)
-        self.model_dir = model_dir
-        self.tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
-        cfg_path = model_dir / "tokenizer_config.json"
-        self.config: dict[str, Any] = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
-        self.chat_template: str | None = self.config.get("chat_template")
-        self.bos_token = self._special("bos_token")
-        self.eos_token = self._special("eos_token")
+        super().__init__(model_dir)
+        self.bos_token: str | None = self.special_tokens.get("bos_token")
+        self.eos_token: str | None = self.special_tokens.get("eos_token")
         self.eos_token_id = self.tokenizer.token_to_id(self.eos_token) if self.eos_token else None
-
-    def _special(self, key: str) -> str | None:
-        value = self.config.get(key)
-        if isinstance(value, dict):  # {"content": "<s>", ...} in some tokenizer configs
-            value = value.get("content")
-        return value if isinstance(value, str) else None
 
     @property
     def vocab_size(self) -> int:
         return int(self.tokenizer.get_vocab_size())
-
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        # encode_batch releases the GIL (encode does not): a 10 MB prompt tokenized in a worker thread
-        # then leaves the event loop free to answer /health
-        return list(self.tokenizer.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return str(self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens))
@@ -78,41 +57,9 @@ class SimTokenizer:
         """The longest vocabulary entry: vLLM's bound for refusing over-long text before tokenizing it."""
         return max(len(tok) for tok in self.tokenizer.get_vocab())
 
-    @cached_property
-    def _template(self) -> Any:
-        from jinja2.ext import loopcontrols
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        if not self.chat_template:
-            raise ChatTemplateError("the model has no chat template; use /v1/completions")
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
-        env.globals["raise_exception"] = _raise_exception
-        env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False, indent=indent)
-        return env.from_string(self.chat_template)
-
-    def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **kwargs: Any) -> str:
-        """The prompt text of a chat request (``chat_template_kwargs`` arrive as ``kwargs``)."""
-        import jinja2
-
-        norm = [_normalize_message(m) for m in messages]
-        try:
-            return str(
-                self._template.render(
-                    messages=norm,
-                    add_generation_prompt=add_generation_prompt,
-                    bos_token=self.bos_token or "",
-                    eos_token=self.eos_token or "",
-                    **kwargs,
-                )
-            )
-        except jinja2.TemplateError as exc:
-            raise ChatTemplateError(str(exc)) from exc
-
-    def encode_chat(
-        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **kwargs: Any
-    ) -> list[int]:
+    def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
         """Token ids of a chat request as vLLM computes them (template writes BOS; none added)."""
-        return self.encode(self.render_chat(messages, add_generation_prompt, **kwargs), add_special_tokens=False)
+        return self.chat_ids(messages, add_generation_prompt=add_generation_prompt)
 
     @cached_property
     def word_token_ids(self) -> list[int]:
@@ -139,26 +86,6 @@ def load_tokenizer(model_dir: str) -> SimTokenizer:
     _ = tok.word_token_ids  # computed once here, not on the first request
     _ = tok.max_chars_per_token
     return tok
-
-
-def _normalize_message(message: Any) -> dict[str, Any]:
-    """vLLM's "string" content format: text parts joined by newlines; other part types rejected."""
-    if not isinstance(message, dict) or "role" not in message:
-        raise ChatTemplateError("each message must be an object with a 'role'")
-    content = message.get("content")
-    if isinstance(content, list):
-        texts = []
-        for part in content:
-            if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
-                texts.append(part["text"])
-            elif isinstance(part, str):
-                texts.append(part)
-            else:
-                raise ChatTemplateError("only text content parts are supported by the simulator")
-        content = "\n".join(texts)
-    elif content is not None and not isinstance(content, str):
-        raise ChatTemplateError("message content must be a string or a list of text parts")
-    return {**message, "content": content if content is not None else ""}
 
 
 MAX_CONTINUATION = 32  # longest prompt tail recognised as the model's own answer (see OutputModel.continuation)

@@ -22,6 +22,10 @@ Not reproduced (the request then still routes, only less precisely): templates t
 content parts ("openai" content format), non-text content, the ``developer`` -> ``system`` role
 rewrite, ``truncate_prompt_tokens``, a per-request ``chat_template``.  ``tests/test_prompt_tokens.py``
 compares with vLLM's own renderer on CPU.
+
+One module for both sides: the frontend predicts the ids (KV-aware routing) and the simulator
+(:class:`pdkit.sim.text.SimTokenizer`, a subclass) computes them, so a prediction and the simulated
+engine's cache can only differ where vLLM itself would.
 """
 
 from __future__ import annotations
@@ -112,8 +116,8 @@ class PromptTokenizer:
     def render_chat(
         self,
         messages: list[dict[str, Any]],
-        *,
         add_generation_prompt: bool = True,
+        *,
         continue_final_message: bool = False,
         tools: list[dict[str, Any]] | None = None,
         documents: list[dict[str, Any]] | None = None,
