@@ -7,12 +7,14 @@ time scale, heartbeat and liveness timing) the same everywhere, so a change of t
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 from contextlib import AsyncExitStack
 from typing import Any
 
 import aiohttp
+from aiohttp import web
 
 from pdkit.frontend.server import Frontend
 from pdkit.frontend.settings import FrontendSettings
@@ -81,3 +83,32 @@ def sse_events(raw: bytes) -> list[Any]:
             payload = line[len(b"data: ") :]
             out.append("[DONE]" if payload == b"[DONE]" else json.loads(payload))
     return out
+
+
+async def serve(stack: AsyncExitStack, handler: Any) -> str:
+    """A stand-in engine on loopback answering ``POST /v1/completions`` with ``handler``; its base URL."""
+    app = web.Application()
+    app.router.add_post("/v1/completions", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    stack.push_async_callback(runner.cleanup)
+    return f"http://127.0.0.1:{runner.addresses[0][1]}"
+
+
+async def bring_kv_links_up(http: aiohttp.ClientSession, fe: Frontend, sims: dict[str, SimWorker]) -> None:
+    """Send one-token requests to each worker until the frontend's KV index has heard from it.
+
+    ZMQ drops what a PUB->SUB link misses before it is connected, so a test that counts KV events must
+    first see each link carry one.
+    """
+    for wid, w in sims.items():
+        for i in range(500):
+            body = {"model": "synth", "prompt": f"link check {wid} {i} " * 3, "max_tokens": 1}
+            async with http.post(w.url + "/v1/completions", json=body) as r:
+                assert r.status == 200
+            st = fe.kv.index.worker(wid)
+            if st is not None and st.last_seq is not None:
+                break
+            await asyncio.sleep(0.01)

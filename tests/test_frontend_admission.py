@@ -19,7 +19,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from loopback import frontend, post, sim
+from loopback import frontend, post, serve, sim
 
 from pdkit import prom
 from pdkit.frontend import server as server_mod
@@ -217,17 +217,6 @@ async def test_unhealthy_worker_gets_no_new_requests(http: aiohttp.ClientSession
         fe.registry.remove("a", "test")  # only the unhealthy one left: 503 at once, naming the reason
         status, _, body = await post(http, fe.url + "/v1/completions", {"prompt": "hi"})
         assert status == 503 and "wedged" in json.loads(body)["error"]["message"]
-
-
-async def serve(stack: AsyncExitStack, handler: Any) -> str:
-    app = web.Application()
-    app.router.add_post("/v1/completions", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    stack.push_async_callback(runner.cleanup)
-    return f"http://127.0.0.1:{runner.addresses[0][1]}"
 
 
 async def test_api_key_guards_v1_and_the_header_reaches_the_engine(http: aiohttp.ClientSession) -> None:

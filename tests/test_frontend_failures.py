@@ -10,12 +10,11 @@ from __future__ import annotations
 import asyncio
 import json
 from contextlib import AsyncExitStack
-from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp import web
-from loopback import closed_port_url, frontend, post, sim, text_of
+from loopback import closed_port_url, frontend, post, serve, sim, text_of
 
 from pdkit import prom
 from pdkit.frontend.testing import announce, sse_text, wait_until
@@ -242,18 +241,6 @@ async def test_chat_without_messages_and_unknown_model(http: aiohttp.ClientSessi
         # an engine's own 400 (here: more logprobs than vLLM's default max of 20) is relayed as is
         status, _, body = await post(http, fe.url + "/v1/completions", {"prompt": "x", "logprobs": 21})
         assert status == 400 and "error" in json.loads(body)
-
-
-async def serve(stack: AsyncExitStack, handler: Any) -> str:
-    """A stand-in engine on loopback answering ``POST /v1/completions`` with ``handler``; its base URL."""
-    app = web.Application()
-    app.router.add_post("/v1/completions", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    stack.push_async_callback(runner.cleanup)
-    return f"http://127.0.0.1:{runner.addresses[0][1]}"
 
 
 async def broken_upstream(stack: AsyncExitStack) -> str:
