@@ -18,7 +18,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,25 +26,10 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from pdkit.gpu_check.ports import free_port_block as free_block
+
 N_REQ = 60
 FAKE_RUNNING = 999
-
-
-def free_block(n: int, taken: set[int]) -> int:
-    rng = random.Random()
-    while True:
-        base = rng.randrange(20000, 60000 - n)
-        block = set(range(base, base + n))
-        if block & taken:
-            continue
-        try:
-            for port in block:
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        taken |= block
-        return base
 
 
 def get_json(url: str) -> Any:

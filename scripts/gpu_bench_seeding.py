@@ -36,8 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import gpu_check_pd as g  # noqa: E402
+from pdkit.gpu_check import harness as g
 
 ZERO_LOAD_TOKENS = 6600
 ZERO_LOAD_PROMPTS = 10

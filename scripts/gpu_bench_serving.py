@@ -21,8 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import gpu_check_pd as g  # noqa: E402
+from pdkit.gpu_check import harness as g
 
 RATES = "1,2,3,4"
 SHAPE = "8192x256"

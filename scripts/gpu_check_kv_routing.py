@@ -32,13 +32,10 @@ import subprocess
 import sys
 import time
 import urllib.request
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import gpu_check_pd as g  # noqa: E402
-
 from pdkit.agent import parse_load  # noqa: E402
+from pdkit.gpu_check import harness as g
 from pdkit.status import WorkerStatus, fetch_status  # noqa: E402
 
 GOAL = 0.05

@@ -56,7 +56,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tarfile
@@ -73,6 +72,7 @@ from pdkit.agent import parse_load
 from pdkit.bench.client import RequestRecord, send_streaming
 from pdkit.bench.prompts import PromptFactory
 from pdkit.bench.report import environment
+from pdkit.gpu_check.ports import free_port_block as _free_block
 from pdkit.model_files import SYNTHETIC_SERVED_NAME, default_model_dir
 from pdkit.status import fetch_status
 
@@ -122,25 +122,6 @@ def log(*args: object) -> None:
 
 # ---------------------------------------------------------------------------------------------------
 # deployments
-
-
-def _free_block(n: int, taken: set[int]) -> int:
-    """A loopback port p with p .. p+n-1 free now and not handed out before (for rehearsals on shared hosts)."""
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        block = set(range(base, base + n))
-        if base + n > 65535 or block & taken:
-            continue
-        try:
-            for p in block:
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", p))
-        except OSError:
-            continue
-        taken |= block
-        return base
 
 
 def port_settings(free: bool) -> dict[str, dict[str, int]]:

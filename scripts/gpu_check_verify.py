@@ -46,8 +46,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import gpu_check_pd as g  # noqa: E402
+from pdkit.gpu_check import harness as g
 
 DECODE_HTTP = 8400
 PREFILL_HTTP = 8300

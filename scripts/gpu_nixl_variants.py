@@ -19,10 +19,8 @@ import re
 import sys
 import time
 import urllib.request
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import gpu_check_pd as g  # noqa: E402
+from pdkit.gpu_check import harness as g
 
 UCX_NVLINK = {"UCX_TLS": "cuda_ipc,cuda_copy,tcp"}
 VARIANTS: dict[str, dict] = {

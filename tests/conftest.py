@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import sys
 from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack
 
 import aiohttp
 import pytest
+
+from pdkit.sim.server import SimWorker
+from pdkit.sim.settings import SimSettings
 
 
 @pytest.fixture
@@ -30,3 +34,21 @@ def run_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str])
         return code, out, err
 
     return _run
+
+
+@pytest.fixture
+async def worker() -> AsyncIterator[SimWorker]:
+    """One aggregated simulated worker on loopback, no simulated delays."""
+    async with SimWorker(SimSettings(time_scale=0, hash_seed="0")) as w:
+        yield w
+
+
+@pytest.fixture
+async def trio() -> AsyncIterator[tuple[SimWorker, SimWorker, SimWorker]]:
+    """(prefill, decode, agg) simulated workers of one deployment (same seed and hash seed)."""
+    async with AsyncExitStack() as stack:
+        ws = [
+            await stack.enter_async_context(SimWorker(SimSettings(role=role, time_scale=0, hash_seed="0")))
+            for role in ("prefill", "decode", "agg")
+        ]
+        yield ws[0], ws[1], ws[2]

@@ -19,39 +19,16 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from loopback import frontend, post, serve, sim
 
 from pdkit import prom
 from pdkit.frontend import server as server_mod
 from pdkit.frontend.server import Frontend
-from pdkit.frontend.settings import FrontendSettings
 from pdkit.frontend.testing import announce, wait_until
 from pdkit.protocol import Load
 from pdkit.sim.server import SimWorker
-from pdkit.sim.settings import SimSettings
 
 LONG = "The quick brown fox jumps over the lazy dog. " * 12
-
-
-async def sim(stack: AsyncExitStack, role: str, **kw: Any) -> SimWorker:
-    kw.setdefault("time_scale", 0)
-    return await stack.enter_async_context(SimWorker(SimSettings(role=role, hash_seed="0", **kw)))  # type: ignore[arg-type]
-
-
-async def frontend(stack: AsyncExitStack, workers: dict[str, tuple[str, str]], **kw: Any) -> Frontend:
-    kw.setdefault("policy", "round_robin")
-    kw.setdefault("liveness_timeout_s", 5.0)
-    fe = Frontend(FrontendSettings(port=0, zmq_port=0, heartbeat_interval_s=0.1, **kw))
-    await fe.start()
-    stack.push_async_callback(fe.stop, 1.0)
-    for wid, (role, url) in workers.items():
-        c = await announce(fe.zmq_endpoint, url, role, wid, interval_s=0.05)
-        stack.push_async_callback(c.close)
-    return fe
-
-
-async def post(http: aiohttp.ClientSession, url: str, body: Any, **kw: Any) -> tuple[int, dict[str, str], str]:
-    async with http.post(url, json=body, **kw) as r:
-        return r.status, dict(r.headers), await r.text()
 
 
 async def successes(http: aiohttp.ClientSession, w: SimWorker) -> float:
@@ -240,17 +217,6 @@ async def test_unhealthy_worker_gets_no_new_requests(http: aiohttp.ClientSession
         fe.registry.remove("a", "test")  # only the unhealthy one left: 503 at once, naming the reason
         status, _, body = await post(http, fe.url + "/v1/completions", {"prompt": "hi"})
         assert status == 503 and "wedged" in json.loads(body)["error"]["message"]
-
-
-async def serve(stack: AsyncExitStack, handler: Any) -> str:
-    app = web.Application()
-    app.router.add_post("/v1/completions", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    stack.push_async_callback(runner.cleanup)
-    return f"http://127.0.0.1:{runner.addresses[0][1]}"
 
 
 async def test_api_key_guards_v1_and_the_header_reaches_the_engine(http: aiohttp.ClientSession) -> None:

@@ -9,60 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 from contextlib import AsyncExitStack
-from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp import web
+from loopback import closed_port_url, frontend, post, serve, sim, text_of
 
 from pdkit import prom
-from pdkit.frontend.server import Frontend
-from pdkit.frontend.settings import FrontendSettings
 from pdkit.frontend.testing import announce, sse_text, wait_until
-from pdkit.sim.server import SimWorker
-from pdkit.sim.settings import SimSettings
 
 LONG = "The quick brown fox jumps over the lazy dog. " * 12
-
-
-async def text_of(http: aiohttp.ClientSession, url: str) -> str:
-    async with http.get(url) as r:
-        return await r.text()
-
-
-def closed_port_url() -> str:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return f"http://127.0.0.1:{port}"
-
-
-async def sim(stack: AsyncExitStack, role: str, **kw: Any) -> SimWorker:
-    kw.setdefault("time_scale", 0)
-    return await stack.enter_async_context(SimWorker(SimSettings(role=role, hash_seed="0", **kw)))  # type: ignore[arg-type]
-
-
-async def frontend(stack: AsyncExitStack, workers: dict[str, tuple[str, str]], **kw: Any) -> Frontend:
-    """A frontend with ``workers`` (id -> (role, url)) announced over ZMQ."""
-    kw.setdefault("policy", "round_robin")
-    # fast heartbeats, but a liveness a busy 2-core CI host cannot trip by accident (none of these tests
-    # is about liveness; a reaped worker would turn their 200s and 503s into "no worker registered")
-    kw.setdefault("liveness_timeout_s", 5.0)
-    fe = Frontend(FrontendSettings(port=0, zmq_port=0, heartbeat_interval_s=0.1, **kw))
-    await fe.start()
-    stack.push_async_callback(fe.stop, 1.0)
-    for wid, (role, url) in workers.items():
-        c = await announce(fe.zmq_endpoint, url, role, wid, interval_s=0.05)
-        stack.push_async_callback(c.close)
-    return fe
-
-
-async def post(http: aiohttp.ClientSession, url: str, body: Any, **kw: Any) -> tuple[int, dict[str, str], str]:
-    async with http.post(url, json=body, **kw) as r:
-        return r.status, dict(r.headers), await r.text()
 
 
 async def test_dead_prefill_worker_retried_on_another(http: aiohttp.ClientSession) -> None:
@@ -284,18 +241,6 @@ async def test_chat_without_messages_and_unknown_model(http: aiohttp.ClientSessi
         # an engine's own 400 (here: more logprobs than vLLM's default max of 20) is relayed as is
         status, _, body = await post(http, fe.url + "/v1/completions", {"prompt": "x", "logprobs": 21})
         assert status == 400 and "error" in json.loads(body)
-
-
-async def serve(stack: AsyncExitStack, handler: Any) -> str:
-    """A stand-in engine on loopback answering ``POST /v1/completions`` with ``handler``; its base URL."""
-    app = web.Application()
-    app.router.add_post("/v1/completions", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    stack.push_async_callback(runner.cleanup)
-    return f"http://127.0.0.1:{runner.addresses[0][1]}"
 
 
 async def broken_upstream(stack: AsyncExitStack) -> str:

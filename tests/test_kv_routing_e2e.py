@@ -17,6 +17,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from loopback import bring_kv_links_up
 
 from pdkit import prom
 from pdkit.frontend import Frontend, FrontendSettings
@@ -79,15 +80,7 @@ async def fleet(**settings: Any) -> AsyncIterator[Fleet]:
                     )  # fmt: skip
                 )
             f = Fleet(fe, sims, clients, http)
-            for wid, w in sims.items():  # bring each PUB->SUB link up (ZMQ drops what a new link misses)
-                for i in range(500):
-                    body = {"model": "synth", "prompt": f"link check {wid} {i} " * 3, "max_tokens": 1}
-                    async with http.post(w.url + "/v1/completions", json=body) as r:
-                        assert r.status == 200
-                    st = fe.kv.index.worker(wid)
-                    if st is not None and st.last_seq is not None:
-                        break
-                    await asyncio.sleep(0.01)
+            await bring_kv_links_up(http, fe, sims)  # each PUB->SUB link carries one event first
             await synced(f)
             yield f
     finally:

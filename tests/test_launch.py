@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import socket
 import subprocess
@@ -18,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from pdkit.config import load_deployment
+from pdkit.gpu_check.ports import free_port_block
 from pdkit.plan import LaunchPlan, build_plan
 from pdkit.supervisor import StartupError, Supervisor
 
@@ -32,24 +32,6 @@ def free_ports(n: int) -> list[int]:
     for s in socks:
         s.close()
     return ports
-
-
-def free_port_block(n: int, taken: set[int]) -> int:
-    """A base port whose ``n`` consecutive ports are all free now (a group uses base + worker index)."""
-    rng = random.Random()
-    while True:
-        base = rng.randrange(20000, 60000 - n)
-        block = set(range(base, base + n))
-        if block & taken:
-            continue
-        try:
-            for port in block:
-                with socket.socket() as sock:
-                    sock.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        taken |= block
-        return base
 
 
 def sim_config(tmp_path: Path, prefill: int = 1, decode: int = 1) -> Path:

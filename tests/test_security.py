@@ -22,6 +22,7 @@ import pytest
 import zmq
 import zmq.asyncio
 from aiohttp import web
+from loopback import bring_kv_links_up
 
 from pdkit import prom
 from pdkit.frontend.server import Frontend
@@ -126,16 +127,7 @@ async def dep(tmp_path: Path) -> AsyncIterator[Deployment]:
             stack.push_async_callback(c.close)
         d = Deployment(fe, sims, clients)
         async with aiohttp.ClientSession() as http:
-            # bring every PUB->SUB link up (ZMQ drops what a link misses before it is connected)
-            for wid, w in sims.items():
-                for i in range(500):
-                    body = {"model": "synth", "prompt": f"link check {wid} {i} " * 3, "max_tokens": 1}
-                    async with http.post(w.url + "/v1/completions", json=body) as r:
-                        assert r.status == 200
-                    st = fe.kv.index.worker(wid)
-                    if st is not None and st.last_seq is not None:
-                        break
-                    await asyncio.sleep(0.01)
+            await bring_kv_links_up(http, fe, sims)  # every PUB->SUB link carries one event first
         # ...and let the last link-check batches land, so a test's "before" is not overtaken by them
         for wid, w in sims.items():
             assert await asyncio.to_thread(w.publisher.wait_idle)

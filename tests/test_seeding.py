@@ -13,44 +13,20 @@ block pairing vLLM's NIXL worker would assert on or misalign -- the padding test
 from __future__ import annotations
 
 import dataclasses
-import json
-from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack
 from typing import Any
 
 import aiohttp
 import pytest
+from loopback import sse_events
 
 from pdkit import prom
 from pdkit.frontend import seeding
 from pdkit.frontend.seeding import FirstToken, SeededStream, SeedingError
 from pdkit.sim.server import SimWorker
-from pdkit.sim.settings import SimSettings
 
 PREFILL_KV = {"do_remote_decode": True, "do_remote_prefill": False}
 BLOCK = 16
 COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
-
-
-@pytest.fixture
-async def trio() -> AsyncIterator[tuple[SimWorker, SimWorker, SimWorker]]:
-    """(prefill, decode, agg) simulated workers of one deployment (same seeds)."""
-    async with AsyncExitStack() as stack:
-        ws = [
-            await stack.enter_async_context(SimWorker(SimSettings(role=role, time_scale=0, hash_seed="0")))
-            for role in ("prefill", "decode", "agg")
-        ]
-        yield ws[0], ws[1], ws[2]
-
-
-def sse_events(raw: bytes) -> list[Any]:
-    out: list[Any] = []
-    for block in raw.split(b"\n\n"):
-        line = block.strip()
-        if line.startswith(b"data: "):
-            payload = line[len(b"data: ") :]
-            out.append("[DONE]" if payload == b"[DONE]" else json.loads(payload))
-    return out
 
 
 def stream_summary(path: str, raw: bytes) -> dict[str, Any]:

@@ -15,51 +15,28 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 from contextlib import AsyncExitStack
 from typing import Any
 
 import aiohttp
+import loopback
 import pytest
 from aiohttp import web
+from loopback import closed_port_url, sim, sse_events
 
 from pdkit import prom
 from pdkit.frontend.server import SEED_HEADER, Frontend
-from pdkit.frontend.settings import FrontendSettings
 from pdkit.frontend.testing import announce
 from pdkit.sim.server import SimWorker
-from pdkit.sim.settings import SimSettings
 
 COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
 LENGTHS = (15, 16, 17, 31, 32, 33, 700)  # around the block size (16), and a long prompt
 
 
-async def sim(stack: AsyncExitStack, role: str, **kw: Any) -> SimWorker:
-    kw.setdefault("time_scale", 0)
-    settings = SimSettings(role=role, hash_seed="0", **kw)  # type: ignore[arg-type]
-    return await stack.enter_async_context(SimWorker(settings))
-
-
-def closed_port_url() -> str:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return f"http://127.0.0.1:{port}"
-
-
 async def frontend(stack: AsyncExitStack, workers: dict[str, tuple[str, str]], **kw: Any) -> Frontend:
     """A disagg frontend with ``workers`` (id -> (role, url)) announced over ZMQ (round robin by id)."""
-    kw.setdefault("policy", "round_robin")
-    kw.setdefault("liveness_timeout_s", 5.0)
     kw.setdefault("seed_first_token", True)  # opt-in (docs/seeding.md): these tests are about seeding
-    fe = Frontend(FrontendSettings(port=0, zmq_port=0, heartbeat_interval_s=0.1, **kw))
-    await fe.start()
-    stack.push_async_callback(fe.stop, 1.0)
-    for wid, (role, url) in workers.items():
-        c = await announce(fe.zmq_endpoint, url, role, wid, interval_s=0.05, block_size=16)
-        stack.push_async_callback(c.close)
-    return fe
+    return await loopback.frontend(stack, workers, announce_kw={"block_size": 16}, **kw)
 
 
 async def deployment(stack: AsyncExitStack, **kw: Any) -> tuple[Frontend, SimWorker, SimWorker, SimWorker]:
@@ -67,16 +44,6 @@ async def deployment(stack: AsyncExitStack, **kw: Any) -> tuple[Frontend, SimWor
     p, d, a = await sim(stack, "prefill"), await sim(stack, "decode"), await sim(stack, "agg")
     fe = await frontend(stack, {"p": ("prefill", p.url), "d": ("decode", d.url)}, **kw)
     return fe, p, d, a
-
-
-def sse_events(raw: bytes) -> list[Any]:
-    out: list[Any] = []
-    for block in raw.split(b"\n\n"):
-        line = block.strip()
-        if line.startswith(b"data: "):
-            payload = line[len(b"data: ") :]
-            out.append("[DONE]" if payload == b"[DONE]" else json.loads(payload))
-    return out
 
 
 def summary(path: str, data: Any, stream: bool) -> dict[str, Any]:

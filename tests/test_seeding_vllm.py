@@ -39,22 +39,15 @@ pytestmark = [
     ),
 ]
 
-from vllm.config import KVEventsConfig, KVTransferConfig  # noqa: E402
+from seeded_vllm import BS, MODES, SEED_TOKEN, STOP_CASES, cdiv, nixl_scheduler, prompt, request, step_outputs  # noqa: E402
 from vllm.distributed.kv_transfer.kv_connector.v1.nixl import NixlBaseConnectorWorker  # noqa: E402
-from vllm.sampling_params import SamplingParams  # noqa: E402
-from vllm.utils.hashing import sha256  # noqa: E402
-from vllm.v1.core import kv_cache_utils as kcu  # noqa: E402
 from vllm.v1.core.sched.scheduler import Scheduler  # noqa: E402
-from vllm.v1.outputs import KVConnectorOutput, ModelRunnerOutput  # noqa: E402
-from vllm.v1.request import Request, RequestStatus  # noqa: E402
-from vllm_scheduler import real_scheduler, seed_block_hashing  # noqa: E402
+from vllm.v1.outputs import ModelRunnerOutput  # noqa: E402
+from vllm.v1.request import RequestStatus  # noqa: E402
+from vllm_scheduler import seed_block_hashing  # noqa: E402
 
 from pdkit.frontend import seeding  # noqa: E402
 from pdkit.frontend.seeding import seeded_kv_transfer_params  # noqa: E402
-
-BS = 16
-SEED_TOKEN = 555
-MODES = {"pull": "NixlConnector", "push": "NixlPushConnector"}
 
 
 @pytest.fixture(autouse=True)
@@ -62,22 +55,14 @@ def _seeded(monkeypatch: pytest.MonkeyPatch) -> None:
     seed_block_hashing(monkeypatch, "11")
 
 
-def cdiv(a: int) -> int:
-    return -(-a // BS)
-
-
 def decode_scheduler(connector: str) -> Scheduler:
-    ktc = KVTransferConfig(
-        kv_connector=connector, kv_role="kv_consumer", kv_connector_extra_config={"backends": ["UCX"]}
-    )
-    scheduler, _, _ = real_scheduler(block_size=BS, num_blocks=64, max_model_len=512,
-                                     kv_events_config=KVEventsConfig(enable_kv_cache_events=False),
-                                     kv_transfer_config=ktc)  # fmt: skip
-    return scheduler
+    return nixl_scheduler(connector, "kv_consumer")
 
 
-def prompt(n: int) -> list[int]:
-    return [(7 * i) % 1000 + 3 for i in range(n)]
+def step(scheduler: Scheduler, finished_recving: set[str] | None = None) -> tuple[Any, Any]:
+    """schedule -> (fake) model runner -> update_from_output; (so, model runner output)."""
+    so, mro, out = step_outputs(scheduler, finished_recving)
+    return so, mro
 
 
 def prefill_params(n: int) -> dict[str, Any]:
@@ -85,24 +70,6 @@ def prefill_params(n: int) -> dict[str, Any]:
     return {"do_remote_prefill": True, "do_remote_decode": False, "remote_block_ids": [list(range(100, 100 + cdiv(n)))],
             "remote_engine_id": "prefill-0", "remote_request_id": "cmpl-p-0", "remote_host": "127.0.0.1",
             "remote_port": 5600, "tp_size": 1, "remote_num_tokens": n, "remote_blocks_expiry_time": None}  # fmt: skip
-
-
-def request(rid: str, ids: list[int], max_tokens: int, params: dict[str, Any] | None) -> Request:
-    extra = {"kv_transfer_params": params} if params is not None else None
-    return Request(request_id=rid, prompt_token_ids=ids, pooling_params=None,
-                   sampling_params=SamplingParams(max_tokens=max_tokens, extra_args=extra),
-                   block_hasher=kcu.get_request_block_hasher(BS, sha256))  # fmt: skip
-
-
-def step(scheduler: Scheduler, finished_recving: set[str] | None = None) -> tuple[Any, Any]:
-    """schedule -> (fake) model runner: one sampled token per scheduled request -> update_from_output."""
-    so = scheduler.schedule()
-    rids = list(so.num_scheduled_tokens)
-    kv_out = KVConnectorOutput(finished_recving=finished_recving)
-    mro = ModelRunnerOutput(req_ids=rids, req_id_to_index={r: i for i, r in enumerate(rids)},
-                            sampled_token_ids=[[42] for _ in rids], kv_connector_output=kv_out)  # fmt: skip
-    scheduler.update_from_output(so, mro)
-    return so, mro
 
 
 def pair_blocks(local: list[list[int]], remote: list[list[int]]) -> list[tuple[int, int]]:
@@ -191,12 +158,7 @@ def test_prompt_two_tokens_longer_is_not_caught_by_vllm() -> None:
 
 def real_prefill_params(connector: str, n: int, *, mamba: bool = False) -> dict[str, Any]:
     """What vLLM 0.26's prefill really returns for an ``n``-token prompt (``request_finished``)."""
-    ktc = KVTransferConfig(
-        kv_connector=connector, kv_role="kv_producer", kv_connector_extra_config={"backends": ["UCX"]}
-    )
-    scheduler, _, _ = real_scheduler(block_size=BS, num_blocks=64, max_model_len=512,
-                                     kv_events_config=KVEventsConfig(enable_kv_cache_events=False),
-                                     kv_transfer_config=ktc)  # fmt: skip
+    scheduler = nixl_scheduler(connector, "kv_producer")
     if mamba:  # stand-in for a Mamba model's KV cache config: NIXL's prefill backoff of one token
         scheduler.connector.connector_scheduler._has_mamba = True
     scheduler.add_request(request("pre-1", prompt(n), max_tokens=1, params={"do_remote_decode": True}))
@@ -229,10 +191,6 @@ def test_a_rejected_decode_request_queues_the_prefill_release(mode: str) -> None
     so = scheduler.schedule()
     meta = so.kv_connector_metadata.reqs_to_recv["rel-1"]
     assert not any(meta.local_block_ids) and meta.remote.request_id == params["remote_request_id"]
-
-
-STOP_CASES = [(" abcdef", 7, ["ef", "bc"]), (" abcdef", 2, ["ef", "bc"]), (" abc def", 4, ["zz", "bc d", "c d"]),
-              (" abcdef", 3, ["f", "def", "cdef"]), ("xyz", 1, ["q"]), ("aaaa", 2, ["aa", "a"])]  # fmt: skip
 
 
 @pytest.mark.parametrize("include", [False, True])

@@ -33,22 +33,15 @@ from vllm_versions import since_vllm
 pytest.importorskip("vllm")
 pytestmark = [pytest.mark.vllm, since_vllm("0.32", "NIXL internals of 0.32 and 0.33; 0.26: test_seeding_vllm.py")]
 
-from vllm.config import KVEventsConfig, KVTransferConfig  # noqa: E402
+from seeded_vllm import BS, MODES, SEED_TOKEN, STOP_CASES, cdiv, nixl_scheduler, prompt, request, step_outputs  # noqa: E402
 from vllm.distributed.kv_transfer.kv_connector.v1.nixl import NixlBaseConnectorWorker  # noqa: E402
-from vllm.sampling_params import SamplingParams  # noqa: E402
-from vllm.utils.hashing import sha256  # noqa: E402
-from vllm.v1.core import kv_cache_utils as kcu  # noqa: E402
 from vllm.v1.core.sched.scheduler import Scheduler  # noqa: E402
-from vllm.v1.outputs import KVConnectorOutput, ModelRunnerOutput  # noqa: E402
-from vllm.v1.request import Request, RequestStatus  # noqa: E402
-from vllm_scheduler import real_scheduler, seed_block_hashing  # noqa: E402
+from vllm.v1.request import RequestStatus  # noqa: E402
+from vllm_scheduler import seed_block_hashing  # noqa: E402
 
 from pdkit.frontend import seeding  # noqa: E402
 from pdkit.frontend.seeding import SeedingError, seeded_kv_transfer_params  # noqa: E402
 
-BS = 16
-SEED_TOKEN = 555
-MODES = {"pull": "NixlConnector", "push": "NixlPushConnector"}
 LENGTHS = [5, 15, 16, 17, 31, 32, 33]
 
 
@@ -57,37 +50,10 @@ def _seeded(monkeypatch: pytest.MonkeyPatch) -> None:
     seed_block_hashing(monkeypatch, "11")
 
 
-def cdiv(a: int) -> int:
-    return -(-a // BS)
-
-
-def nixl_scheduler(connector: str, role: str) -> Scheduler:
-    ktc = KVTransferConfig(kv_connector=connector, kv_role=role, kv_connector_extra_config={"backends": ["UCX"]})
-    scheduler, _, _ = real_scheduler(block_size=BS, num_blocks=64, max_model_len=512,
-                                     kv_events_config=KVEventsConfig(enable_kv_cache_events=False),
-                                     kv_transfer_config=ktc)  # fmt: skip
-    return scheduler
-
-
-def prompt(n: int) -> list[int]:
-    return [(7 * i) % 1000 + 3 for i in range(n)]
-
-
-def request(rid: str, ids: list[int], max_tokens: int, params: dict[str, Any] | None) -> Request:
-    extra = {"kv_transfer_params": params} if params is not None else None
-    return Request(request_id=rid, prompt_token_ids=ids, pooling_params=None,
-                   sampling_params=SamplingParams(max_tokens=max_tokens, extra_args=extra),
-                   block_hasher=kcu.get_request_block_hasher(BS, sha256))  # fmt: skip
-
-
 def step(scheduler: Scheduler, finished_recving: set[str] | None = None) -> tuple[Any, Any]:
-    """schedule -> (fake) model runner: one sampled token per scheduled request -> update_from_output."""
-    so = scheduler.schedule()
-    rids = list(so.num_scheduled_tokens)
-    kv_out = KVConnectorOutput(finished_recving=finished_recving)
-    mro = ModelRunnerOutput(req_ids=rids, req_id_to_index={r: i for i, r in enumerate(rids)},
-                            sampled_token_ids=[[42] for _ in rids], kv_connector_output=kv_out)  # fmt: skip
-    return so, scheduler.update_from_output(so, mro)
+    """schedule -> (fake) model runner -> update_from_output; (so, update_from_output result)."""
+    so, mro, out = step_outputs(scheduler, finished_recving)
+    return so, out
 
 
 def prefill_params(mode: str, n: int, *, mamba: bool = False) -> dict[str, Any]:
@@ -245,10 +211,6 @@ def test_a_rejected_decode_request_queues_the_prefill_release(mode: str) -> None
         assert got is not None and got[1]["kv_transfer_params"] == params and " " in got[1]["model"]
     else:  # the push worker keeps an empty recv waiting and notifies nobody: only the lease frees P
         assert got is None
-
-
-STOP_CASES = [(" abcdef", 7, ["ef", "bc"]), (" abcdef", 2, ["ef", "bc"]), (" abc def", 4, ["zz", "bc d", "c d"]),
-              (" abcdef", 3, ["f", "def", "cdef"]), ("xyz", 1, ["q"]), ("aaaa", 2, ["aa", "a"])]  # fmt: skip
 
 
 @pytest.mark.parametrize("include", [False, True])

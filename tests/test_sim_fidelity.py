@@ -8,28 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import pytest
+from loopback import post_json as _post
 from vllm_versions import only_vllm
 
 from pdkit.sim.server import SimWorker
 from pdkit.sim.settings import SimSettings
 
 MSGS = [{"role": "user", "content": "tell me something"}]
-
-
-@pytest.fixture
-async def worker() -> AsyncIterator[SimWorker]:
-    async with SimWorker(SimSettings(time_scale=0, hash_seed="0")) as w:
-        yield w
-
-
-async def _post(http: aiohttp.ClientSession, url: str, body: Any) -> tuple[int, Any]:
-    async with http.post(url, json=body) as r:
-        return r.status, await r.json(content_type=None)
 
 
 async def _sse(http: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> list[Any]:

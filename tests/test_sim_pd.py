@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack
 from typing import Any
 
 import aiohttp
 import pytest
+from loopback import post_json as _post
 
 from pdkit import prom
 from pdkit.sim.server import SimWorker
@@ -18,22 +17,6 @@ from pdkit.sim.settings import SimSettings
 INTERNAL_ERROR = {
     "error": {"message": "Internal server error", "type": "InternalServerError", "param": None, "code": 500}
 }
-
-
-@pytest.fixture
-async def trio() -> AsyncIterator[tuple[SimWorker, SimWorker, SimWorker]]:
-    """(prefill, decode, agg) workers sharing seed and hash seed, as one deployment."""
-    async with AsyncExitStack() as stack:
-        ws = [
-            await stack.enter_async_context(SimWorker(SimSettings(role=role, time_scale=0, hash_seed="0")))
-            for role in ("prefill", "decode", "agg")
-        ]
-        yield ws[0], ws[1], ws[2]
-
-
-async def _post(http: aiohttp.ClientSession, url: str, body: Any) -> tuple[int, Any]:
-    async with http.post(url, json=body) as r:
-        return r.status, await r.json(content_type=None)
 
 
 async def _prefill(http: aiohttp.ClientSession, p: SimWorker, path: str, body: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,114 @@
+"""Helpers for tests that run real pdkit servers (frontend, simulated workers) on loopback.
+
+Why a module: the frontend, seeding and failure tests each built the same simulated worker, the same
+ZMQ-announced frontend and the same small HTTP readers; one copy here keeps their settings (hash seed,
+time scale, heartbeat and liveness timing) the same everywhere, so a change of timing is made once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from contextlib import AsyncExitStack
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from pdkit.frontend.server import Frontend
+from pdkit.frontend.settings import FrontendSettings
+from pdkit.frontend.testing import announce
+from pdkit.sim.server import SimWorker
+from pdkit.sim.settings import SimSettings
+
+
+async def sim(stack: AsyncExitStack, role: str, **kw: Any) -> SimWorker:
+    """A simulated worker of ``role`` on loopback, stopped with ``stack``; no simulated delays by default."""
+    kw.setdefault("time_scale", 0)
+    settings = SimSettings(role=role, hash_seed="0", **kw)  # type: ignore[arg-type]
+    return await stack.enter_async_context(SimWorker(settings))
+
+
+async def frontend(
+    stack: AsyncExitStack, workers: dict[str, tuple[str, str]], *, announce_kw: dict[str, Any] | None = None, **kw: Any
+) -> Frontend:
+    """A frontend with ``workers`` (id -> (role, url)) announced over ZMQ; ``announce_kw`` adds WorkerInfo fields."""
+    kw.setdefault("policy", "round_robin")
+    # fast heartbeats, but a liveness a busy 2-core CI host cannot trip by accident (none of these tests
+    # is about liveness; a reaped worker would turn their 200s and 503s into "no worker registered")
+    kw.setdefault("liveness_timeout_s", 5.0)
+    fe = Frontend(FrontendSettings(port=0, zmq_port=0, heartbeat_interval_s=0.1, **kw))
+    await fe.start()
+    stack.push_async_callback(fe.stop, 1.0)
+    for wid, (role, url) in workers.items():
+        c = await announce(fe.zmq_endpoint, url, role, wid, interval_s=0.05, **(announce_kw or {}))
+        stack.push_async_callback(c.close)
+    return fe
+
+
+async def post(http: aiohttp.ClientSession, url: str, body: Any, **kw: Any) -> tuple[int, dict[str, str], str]:
+    """POST ``body`` as JSON; (status, headers, body text)."""
+    async with http.post(url, json=body, **kw) as r:
+        return r.status, dict(r.headers), await r.text()
+
+
+async def post_json(http: aiohttp.ClientSession, url: str, body: Any) -> tuple[int, Any]:
+    """POST ``body`` as JSON; (status, parsed JSON answer whatever its content type)."""
+    async with http.post(url, json=body) as r:
+        return r.status, await r.json(content_type=None)
+
+
+async def text_of(http: aiohttp.ClientSession, url: str) -> str:
+    """GET ``url``'s body as text (metrics pages, health)."""
+    async with http.get(url) as r:
+        return await r.text()
+
+
+def closed_port_url() -> str:
+    """The URL of a loopback port nothing listens on (a worker that died before it answered)."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return f"http://127.0.0.1:{port}"
+
+
+def sse_events(raw: bytes) -> list[Any]:
+    """The ``data:`` payloads of an SSE body, parsed; the final ``[DONE]`` is kept as a string."""
+    out: list[Any] = []
+    for block in raw.split(b"\n\n"):
+        line = block.strip()
+        if line.startswith(b"data: "):
+            payload = line[len(b"data: ") :]
+            out.append("[DONE]" if payload == b"[DONE]" else json.loads(payload))
+    return out
+
+
+async def serve(stack: AsyncExitStack, handler: Any) -> str:
+    """A stand-in engine on loopback answering ``POST /v1/completions`` with ``handler``; its base URL."""
+    app = web.Application()
+    app.router.add_post("/v1/completions", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    stack.push_async_callback(runner.cleanup)
+    return f"http://127.0.0.1:{runner.addresses[0][1]}"
+
+
+async def bring_kv_links_up(http: aiohttp.ClientSession, fe: Frontend, sims: dict[str, SimWorker]) -> None:
+    """Send one-token requests to each worker until the frontend's KV index has heard from it.
+
+    ZMQ drops what a PUB->SUB link misses before it is connected, so a test that counts KV events must
+    first see each link carry one.
+    """
+    for wid, w in sims.items():
+        for i in range(500):
+            body = {"model": "synth", "prompt": f"link check {wid} {i} " * 3, "max_tokens": 1}
+            async with http.post(w.url + "/v1/completions", json=body) as r:
+                assert r.status == 200
+            st = fe.kv.index.worker(wid)
+            if st is not None and st.last_seq is not None:
+                break
+            await asyncio.sleep(0.01)
