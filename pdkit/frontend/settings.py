@@ -168,7 +168,7 @@ class FrontendSettings:
             raise ValueError("max_model_len must be at least 1 (--max-model-len)")
         if self.api_key is not None and not self.api_key:
             raise ValueError("api_key is empty; pass a non-empty --api-key or leave it unset")
-        from pdkit.frontend.policies import policy_names
+        from pdkit.routing.policies import policy_names
 
         if self.policy not in policy_names():
             raise ValueError(f"unknown policy {self.policy!r}; choose one of {policy_names()}")
