@@ -205,6 +205,9 @@ def _normalize(message: Any) -> dict[str, Any]:
             else:
                 raise PromptError("only text content parts are reproduced")
         content = "\n".join(texts)
+    elif content is not None and not isinstance(content, str):
+        # vLLM's request model takes a string, a list of parts or null; anything else is its 400.
+        raise PromptError("message content must be a string or a list of text parts")
     out = {k: v for k, v in message.items() if v is not None and k != "content"}
     if content is not None:
         out["content"] = content

@@ -55,11 +55,16 @@ def test_bos_comes_from_the_post_processor_for_completions_and_from_the_template
 @pytest.mark.parametrize("body", CHATS)
 def test_chat_equals_simulator(tok: PromptTokenizer, body: dict[str, Any]) -> None:
     sim = SimTokenizer(MODEL)
-    if body.get("continue_final_message"):
-        pytest.skip("the simulator does not implement continue_final_message")
     if body.get("add_special_tokens"):
         pytest.skip("the simulator adds BOS here, vLLM 0.26.0 does not (test_chat_equals_vllm_renderer)")
-    text = sim.render_chat(body["messages"], body.get("add_generation_prompt", True))
+    text = sim.render_chat(
+        body["messages"],
+        body.get("add_generation_prompt", True),
+        continue_final_message=bool(body.get("continue_final_message", False)),
+        tools=body.get("tools"),
+        documents=body.get("documents"),
+        chat_template_kwargs=body.get("chat_template_kwargs"),
+    )
     expected = sim.encode(text, add_special_tokens=False)
     assert tok.request_ids(body, chat=True) == expected
 

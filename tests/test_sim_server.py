@@ -140,6 +140,7 @@ async def test_default_max_tokens_is_16_for_completions(worker: SimWorker, http:
         ),
         ("/v1/chat/completions", {"messages": []}, 400, "BadRequestError", "messages"),
         ("/v1/chat/completions", {"messages": [{"content": "no role"}]}, 400, "BadRequestError", "messages"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, 400, "BadRequestError", "messages"),
         ("/v1/completions", [1, 2], 400, "BadRequestError", None),
     ],
 )
