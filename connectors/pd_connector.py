@@ -491,28 +491,22 @@ class PdConnector(KVConnectorBase_V1):
         would race the pull.  LMCache is otherwise asked on both roles.
         """
         self._loader.pop(request.request_id, None)
-        nixl = self._children.get(NIXL)
-        if nixl is not None:
-            tokens, load_async = nixl.get_num_new_matched_tokens(request, num_computed_tokens)
-            if tokens is None:
+        for name in (NIXL, LMCACHE):
+            child = self._children.get(name)
+            if child is None:
+                continue
+            tokens, load_async = child.get_num_new_matched_tokens(request, num_computed_tokens)
+            if tokens is None:  # the child is still looking (async lookup): ask again next step
                 return None, False
             if tokens > 0:
-                self._loader[request.request_id] = NIXL
-                return tokens, load_async
-            if _is_remote_prefill(request):
-                return 0, False
-        lmcache = self._children.get(LMCACHE)
-        if lmcache is not None:
-            tokens, load_async = lmcache.get_num_new_matched_tokens(request, num_computed_tokens)
-            if tokens is None:
-                return None, False
-            if tokens > 0:
-                self._loader[request.request_id] = LMCACHE
-                if self._restores is not None:
+                self._loader[request.request_id] = name
+                if name == LMCACHE and self._restores is not None:
                     self._restores.on_lookup(request.request_id, num_computed_tokens)
                     if load_async:
                         self._restore_async.add(request.request_id)
                 return tokens, load_async
+            if name == NIXL and _is_remote_prefill(request):
+                return 0, False
         return 0, False
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:

@@ -64,22 +64,15 @@ class Stack:
         return "in_process" if self.lmcache_in_process else "mp"
 
 
-STACKS: dict[str, Stack] = {
-    "0.26.0": Stack(
-        vllm="0.26.0",
-        status="proven",
-        torch="2.11.0",
-        lmcache="0.5.2",
-        nixl="1.5.1",
+# One row a vLLM release: (vllm, status, torch, lmcache, nixl) first, then what differs from the defaults.
+_ROWS: tuple[Stack, ...] = (
+    Stack(
+        "0.26.0", "proven", "2.11.0", "0.5.2", "1.5.1",
         stop_string_earliest_end=False,
         notes=("proven on 2xH200 (docs/gpu-results.md)",),
     ),
-    "0.32.0": Stack(
-        vllm="0.32.0",
-        status="proven",
-        torch="2.13.0",
-        lmcache="0.5.6",
-        nixl="1.5.1",
+    Stack(
+        "0.32.0", "proven", "2.13.0", "0.5.6", "1.5.1",
         # NixlConnector is still registered (an alias of NixlPullConnector): the name pdkit ran with on GPU.
         notes=(
             "proven on one H200 (scripts/gpu_check_stack.py, docs/results/h200x1-2026-12-01-v032); not yet on 2xH200",
@@ -90,13 +83,9 @@ STACKS: dict[str, Stack] = {
             "seeding skips push at N % block_size == 0 (SEED_WHOLE_BLOCK, docs/seeding.md)",
         ),
     ),
-    "0.33.0": Stack(
-        vllm="0.33.0",
-        status="untested",
-        torch="2.14.0",
-        # No lmcache wheel is built for torch 2.14: the server runs 0.5.6 in its own torch-2.13 env.
-        lmcache="0.5.6",
-        nixl="1.5.1",
+    # No lmcache wheel is built for torch 2.14: the server runs 0.5.6 in its own torch-2.13 env.
+    Stack(
+        "0.33.0", "untested", "2.14.0", "0.5.6", "1.5.1",
         lmcache_in_process=False,
         # Registry names read from the vllm 0.33.0 wheel (factory.py): unchanged from 0.32.0, and its
         # lmcache_mp_connector.py / config/kv_transfer.py are byte-identical to 0.32.0's.
@@ -111,7 +100,8 @@ STACKS: dict[str, Stack] = {
             "that it loads under torch 2.14 before trusting mp mode here (docs/lmcache-mp.md)",
         ),
     ),
-}
+)  # fmt: skip
+STACKS: dict[str, Stack] = {row.vllm: row for row in _ROWS}
 DEFAULT_VERSION = "0.32.0"
 
 # First-token seeding (docs/seeding.md) when the prompt fills whole blocks, so the seed token opens a block

@@ -14,7 +14,7 @@ Why the capacity check before any placement group exists: Ray waits forever for 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from pdkit.config import Deployment, Role
 from pdkit.errors import ConfigError
@@ -35,13 +35,7 @@ class GroupPlacement:
     processes: list[str] = field(default_factory=list)
 
     def as_json(self) -> dict[str, object]:
-        return {
-            "role": self.role,
-            "name": self.name,
-            "strategy": self.strategy,
-            "bundles": self.bundles,
-            "processes": self.processes,
-        }
+        return asdict(self)
 
 
 def worker_gpus(dep: Deployment, role: Role) -> float:

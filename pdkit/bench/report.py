@@ -144,12 +144,9 @@ def plot_results(results: Sequence[dict[str, Any]], out_dir: str | Path, prefix:
                         ax.plot(xs, [y * scale for y in ys], style, label=f"{lab} {stat}")
             slo = sweeps[0][1]["settings"]["slo"]
             ax.axhline(slo["ttft_s"] if key == "ttft_s" else slo["itl_s"] * 1e3, color="grey", lw=0.8, ls=":")
-            ax.set_xlabel("request rate (req/s)")
-            ax.set_ylabel(f"{title} ({'s' if scale == 1.0 else 'ms'})")
-            ax.set_title(f"{title} vs rate, {shape}")
-            ax.grid(alpha=0.3)
-            _legend(ax)
-        fig.tight_layout()
+            _dress(
+                ax, f"{title} vs rate, {shape}", "request rate (req/s)", f"{title} ({'s' if scale == 1.0 else 'ms'})"
+            )
         written.append(_save(fig, out / f"{prefix}{_safe(shape)}-latency.png", plt))
 
         fig, ax = plt.subplots(figsize=(6.5, 4.5))
@@ -165,12 +162,8 @@ def plot_results(results: Sequence[dict[str, Any]], out_dir: str | Path, prefix:
         )
         ax.plot([0, lim], [0, lim], color="grey", lw=0.8, ls="--", label="offered load")
         slo = sweeps[0][1]["settings"]["slo"]
-        ax.set_title(f"goodput (TTFT<={slo['ttft_s']:g}s, ITL {slo['itl_stat']}<={slo['itl_s'] * 1e3:g}ms), {shape}")
-        ax.set_xlabel("request rate (req/s)")
-        ax.set_ylabel("req/s")
-        ax.grid(alpha=0.3)
-        _legend(ax)
-        fig.tight_layout()
+        goodput_title = f"goodput (TTFT<={slo['ttft_s']:g}s, ITL {slo['itl_stat']}<={slo['itl_s'] * 1e3:g}ms), {shape}"
+        _dress(ax, goodput_title, "request rate (req/s)", "req/s")
         written.append(_save(fig, out / f"{prefix}{_safe(shape)}-goodput.png", plt))
 
     repeats = [(lab, r) for lab, r in zip(labels, results, strict=False) if r.get("workload") == "repeat"]
@@ -183,11 +176,7 @@ def plot_results(results: Sequence[dict[str, Any]], out_dir: str | Path, prefix:
             vals = [phases[n]["ttft_s"]["p50"] or 0.0 for n in names]
             ax.bar([j + i * width for j in range(len(names))], vals, width, label=f"{lab} TTFT p50")
             ax.set_xticks([j + width * (len(repeats) - 1) / 2 for j in range(len(names))], names)
-        ax.set_ylabel("TTFT p50 (s)")
-        ax.set_title("repeated prefixes: cold vs warm TTFT")
-        ax.grid(alpha=0.3, axis="y")
-        _legend(ax)
-        fig.tight_layout()
+        _dress(ax, "repeated prefixes: cold vs warm TTFT", None, "TTFT p50 (s)", grid_axis="y")
         written.append(_save(fig, out / f"{prefix}repeat-ttft.png", plt))
 
     multis = [(lab, r) for lab, r in zip(labels, results, strict=False) if r.get("workload") == "multiturn"]
@@ -203,22 +192,24 @@ def plot_results(results: Sequence[dict[str, Any]], out_dir: str | Path, prefix:
                     style,
                     label=f"{lab} {stat}",
                 )
-        ax.set_xlabel("turn")
-        ax.set_ylabel("TTFT (s)")
-        ax.set_title("multi-turn shared prefix: TTFT by turn")
-        ax.grid(alpha=0.3)
-        _legend(ax)
-        fig.tight_layout()
+        _dress(ax, "multi-turn shared prefix: TTFT by turn", "turn", "TTFT (s)")
         written.append(_save(fig, out / f"{prefix}multiturn-ttft.png", plt))
     return written
 
 
-def _legend(ax: Any) -> None:
+def _dress(ax: Any, title: str, xlabel: str | None, ylabel: str, grid_axis: str = "both") -> None:
+    """Title, axis labels, a light grid and a legend (when anything is labelled): every plot's finish."""
+    if xlabel is not None:
+        ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3, axis=grid_axis)
     if ax.get_legend_handles_labels()[0]:  # a burst-only run has no finite-rate line to label
         ax.legend(fontsize=8)
 
 
 def _save(fig: Any, path: Path, plt: Any) -> Path:
+    fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
