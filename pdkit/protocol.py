@@ -99,22 +99,27 @@ class Register(_Model):
     session_key: SessionKey | None = None
 
 
-class Heartbeat(_Model):
-    type: Literal["heartbeat"] = "heartbeat"
+class _AboutWorker(_Model):
+    """The header of an agent's message about a worker it registered: whose, and the key proving it.
+
+    ``type`` is narrowed to a literal by each subclass; declaring it here keeps it the first key on the wire.
+    """
+
+    type: str
     version: int = PROTOCOL_VERSION
     token: str | None = None
     worker_id: str = Field(min_length=1, max_length=256)
     session_key: SessionKey | None = None
+
+
+class Heartbeat(_AboutWorker):
+    type: Literal["heartbeat"] = "heartbeat"
     seq: int = Field(default=0, ge=0)
     load: Load = Field(default_factory=Load)
 
 
-class Deregister(_Model):
+class Deregister(_AboutWorker):
     type: Literal["deregister"] = "deregister"
-    version: int = PROTOCOL_VERSION
-    token: str | None = None
-    worker_id: str = Field(min_length=1, max_length=256)
-    session_key: SessionKey | None = None
     reason: str = Field(default="", max_length=512)
 
 

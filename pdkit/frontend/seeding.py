@@ -403,10 +403,11 @@ def _usage(n_prompt: int, n_out: int) -> dict[str, int]:
     return {"prompt_tokens": n_prompt, "total_tokens": n_prompt + n_out, "completion_tokens": n_out}
 
 
-def _chat_chunk(first: FirstToken, choice: dict[str, Any], usage: dict[str, Any] | None = None) -> dict[str, Any]:
+def _chunk(obj: str, first: FirstToken, choice: dict[str, Any], usage: dict[str, Any] | None) -> dict[str, Any]:
+    """One streamed chunk of vLLM's shape; chat and completions differ only in ``object``."""
     out: dict[str, Any] = {
         "id": first.id,
-        "object": "chat.completion.chunk",
+        "object": obj,
         "created": first.created,
         "model": first.model,
         "choices": [choice],
@@ -414,19 +415,14 @@ def _chat_chunk(first: FirstToken, choice: dict[str, Any], usage: dict[str, Any]
     if usage is not None:
         out["usage"] = usage
     return out
+
+
+def _chat_chunk(first: FirstToken, choice: dict[str, Any], usage: dict[str, Any] | None = None) -> dict[str, Any]:
+    return _chunk("chat.completion.chunk", first, choice, usage)
 
 
 def _completion_chunk(first: FirstToken, choice: dict[str, Any], usage: dict[str, Any] | None = None) -> dict[str, Any]:
-    out: dict[str, Any] = {
-        "id": first.id,
-        "object": "text_completion",
-        "created": first.created,
-        "model": first.model,
-        "choices": [choice],
-    }
-    if usage is not None:
-        out["usage"] = usage
-    return out
+    return _chunk("text_completion", first, choice, usage)
 
 
 def first_chunk(

@@ -53,6 +53,7 @@ from pdkit.frontend.registry import Registry, RegistryServer
 from pdkit.frontend.requests import RequestError, TokenEstimator, error_body, error_obj, extract_prompt, parse_body
 from pdkit.frontend.settings import FrontendSettings, is_loopback
 from pdkit.frontend.validation import check_context_length, validate_request
+from pdkit.http_app import Route, make_app, serve
 from pdkit.protocol import Load
 from pdkit.routing.policies import KV_AWARE, make_policy
 from pdkit.routing.types import Policy, RequestContext, WorkerState
@@ -254,25 +255,22 @@ class Frontend:
             auto_decompress=False,
             skip_auto_headers=("User-Agent",),
         )
-        middlewares = [self._require_api_key] if self._api_key_hash is not None else []
-        app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=middlewares)
-        app.router.add_post("/v1/completions", self._generate)
-        app.router.add_post("/v1/chat/completions", self._generate)
-        app.router.add_get("/v1/models", self._models)
-        app.router.add_get("/health", self._health)
-        app.router.add_get("/readiness", self._readiness)
-        app.router.add_get("/metrics", self._metrics)
-        app.router.add_get("/workers", self._workers)
-        # handler_cancellation: a client that hangs up cancels its handler, which closes the upstream
-        # connection, which is how vLLM learns to abort the request.
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, handler_cancellation=True)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.s.host, self.s.port, backlog=4096)
+        routes: list[Route] = [
+            ("POST", "/v1/completions", self._generate),
+            ("POST", "/v1/chat/completions", self._generate),
+            ("GET", "/v1/models", self._models),
+            ("GET", "/health", self._health),
+            ("GET", "/readiness", self._readiness),
+            ("GET", "/metrics", self._metrics),
+            ("GET", "/workers", self._workers),
+        ]
+        app = make_app(routes, [self._require_api_key] if self._api_key_hash is not None else [])
+        # serve() cancels the handler of a client that hangs up, which closes the upstream connection,
+        # which is how vLLM learns to abort the request.
         try:
-            await site.start()
+            self._runner, self.http_port = await serve(app, self.s.host, self.s.port, backlog=4096)
         except OSError as exc:
             raise BindError("HTTP", host, self.s.port, "--port", "frontend.port", exc) from None
-        self.http_port = int(self._runner.addresses[0][1])
         log.info("frontend (%s, %s) at %s, registry at %s, KV events at %s", self.s.mode, self.policy.name, self.url,
                  self.zmq_endpoint, self.kv_events_endpoint or "off")  # fmt: skip
         if not is_loopback(self.s.host) and self._api_key_hash is None:

@@ -158,44 +158,27 @@ class Call:
         usage = {**self._usage(), "prompt_tokens_details": None}
         first = self.choices[0].finish
         assert first is not None
-        params = first.kv_transfer_params
+        # vLLM's ChatCompletionResponse and CompletionResponse share this envelope; chat adds the prompt
+        # fields between usage and the transfer params (key order is vLLM's)
+        envelope: dict[str, Any] = {
+            "id": self.rid,
+            "object": "chat.completion" if self.chat else "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": [self._chat_choice(c) if self.chat else self._completion_choice(c) for c in self.choices],
+            "service_tier": None,
+            "system_fingerprint": None,
+            "usage": usage,
+        }
         if self.chat:
             prompt = self.choices[0].prompt
-            return web.json_response(
-                {
-                    "id": self.rid,
-                    "object": "chat.completion",
-                    "created": self.created,
-                    "model": self.model,
-                    "choices": [self._chat_choice(c) for c in self.choices],
-                    "service_tier": None,
-                    "system_fingerprint": None,
-                    "usage": usage,
-                    "prompt_logprobs": (
-                        prompt_logprobs_json(prompt.entries, self.token_str) if prompt.entries is not None else None
-                    ),
-                    "prompt_token_ids": list(prompt.ids) if self.return_token_ids else None,
-                    "prompt_text": None,
-                    "kv_transfer_params": params,
-                    "ec_transfer_params": None,
-                    "metrics": None,
-                }
+            envelope["prompt_logprobs"] = (
+                prompt_logprobs_json(prompt.entries, self.token_str) if prompt.entries is not None else None
             )
-        return web.json_response(
-            {
-                "id": self.rid,
-                "object": "text_completion",
-                "created": self.created,
-                "model": self.model,
-                "choices": [self._completion_choice(c) for c in self.choices],
-                "service_tier": None,
-                "system_fingerprint": None,
-                "usage": usage,
-                "kv_transfer_params": params,
-                "ec_transfer_params": None,
-                "metrics": None,
-            }
-        )
+            envelope["prompt_token_ids"] = list(prompt.ids) if self.return_token_ids else None
+            envelope["prompt_text"] = None
+        envelope.update(kv_transfer_params=first.kv_transfer_params, ec_transfer_params=None, metrics=None)
+        return web.json_response(envelope)
 
     def _completion_choice(self, c: Choice) -> dict[str, Any]:
         assert c.finish is not None

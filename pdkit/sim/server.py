@@ -30,6 +30,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from pdkit.frontend.requests import RequestError
 from pdkit.frontend.validation import validate_request
+from pdkit.http_app import Route, make_app, serve
 from pdkit.prompt_tokens import PromptError
 from pdkit.sim.call import Call as _Call
 from pdkit.sim.call import Prompt as _Prompt
@@ -127,26 +128,21 @@ class SimWorker:
             self.engine.transport = self._make_transport(bytes_per_token * s.block_size)
             session = self._session
             self.engine.heartbeat = lambda host, port, eid, ids: send_heartbeat(session, host, port, eid, ids)
-        app = web.Application(client_max_size=64 * 1024 * 1024)
-        app.router.add_get("/health", self._health)
-        app.router.add_get("/ping", self._health)
-        app.router.add_get("/version", self._version)
-        app.router.add_get("/metrics", self._metrics)
-        app.router.add_get("/v1/models", self._models)
-        app.router.add_post("/v1/completions", self._completions)
-        app.router.add_post("/v1/chat/completions", self._chat)
-        app.router.add_post("/reset_prefix_cache", self._reset_prefix_cache)
-        app.router.add_post("/sim/kv/pull", self._side_channel_pull)
-        app.router.add_get("/sim/nixl/handshake", self._nixl_handshake)
-        app.router.add_post("/sim/kv/heartbeat", self._side_channel_heartbeat)
-        # handler_cancellation: a client that hangs up aborts its request, as in vLLM
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, handler_cancellation=True)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, s.host, s.port, reuse_address=True)
-        await site.start()
-        server = site._server  # aiohttp exposes the bound sockets only here
-        sockets = getattr(server, "sockets", None) or []
-        self.port = int(sockets[0].getsockname()[1]) if sockets else s.port
+        routes: list[Route] = [
+            ("GET", "/health", self._health),
+            ("GET", "/ping", self._health),
+            ("GET", "/version", self._version),
+            ("GET", "/metrics", self._metrics),
+            ("GET", "/v1/models", self._models),
+            ("POST", "/v1/completions", self._completions),
+            ("POST", "/v1/chat/completions", self._chat),
+            ("POST", "/reset_prefix_cache", self._reset_prefix_cache),
+            ("POST", "/sim/kv/pull", self._side_channel_pull),
+            ("GET", "/sim/nixl/handshake", self._nixl_handshake),
+            ("POST", "/sim/kv/heartbeat", self._side_channel_heartbeat),
+        ]
+        # serve() cancels the handler of a client that hangs up, which aborts its request, as in vLLM
+        self._runner, self.port = await serve(make_app(routes), s.host, s.port, reuse_address=True)
         self.engine.side_channel = (self._advertised_host(), self.port)
         self.engine.start()
         logger.info("sim worker (%s) serving %s at %s", s.role, s.served_model_name, self.url)
