@@ -34,6 +34,7 @@ import aiohttp
 from pdkit.agent import EXIT_BAD_ENGINE_BUILD, EXIT_PORT_BUSY, PORT_BUSY_NEEDLE
 from pdkit.plan import LaunchPlan, ProcessSpec
 from pdkit.secret import install_secret
+from pdkit.stop_signals import stop_event
 from pdkit.streams import output_lines
 
 TAIL_LINES = 30
@@ -465,10 +466,7 @@ async def smoke_request(plan: LaunchPlan) -> bool:
 
 async def _launch(plan: LaunchPlan, smoke_test: bool) -> int:
     sup = Supervisor(plan)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    stop = stop_event()
     try:
         start = asyncio.create_task(sup.start())
         stopper = asyncio.create_task(stop.wait())

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 from typing import Annotated
 
 import typer
 
 from pdkit.flags import Flag, takes_settings
 from pdkit.sim.settings import SIM_ROLES, SimSettings
+from pdkit.stop_signals import on_stop_signal
 
 
 @takes_settings
@@ -37,9 +37,7 @@ async def _main(settings: SimSettings) -> None:
     from pdkit.sim.server import serve_sim_worker
 
     task = asyncio.create_task(serve_sim_worker(settings))
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, task.cancel)
+    on_stop_signal(task.cancel)
     try:
         await task
     except asyncio.CancelledError:
