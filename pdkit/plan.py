@@ -24,6 +24,7 @@ from pdkit.lmcache_server import server_ports, server_spec
 from pdkit.model_files import has_weights, is_synthetic
 from pdkit.process_spec import ProcessSpec
 from pdkit.secret import API_KEY_ENV, API_KEY_PLACEHOLDER, TOKEN_ENV, TOKEN_PLACEHOLDER, ipc_dir
+from pdkit.sim.settings import SimSettings
 
 DEFAULT_RUN_DIR = Path("pdkit-run")
 VLLM_ENTRY = ["-m", "vllm.entrypoints.cli.main", "serve"]
@@ -180,15 +181,21 @@ def _local_without_weights(model: str) -> bool:
 
 
 def _sim_argv(dep: Deployment, role: Role, port: int, host: str, ev: dict) -> list[str]:
-    argv = _pdkit_cli() + ["sim-worker", "--role", role, "--host", host, "--port", str(port)]
-    argv += ["--served-model-name", dep.served_name, "--model", dep.model_path]
-    argv += ["--block-size", str(dep.block_size or 16), "--hash-seed", str(dep.hash_seed)]
-    if dep.max_model_len:
-        argv += ["--max-model-len", str(dep.max_model_len)]
-    argv += ["--kv-events-endpoint", ev["endpoint"]]
-    if ev.get("replay_endpoint"):
-        argv += ["--kv-events-replay-endpoint", ev["replay_endpoint"]]
-    argv += ["--kv-events-topic", ev["topic"]]
+    argv = _pdkit_cli() + ["sim-worker"]
+    argv += to_flags(
+        SimSettings,
+        role=role,
+        host=host,
+        port=port,
+        served_model_name=dep.served_name,
+        model=dep.model_path,
+        block_size=dep.block_size or 16,
+        hash_seed=str(dep.hash_seed),
+        max_model_len=dep.max_model_len or None,
+        kv_events_endpoint=ev["endpoint"],
+        kv_events_replay_endpoint=ev.get("replay_endpoint") or None,
+        kv_events_topic=ev["topic"],
+    )
     return argv + dep.group(role).extra_args
 
 

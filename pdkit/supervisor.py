@@ -25,6 +25,7 @@ import signal
 import sys
 import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -34,6 +35,7 @@ import aiohttp
 from pdkit.agent import EXIT_BAD_ENGINE_BUILD, EXIT_PORT_BUSY, PORT_BUSY_NEEDLE
 from pdkit.plan import LaunchPlan, ProcessSpec
 from pdkit.secret import install_secret
+from pdkit.stop_signals import stop_event
 from pdkit.streams import output_lines
 
 TAIL_LINES = 30
@@ -420,18 +422,23 @@ def group_alive(pgid: int) -> bool:
         except (ProcessLookupError, PermissionError):
             return False
         return True
-    for entry in proc.iterdir():
+    return any(len(f) > 2 and f[2] == str(pgid) and f[0] not in ("Z", "X") for _pid, f in proc_stats())
+
+
+def proc_stats() -> Iterator[tuple[int, list[str]]]:
+    """``(pid, [state, ppid, pgrp, ...])`` of every process in Linux's ``/proc``, skipping ones gone meanwhile.
+
+    ``/proc/PID/stat`` is "pid (comm) state ppid pgrp ...", and comm may hold spaces and parentheses,
+    so the fields are split after the last ')'.  (scripts/gpu_check_stack.py walks process trees with it.)
+    """
+    for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             stat = (entry / "stat").read_text()
         except OSError:
             continue
-        # "pid (comm) state ppid pgrp ...": comm may hold spaces and parentheses; split after the last ')'
-        fields = stat[stat.rfind(")") + 2 :].split()
-        if len(fields) > 2 and fields[2] == str(pgid) and fields[0] not in ("Z", "X"):
-            return True
-    return False
+        yield int(entry.name), stat[stat.rfind(")") + 2 :].split()
 
 
 def registered_ids(workers_json: object) -> set[str]:
@@ -465,10 +472,7 @@ async def smoke_request(plan: LaunchPlan) -> bool:
 
 async def _launch(plan: LaunchPlan, smoke_test: bool) -> int:
     sup = Supervisor(plan)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    stop = stop_event()
     try:
         start = asyncio.create_task(sup.start())
         stopper = asyncio.create_task(stop.wait())

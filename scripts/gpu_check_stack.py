@@ -75,6 +75,7 @@ from pdkit.bench.report import environment
 from pdkit.gpu_check.ports import free_port_block as _free_block
 from pdkit.model_files import SYNTHETIC_SERVED_NAME, default_model_dir
 from pdkit.status import fetch_status
+from pdkit.supervisor import proc_stats
 
 OUT = Path(os.environ.get("OUT") or "/tmp/pdkit-gpu-out")
 STATE = Path("/tmp/pdkit-gpu-check")
@@ -238,15 +239,8 @@ class Deployment:
 
 def _proc_children() -> dict[int, list[int]]:
     children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(entry.name))
+    for pid, fields in proc_stats():
+        children.setdefault(int(fields[1]), []).append(pid)
     return children
 
 

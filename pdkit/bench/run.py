@@ -141,6 +141,21 @@ def _requests_json(cfg: BenchConfig, records: list[Any]) -> list[dict[str, Any]]
     return [r.as_json() for r in sorted(records, key=lambda r: r.start_s)] if cfg.save_requests else []
 
 
+def _rate_json(rate: float) -> dict[str, Any]:
+    """A point's offered rate: the number (``None`` for a burst) and its label."""
+    return {"rate": None if math.isinf(rate) else rate, "rate_label": _rate_label(rate)}
+
+
+def _measured_json(
+    cfg: BenchConfig, records: list[Any], summary: dict[str, Any], before: Any, after: Any, peak: float | None
+) -> dict[str, Any]:
+    """The closing keys of a rated point: the workers' metrics over it and its requests."""
+    return {
+        "worker_metrics": _workers_json(before, after, summary["completed"], peak),
+        "requests": _requests_json(cfg, records),
+    }
+
+
 async def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
     """Run the configured workload; write the JSON (and plots); return the result dict."""
     cfg.validate()
@@ -262,12 +277,10 @@ async def _sweep(
                     "name": name,
                     "shape_key": shape,
                     "shape": {"input_len": input_len, "output_len": output_len},
-                    "rate": None if math.isinf(rate) else rate,
-                    "rate_label": _rate_label(rate),
+                    **_rate_json(rate),
                     "arrivals": arrivals,
                     "summary": summary,
-                    "worker_metrics": _workers_json(before, after, summary["completed"], peak),
-                    "requests": _requests_json(cfg, records),
+                    **_measured_json(cfg, records, summary, before, after, peak),
                 }
             )
 
@@ -292,13 +305,11 @@ async def _multiturn(
     }
     return {
         "name": name,
-        "rate": None if math.isinf(rate) else rate,
-        "rate_label": _rate_label(rate),
+        **_rate_json(rate),
         "arrivals": {**arrivals, "turns_not_sent": cfg.sessions * cfg.turns - len(records)},
         "summary": summary,
         "by_turn": by_turn,
-        "worker_metrics": _workers_json(before, after, summary["completed"], peak),
-        "requests": _requests_json(cfg, records),
+        **_measured_json(cfg, records, summary, before, after, peak),
     }
 
 

@@ -11,13 +11,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 import sys
 
 import typer
 
 from pdkit.flags import takes_settings
 from pdkit.frontend.settings import FrontendProcessOptions, FrontendSettings
+from pdkit.stop_signals import stop_event
 
 
 @takes_settings
@@ -62,10 +62,7 @@ async def serve(settings: FrontendSettings, stop_grace_s: float = 30.0) -> int:
     from pdkit.frontend.server import BindError, Frontend
 
     fe = Frontend(settings)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop = stop_event()
     try:
         await fe.start()
     except BindError as exc:
