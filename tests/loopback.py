@@ -87,6 +87,27 @@ def sse_events(raw: bytes) -> list[Any]:
     return out
 
 
+def sse_summary(raw: bytes, chat: bool) -> dict[str, Any]:
+    """What a client reads from an OpenAI stream (``chat``: /v1/chat/completions deltas, else completion
+    texts): text, token ids, finish/stop reason, usage, the (id, object, model) triples seen and how many
+    ``[DONE]`` markers came. Asserts the stream ends with ``[DONE]`` and carries no error event."""
+    text, ids, finish, stop, usage, rids = "", [], None, None, None, set()
+    events = sse_events(raw)
+    assert events[-1] == "[DONE]"
+    for ev in events[:-1]:
+        assert "error" not in ev, ev
+        rids.add((ev["id"], ev["object"], ev["model"]))
+        if ev.get("usage") and not ev["choices"]:
+            usage = ev["usage"]
+        for c in ev["choices"]:
+            text += (c["delta"].get("content") or "") if chat else c["text"]
+            ids += c.get("token_ids") or []
+            if c.get("finish_reason") is not None:
+                finish, stop = c["finish_reason"], c.get("stop_reason")
+    return {"text": text, "ids": ids, "finish": finish, "stop": stop, "usage": usage, "rids": rids,
+            "dones": events.count("[DONE]")}  # fmt: skip
+
+
 async def serve(stack: AsyncExitStack, handler: Any) -> str:
     """A stand-in engine on loopback answering ``POST /v1/completions`` with ``handler``; its base URL."""
     app = web.Application()
