@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from pdkit.gpu_check.ports import free_port_block as free_block
+from pdkit.gpu_check.ports import group_port_bases
 
 N_REQ = 60
 FAKE_RUNNING = 999
@@ -243,9 +244,9 @@ def main() -> int:
     args = ap.parse_args()
     taken: set[int] = set()
     fe_port, zmq_port, kv_port = (free_block(1, taken) for _ in range(3))
-    groups = {role: {"count": 2, "http_port_base": free_block(2, taken), "kv_events_port_base": free_block(2, taken),
-                     "nixl_side_channel_port_base": free_block(2, taken), "startup_timeout_s": 120}
-              for role in ("prefill", "decode")}  # fmt: skip
+    groups = {
+        role: {"count": 2, **group_port_bases(2, taken), "startup_timeout_s": 120} for role in ("prefill", "decode")
+    }
     run_dir = Path(tempfile.mkdtemp(prefix="pdkit-attack-"))
     os.chmod(run_dir, 0o755)  # even a world-readable run dir parent: what protects is inside it
     cfg = {"engine": "sim", "run_dir": str(run_dir / "run"),

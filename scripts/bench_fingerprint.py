@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from pdkit.kernels.fingerprint import KVFingerprinter, finalize, geometry, reference_fingerprints
+from pdkit.kernels.fingerprint_layouts import layer_bytes, view_as_layer
 
 LAYERS, HEADS, TOKENS, HEAD_SIZE = 32, 8, 16, 128
 DEVICE = "cuda"
@@ -59,16 +60,13 @@ def timed(fn: Callable[[], object], iters: int, warmup: int = 3) -> float:
 
 
 def make_layers(layout: str, dtype: torch.dtype, num_blocks: int) -> list[torch.Tensor]:
+    """Random-bit layer tensors, filled on the device (a CPU generator would take minutes for 8 GiB)."""
+    shape = {"num_blocks": num_blocks, "heads": HEADS, "tokens": TOKENS, "head_size": HEAD_SIZE}
     out = []
-    size = torch.empty(0, dtype=dtype).element_size()
     for _ in range(LAYERS):
-        raw = torch.empty(num_blocks * HEADS * TOKENS * 2 * HEAD_SIZE * size, dtype=torch.uint8, device=DEVICE)
+        raw = torch.empty(layer_bytes(dtype, **shape), dtype=torch.uint8, device=DEVICE)
         raw.view(torch.int32).random_()
-        data = raw.view(dtype)
-        if layout == "HND":
-            out.append(data.view(num_blocks, HEADS, TOKENS, 2 * HEAD_SIZE))
-        else:
-            out.append(data.view(num_blocks, TOKENS, HEADS, 2 * HEAD_SIZE).permute(0, 2, 1, 3))
+        out.append(view_as_layer(raw, layout, dtype, **shape))
     return out
 
 

@@ -131,23 +131,9 @@ def prompt_ids(tok: Any, n: int, salt: str) -> list[int]:
 
 def stream(path: str, body: dict[str, Any], headers: dict[str, str] | None = None) -> dict[str, Any]:
     """One streamed request to the frontend: client TTFT, text, token ids, finish reason, usage."""
-    conn = http.client.HTTPConnection("127.0.0.1", g.PORT, timeout=300)
-    payload = {**body, "stream": True, "stream_options": {"include_usage": True}, "return_token_ids": True}
-    t0 = time.perf_counter()
-    conn.request(
-        "POST", path, body=json.dumps(payload), headers={"Content-Type": "application/json", **(headers or {})}
-    )
-    resp = conn.getresponse()
-    if resp.status != 200:
-        raise RuntimeError(f"{path} -> HTTP {resp.status}: {resp.read()[:500]!r}")
     text, ids, ttft, usage, finish, events = [], [], None, None, None, 0
-    for raw in resp:
-        line = raw.decode().strip()
-        if not line.startswith("data: ") or line == "data: [DONE]":
-            continue
-        chunk = json.loads(line[6:])
-        if chunk.get("error"):
-            raise RuntimeError(f"stream error: {chunk['error']}")
+    t0 = time.perf_counter()
+    for chunk in g.stream_chunks(path, {**body, "return_token_ids": True}, headers=headers):
         events += 1
         usage = chunk.get("usage") or usage
         for c in chunk.get("choices", []):
@@ -157,7 +143,6 @@ def stream(path: str, body: dict[str, Any], headers: dict[str, str] | None = Non
             text.append(piece or "")
             ids += c.get("token_ids") or []
             finish = c.get("finish_reason") or finish
-    conn.close()
     return {"ttft_s": ttft, "e2e_s": time.perf_counter() - t0, "text": "".join(text), "ids": ids,
             "finish": finish, "usage": usage, "events": events}  # fmt: skip
 

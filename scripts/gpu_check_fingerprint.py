@@ -33,48 +33,9 @@ from pathlib import Path
 import torch
 
 from pdkit.kernels.fingerprint import KVFingerprinter, compare, detect_layout, reference_fingerprints
+from pdkit.kernels.fingerprint_layouts import random_layers, relayout
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp8_e4m3": torch.float8_e4m3fn}
-
-
-def make_layers(
-    layout: str,
-    dtype: torch.dtype,
-    device: str,
-    *,
-    num_blocks: int,
-    heads: int,
-    tokens: int,
-    head_size: int,
-    layers: int,
-    gen: torch.Generator,
-) -> list[torch.Tensor]:
-    """Random-bit layer tensors laid out as vLLM 0.26.0 allocates them."""
-    size = torch.empty(0, dtype=dtype).element_size()
-    out = []
-    for _ in range(layers):
-        n = num_blocks * heads * tokens * 2 * head_size * size
-        raw = torch.randint(-128, 128, (n,), dtype=torch.int8, generator=gen).to(device)
-        data = raw.view(dtype)
-        if layout == "HND":
-            out.append(data.view(num_blocks, heads, tokens, 2 * head_size))
-        else:
-            out.append(data.view(num_blocks, tokens, heads, 2 * head_size).permute(0, 2, 1, 3))
-    return out
-
-
-def relayout(layers: list[torch.Tensor], layout: str) -> list[torch.Tensor]:
-    """Same logical bits in the given physical layout."""
-    out = []
-    for t in layers:
-        nb, h, n, c = t.shape
-        if layout == "HND":
-            dst = torch.empty((nb, h, n, c), dtype=t.dtype, device=t.device)
-        else:
-            dst = torch.empty((nb, n, h, c), dtype=t.dtype, device=t.device).permute(0, 2, 1, 3)
-        dst.view(torch.uint8).copy_(t.view(torch.uint8))
-        out.append(dst)
-    return out
 
 
 def check_layers(
@@ -127,7 +88,7 @@ def run_cases(device: str, small: bool) -> list[dict]:
         for name, dtype in DTYPES.items():
 
             def main_case(layout: str = layout, dtype: torch.dtype = dtype) -> dict:
-                layers = make_layers(layout, dtype, device, gen=gen, **base)
+                layers = random_layers(layout, dtype, device=device, gen=gen, **base)
                 chosen = ids(nb // 2)
                 detail = check_layers(layers, chosen, rng)
                 other = relayout(layers, "NHD" if layout == "HND" else "HND")
@@ -150,13 +111,13 @@ def run_cases(device: str, small: bool) -> list[dict]:
         for layout in ("HND", "NHD"):
 
             def shape_case(layout: str = layout, change: dict = change) -> dict:
-                layers = make_layers(layout, torch.bfloat16, device, gen=gen, **{**base, **change})
+                layers = random_layers(layout, torch.bfloat16, device=device, gen=gen, **{**base, **change})
                 return check_layers(layers, ids(5), rng)
 
             cases.append((f"{label}/{layout}", shape_case))
 
     def padded() -> dict:
-        plain = make_layers("NHD", torch.bfloat16, device, gen=gen, **base)
+        plain = random_layers("NHD", torch.bfloat16, device=device, gen=gen, **base)
         out = []
         for t in plain:
             n_, h, tok, c = t.shape
@@ -184,7 +145,7 @@ def run_cases(device: str, small: bool) -> list[dict]:
         return check_layers(layers, ids(6), rng)
 
     def two_kernel_blocks_per_id() -> dict:
-        layers = make_layers("HND", torch.float16, device, gen=gen, **base)
+        layers = random_layers("HND", torch.float16, device=device, gen=gen, **base)
         return check_layers(layers, ids(3, nb // 2), rng, blocks_per_id=2)
 
     def mla() -> dict:
@@ -196,8 +157,8 @@ def run_cases(device: str, small: bool) -> list[dict]:
         return check_layers(layers, ids(5), rng)
 
     def mixed_groups() -> dict:
-        a = make_layers("HND", torch.bfloat16, device, gen=gen, **base)
-        c = make_layers("NHD", torch.bfloat16, device, gen=gen, **{**base, "heads": 1})
+        a = random_layers("HND", torch.bfloat16, device=device, gen=gen, **base)
+        c = random_layers("NHD", torch.bfloat16, device=device, gen=gen, **{**base, "heads": 1})
         return check_layers(a + c, ids(5), rng)
 
     def vllm_reshape() -> dict:

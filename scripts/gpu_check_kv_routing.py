@@ -31,11 +31,10 @@ import json
 import subprocess
 import sys
 import time
-import urllib.request
 from typing import Any
 
-from pdkit.agent import parse_load  # noqa: E402
 from pdkit.gpu_check import harness as g
+from pdkit.gpu_check.kv_hits import kv_hit_snapshot, renamed
 from pdkit.status import WorkerStatus, fetch_status  # noqa: E402
 
 GOAL = 0.05
@@ -52,22 +51,15 @@ def workers() -> list[WorkerStatus]:
     return fetch_status(FRONTEND).workers
 
 
+#: This check's JSON names for the shared snapshot's entries (fe_: the frontend's view, w_: the engine's).
+SNAPSHOT_NAMES = {"predicted": "predicted", "fe_actual": "via_heartbeats", "fe_queries": "fe_queries",
+                  "w_prefix_cache": "gpu_hits", "w_queries": "queried", "w_lmcache": "lmcache_hits"}  # fmt: skip
+
+
 def snapshot() -> dict[str, dict[str, float]]:
     """Per worker id: what the frontend predicted and learnt over heartbeats (as ``pdkit status`` reads
     it), and the engine's own hit counters, read from its ``/metrics`` directly."""
-    out: dict[str, dict[str, float]] = {}
-    for w in workers():
-        with urllib.request.urlopen(w.url.rstrip("/") + "/metrics", timeout=10) as resp:
-            engine = parse_load(resp.read().decode())
-        out[w.worker_id] = {
-            "predicted": w.predicted_hit_tokens,
-            "fe_actual": w.actual_hit_tokens,
-            "fe_queries": w.queried_tokens,
-            "w_prefix_cache": engine.prefix_cache_hits or 0.0,
-            "w_queries": engine.prefix_cache_queries or 0.0,
-            "w_lmcache": engine.lmcache_hit_tokens or 0.0,
-        }
-    return out
+    return renamed(kv_hit_snapshot(FRONTEND), SNAPSHOT_NAMES)
 
 
 def compare(before: dict[str, dict[str, float]], after: dict[str, dict[str, float]], ws: list[WorkerStatus]) -> dict:

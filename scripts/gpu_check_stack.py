@@ -72,6 +72,7 @@ from pdkit.agent import parse_load
 from pdkit.bench.client import RequestRecord, send_streaming
 from pdkit.bench.prompts import PromptFactory
 from pdkit.bench.report import environment
+from pdkit.gpu_check.kv_hits import kv_hit_snapshot, renamed
 from pdkit.gpu_check.ports import free_port_block as _free_block
 from pdkit.model_files import SYNTHETIC_SERVED_NAME, default_model_dir
 from pdkit.status import fetch_status
@@ -345,18 +346,8 @@ async def _scrape(url: str) -> str:
 
 def kv_snapshot(frontend: str) -> dict[str, dict[str, Any]]:
     """Per worker: the frontend's predicted / heartbeat-learnt hit tokens and the engine's own counters."""
-    out: dict[str, dict[str, Any]] = {}
-    for w in fetch_status(frontend).workers:
-        engine = parse_load(asyncio.run(_scrape(w.url.rstrip("/"))))
-        out[w.worker_id] = {
-            "role": w.role,
-            "predicted": w.predicted_hit_tokens,
-            "via_heartbeats": w.actual_hit_tokens,
-            "gpu_hits": engine.prefix_cache_hits or 0.0,
-            "lmcache_hits": engine.lmcache_hit_tokens or 0.0,
-            "queried": engine.prefix_cache_queries or 0.0,
-        }
-    return out
+    names = ("role", "predicted", "via_heartbeats", "gpu_hits", "lmcache_hits", "queried")
+    return renamed(kv_hit_snapshot(frontend), {k: k for k in names})
 
 
 def kv_compare(before: dict[str, dict[str, Any]], after: dict[str, dict[str, Any]]) -> dict[str, Any]:

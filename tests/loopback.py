@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+from collections.abc import Callable
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -19,6 +20,7 @@ from aiohttp import web
 from pdkit.frontend.server import Frontend
 from pdkit.frontend.settings import FrontendSettings
 from pdkit.frontend.testing import announce
+from pdkit.routing.kv_index import KvIndex
 from pdkit.sim.server import SimWorker
 from pdkit.sim.settings import SimSettings
 
@@ -85,6 +87,27 @@ def sse_events(raw: bytes) -> list[Any]:
     return out
 
 
+def sse_summary(raw: bytes, chat: bool) -> dict[str, Any]:
+    """What a client reads from an OpenAI stream (``chat``: /v1/chat/completions deltas, else completion
+    texts): text, token ids, finish/stop reason, usage, the (id, object, model) triples seen and how many
+    ``[DONE]`` markers came. Asserts the stream ends with ``[DONE]`` and carries no error event."""
+    text, ids, finish, stop, usage, rids = "", [], None, None, None, set()
+    events = sse_events(raw)
+    assert events[-1] == "[DONE]"
+    for ev in events[:-1]:
+        assert "error" not in ev, ev
+        rids.add((ev["id"], ev["object"], ev["model"]))
+        if ev.get("usage") and not ev["choices"]:
+            usage = ev["usage"]
+        for c in ev["choices"]:
+            text += (c["delta"].get("content") or "") if chat else c["text"]
+            ids += c.get("token_ids") or []
+            if c.get("finish_reason") is not None:
+                finish, stop = c["finish_reason"], c.get("stop_reason")
+    return {"text": text, "ids": ids, "finish": finish, "stop": stop, "usage": usage, "rids": rids,
+            "dones": events.count("[DONE]")}  # fmt: skip
+
+
 async def serve(stack: AsyncExitStack, handler: Any) -> str:
     """A stand-in engine on loopback answering ``POST /v1/completions`` with ``handler``; its base URL."""
     app = web.Application()
@@ -112,3 +135,24 @@ async def bring_kv_links_up(http: aiohttp.ClientSession, fe: Frontend, sims: dic
             if st is not None and st.last_seq is not None:
                 break
             await asyncio.sleep(0.01)
+
+
+async def wait_for(cond: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
+    """Poll until ``cond`` holds (a bound on waiting, not an assertion on timing)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not cond():
+        if loop.time() > deadline:
+            raise AssertionError(f"never happened: {what}")
+        await asyncio.sleep(0.01)
+
+
+async def index_synced(index: KvIndex, w: SimWorker, wid: str) -> None:
+    """Wait until ``index`` has applied everything the simulated worker's KV event publisher sent."""
+    assert await asyncio.to_thread(w.publisher.wait_idle)
+
+    def done() -> bool:
+        st = index.worker(wid)
+        return st is not None and st.last_seq == w.publisher.next_seq - 1
+
+    await wait_for(done, f"{wid} synced")

@@ -51,6 +51,11 @@ def _cfg(url: str, tmp_path: Path, **kw: Any) -> BenchConfig:
     return BenchConfig(**base)
 
 
+def _burst_cfg(url: str, tmp_path: Path, shape: tuple[int, int], **kw: Any) -> BenchConfig:
+    """One point of one (input, output) shape with every request sent at once (rate = inf)."""
+    return _cfg(url, tmp_path, shapes=[shape], rates=[math.inf], **kw)
+
+
 def _is_png(path: str | Path) -> bool:
     return Path(path).read_bytes()[:8] == PNG
 
@@ -164,11 +169,10 @@ async def test_repeat_reports_cold_and_warm(sim: SimWorker, tmp_path: Path) -> N
 async def test_failures_are_counted_not_raised(tmp_path: Path) -> None:
     modes = ("ok", "http500", "stream_error", "drop", "hang")
     async with StubOpenAIServer(modes) as stub:
-        cfg = _cfg(
+        cfg = _burst_cfg(
             stub.url,
             tmp_path,
-            shapes=[(50, 4)],
-            rates=[math.inf],
+            (50, 4),
             num_requests=10,
             warmup=0,
             timeout_s=1.0,
@@ -196,11 +200,10 @@ async def test_nixl_transfer_stats_from_vllm_metrics(tmp_path: Path) -> None:
     link.write_text(json.dumps({"peak_gbps": 400.0}))
     nbytes, secs = 64 * 2**20, 0.008
     async with StubOpenAIServer(("ok",), xfer_bytes=nbytes, xfer_s=secs) as stub:
-        cfg = _cfg(
+        cfg = _burst_cfg(
             stub.url,
             tmp_path,
-            shapes=[(50, 3)],
-            rates=[math.inf],
+            (50, 3),
             num_requests=5,
             warmup=2,
             metrics_urls=[stub.url + "/metrics"],
@@ -325,7 +328,7 @@ async def test_disagg_through_frontend_discovers_workers(tmp_path: Path) -> None
         for wid, role, url in (("p0", "prefill", p.url), ("d0", "decode", d.url)):
             client = await announce(fe.zmq_endpoint, url, role, wid, interval_s=0.05)
             st.push_async_callback(client.close)
-        cfg = _cfg(fe.url, tmp_path, label="disagg", shapes=[(400, 6)], rates=[math.inf], discover_workers=True)
+        cfg = _burst_cfg(fe.url, tmp_path, (400, 6), label="disagg", discover_workers=True)
         result = await run_benchmark(cfg)
     assert sorted(result["worker_metrics_urls"]) == sorted([p.url + "/metrics", d.url + "/metrics"])
     (point,) = result["points"]

@@ -8,6 +8,7 @@ import pytest
 import torch
 from vllm_versions import gap_since_vllm
 
+from pdkit.kernels import fingerprint_layouts
 from pdkit.kernels.fingerprint import (
     FMIX_C1,
     GOLDEN,
@@ -21,6 +22,7 @@ from pdkit.kernels.fingerprint import (
     fmix64_int,
     reference_fingerprints,
 )
+from pdkit.kernels.fingerprint_layouts import relayout
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float8_e4m3fn]
 
@@ -36,34 +38,9 @@ def random_layers(
     layers: int = 3,
     seed: int = 0,
 ) -> list[torch.Tensor]:
-    """Layer tensors built the way vLLM 0.26.0 does: raw bytes viewed in physical order, permuted to logical."""
-    gen = torch.Generator().manual_seed(seed)
-    size = torch.empty(0, dtype=dtype).element_size()
-    out = []
-    for _ in range(layers):
-        raw = torch.randint(
-            -128, 128, (num_blocks * heads * tokens * 2 * head_size * size,), dtype=torch.int8, generator=gen
-        )
-        data = raw.view(dtype)
-        if layout == "HND":
-            out.append(data.view(num_blocks, heads, tokens, 2 * head_size))
-        else:
-            out.append(data.view(num_blocks, tokens, heads, 2 * head_size).permute(0, 2, 1, 3))
-    return out
-
-
-def to_layout(layers: list[torch.Tensor], layout: str) -> list[torch.Tensor]:
-    """Same logical contents, other physical layout."""
-    out = []
-    for t in layers:
-        nb, h, n, c = t.shape
-        if layout == "HND":
-            dst = torch.empty((nb, h, n, c), dtype=t.dtype)
-        else:
-            dst = torch.empty((nb, n, h, c), dtype=t.dtype).permute(0, 2, 1, 3)
-        dst.view(torch.uint8).copy_(t.view(torch.uint8))
-        out.append(dst)
-    return out
+    """Small CPU layer tensors built the way vLLM 0.26.0 does (the shared builder with this file's defaults)."""
+    shape = {"num_blocks": num_blocks, "heads": heads, "tokens": tokens, "head_size": head_size, "layers": layers}
+    return fingerprint_layouts.random_layers(layout, dtype, gen=torch.Generator().manual_seed(seed), **shape)
 
 
 def spec_fingerprints(layers: list[torch.Tensor], block_ids: list[int]) -> list[int]:
@@ -102,14 +79,14 @@ def test_reference_equals_python_spec(layout: str, dtype: torch.dtype) -> None:
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_deterministic_and_layout_independent(dtype: torch.dtype) -> None:
     hnd = random_layers("HND", dtype, seed=3)
-    nhd = to_layout(hnd, "NHD")
+    nhd = relayout(hnd, "NHD")
     assert detect_layout(hnd[0]) == "HND" and detect_layout(nhd[0]) == "NHD"
     ids = [5, 0, 3, 3]
     first = block_fingerprints(hnd, ids)
     assert torch.equal(first, block_fingerprints(hnd, ids))
     assert torch.equal(first, block_fingerprints(nhd, ids))
     assert first[2] == first[3]
-    assert torch.equal(to_layout(nhd, "HND")[1].view(torch.uint8), hnd[1].view(torch.uint8))  # bits, NaNs included
+    assert torch.equal(relayout(nhd, "HND")[1].view(torch.uint8), hnd[1].view(torch.uint8))  # bits, NaNs included
 
 
 @pytest.mark.parametrize("layout", ["HND", "NHD"])
@@ -276,5 +253,5 @@ def test_tensors_from_vllm_reshape_code(layout: str) -> None:
     ids = [3, 1]
     want = spec_fingerprints([t.contiguous() for t in made], ids)
     assert block_fingerprints(made, ids).tolist() == want
-    other = to_layout(made, "NHD" if layout == "HND" else "HND")
+    other = relayout(made, "NHD" if layout == "HND" else "HND")
     assert block_fingerprints(other, ids).tolist() == want

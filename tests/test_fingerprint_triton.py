@@ -19,18 +19,23 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_gpu_check_script_passes_under_triton_interpreter(tmp_path: Path) -> None:
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OUT": str(tmp_path)}
+def run_script_under_interpreter(out: Path, script: str, *args: str) -> dict:
+    """Run ``scripts/<script>.py ARGS`` with TRITON_INTERPRET=1 and $OUT=out; its JSON report, once it exited 0."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OUT": str(out)}
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "gpu_check_fingerprint.py"), "--device", "cpu", "--small"],
+        [sys.executable, str(ROOT / "scripts" / f"{script}.py"), *args],
         env=env,
         capture_output=True,
         text=True,
         timeout=240,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    report = json.loads((tmp_path / "gpu_check_fingerprint.json").read_text())
+    return json.loads((out / f"{script}.json").read_text())
+
+
+def test_gpu_check_script_passes_under_triton_interpreter(tmp_path: Path) -> None:
+    pytest.importorskip("triton")
+    report = run_script_under_interpreter(tmp_path, "gpu_check_fingerprint", "--device", "cpu", "--small")
     assert report["ok"] and report["interpreter"]
     names = {c["name"] for c in report["cases"]}
     assert {f"{layout}/{dt}" for layout in ("HND", "NHD") for dt in ("bf16", "fp16", "fp8_e4m3")} <= names
@@ -49,16 +54,7 @@ def test_kernel_module_stays_out_of_plain_imports() -> None:
 def test_bench_script_smoke_run_under_interpreter(tmp_path: Path) -> None:
     """The GPU benchmark's code path on tiny CPU tensors (catches script bugs; says nothing about speed)."""
     pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OUT": str(tmp_path)}
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "bench_fingerprint.py"), "--cpu-smoke"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    report = json.loads((tmp_path / "bench_fingerprint.json").read_text())
+    report = run_script_under_interpreter(tmp_path, "bench_fingerprint", "--cpu-smoke")
     assert {(c["dtype"], c["layout"]) for c in report["cases"]} == {
         (d, lay) for d in ("bf16", "fp8_e4m3") for lay in ("HND", "NHD")
     }

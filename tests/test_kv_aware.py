@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
 from typing import Any
 
 import aiohttp
 import prometheus_client
 import pytest
+from loopback import index_synced
 from prometheus_client import CollectorRegistry
 
 from pdkit import prom
@@ -150,15 +150,6 @@ def test_metrics_go_to_the_given_registry_only(tok: PromptTokenizer) -> None:
 # -- end to end with simulated workers -------------------------------------------------------------
 
 
-async def wait_for(cond: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not cond():
-        if loop.time() > deadline:
-            raise AssertionError(f"never happened: {what}")
-        await asyncio.sleep(0.01)
-
-
 async def prefix_hits(http: aiohttp.ClientSession, w: SimWorker) -> float:
     async with http.get(w.url + "/metrics") as r:
         text = await r.text()
@@ -169,16 +160,6 @@ async def post(http: aiohttp.ClientSession, w: SimWorker, path: str, body: dict[
     async with http.post(w.url + path, json={"model": "synth", **body}) as r:
         assert r.status == 200, await r.text()
         return await r.json()
-
-
-async def synced(kv: KvRouting, w: SimWorker, wid: str) -> None:
-    assert await asyncio.to_thread(w.publisher.wait_idle)
-
-    def done() -> bool:
-        st = kv.index.worker(wid)
-        return st is not None and st.last_seq == w.publisher.next_seq - 1
-
-    await wait_for(done, f"{wid} synced")
 
 
 def state_of(w: SimWorker, wid: str) -> WorkerState:
@@ -225,7 +206,7 @@ async def test_predicted_hits_equal_the_simulators_hits() -> None:
                     if (st := kv.index.worker(wid)) is not None and st.last_seq is not None:
                         break
                     await asyncio.sleep(0.01)
-                await synced(kv, s, wid)
+                await index_synced(kv.index, s, wid)
             convo = [{"role": "system", "content": "You answer questions about KV caches. " * 6},
                      {"role": "user", "content": "What is a prefix cache?"}]  # fmt: skip
             requests: list[tuple[str, dict[str, Any]]] = [
@@ -250,7 +231,7 @@ async def test_predicted_hits_equal_the_simulators_hits() -> None:
                 if path.endswith("chat/completions"):  # multi-turn: the next turn extends this conversation
                     convo = [*convo, {"role": "assistant", "content": out["choices"][0]["message"]["content"]},
                              {"role": "user", "content": f"Follow-up number {turn}?"}]  # fmt: skip
-                await synced(kv, s, chosen.worker_id)
+                await index_synced(kv.index, s, chosen.worker_id)
             c = ctx({"messages": convo, "max_tokens": 2}, "/v1/chat/completions")
             p0 = predicted_tokens(kv)
             chosen = kv.policy.choose("agg", list(states.values()), c)

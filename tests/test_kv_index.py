@@ -8,12 +8,13 @@ history and answers replay requests on its real ROUTER socket.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import pytest
 import zmq
+from loopback import index_synced, wait_for
 from prometheus_client import CollectorRegistry
 
 from pdkit.routing import kv_events as ke
@@ -44,16 +45,6 @@ def batch(*events: Any, ts: float = 1000.0) -> ke.KVEventBatch:
 def metric(reg: CollectorRegistry, name: str, **labels: str) -> float:
     v = reg.get_sample_value(name, labels)
     return 0.0 if v is None else v
-
-
-async def wait_for(cond: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
-    """Poll until ``cond`` holds (a bound on waiting, not an assertion on timing)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not cond():
-        if loop.time() > deadline:
-            raise AssertionError(f"never happened: {what}")
-        await asyncio.sleep(0.01)
 
 
 # -- pure index behaviour ----------------------------------------------------------------------
@@ -181,6 +172,17 @@ class Injector:
 
 
 @pytest.fixture
+async def inj(sub: KvEventSubscriber) -> AsyncIterator[Injector]:
+    """An injector whose link to the subscriber is up; closed after the test."""
+    injector = Injector(sub)
+    try:
+        await injector.ready()
+        yield injector
+    finally:
+        injector.close()
+
+
+@pytest.fixture
 async def history() -> AsyncIterator[tuple[ke.KVEventPublisher, list[ke.KVEventBatch]]]:
     """A real publisher whose live stream goes nowhere; its replay buffer is the truth."""
     pub = ke.KVEventPublisher("tcp://127.0.0.1:0", "tcp://127.0.0.1:0", topic="w", bind=True)
@@ -200,81 +202,66 @@ def held(idx: KvIndex, wid: str) -> list[int]:
 
 
 async def test_gap_is_filled_from_the_replay_endpoint(
-    sub: KvEventSubscriber, history: tuple[ke.KVEventPublisher, list[ke.KVEventBatch]]
+    sub: KvEventSubscriber, history: tuple[ke.KVEventPublisher, list[ke.KVEventBatch]], inj: Injector
 ) -> None:
     pub, batches = history
-    inj = Injector(sub)
-    try:
-        await inj.ready()
-        sub.add_worker("w1", pub.replay_endpoint, topic="w")
-        await inj.send("w", 0, batches[0])
-        assert held(sub.index, "w1") == [1, 2]
-        await inj.send("w", 4, batches[4])  # 1..3 lost on the way
-        assert held(sub.index, "w1") == [2, 5, 6]  # the replay brought 1..5: the publisher's whole history
-        await inj.send("w", 5, batches[5])  # the replay covered 5 already: a duplicate, dropped
-        await inj.send("w", 6, batch(stored([7])))
-        assert held(sub.index, "w1") == [2, 5, 6, 7]
-        reg = sub.registry  # type: ignore[attr-defined]
-        assert metric(reg, "pdkit_kv_event_gaps_total", worker="w1") == 1
-        assert metric(reg, "pdkit_kv_event_replays_total", worker="w1", result="ok") == 1
-        assert metric(reg, "pdkit_kv_index_resets_total", worker="w1", reason="gap") == 0
-        assert metric(reg, "pdkit_kv_event_lag_seconds", worker="w1") > 0
-    finally:
-        inj.close()
+    sub.add_worker("w1", pub.replay_endpoint, topic="w")
+    await inj.send("w", 0, batches[0])
+    assert held(sub.index, "w1") == [1, 2]
+    await inj.send("w", 4, batches[4])  # 1..3 lost on the way
+    assert held(sub.index, "w1") == [2, 5, 6]  # the replay brought 1..5: the publisher's whole history
+    await inj.send("w", 5, batches[5])  # the replay covered 5 already: a duplicate, dropped
+    await inj.send("w", 6, batch(stored([7])))
+    assert held(sub.index, "w1") == [2, 5, 6, 7]
+    reg = sub.registry  # type: ignore[attr-defined]
+    assert metric(reg, "pdkit_kv_event_gaps_total", worker="w1") == 1
+    assert metric(reg, "pdkit_kv_event_replays_total", worker="w1", result="ok") == 1
+    assert metric(reg, "pdkit_kv_index_resets_total", worker="w1", reason="gap") == 0
+    assert metric(reg, "pdkit_kv_event_lag_seconds", worker="w1") > 0
 
 
 async def test_late_join_replays_from_zero_and_restart_clears(
-    sub: KvEventSubscriber, history: tuple[ke.KVEventPublisher, list[ke.KVEventBatch]]
+    sub: KvEventSubscriber, history: tuple[ke.KVEventPublisher, list[ke.KVEventBatch]], inj: Injector
 ) -> None:
     pub, batches = history
-    inj = Injector(sub)
-    try:
-        await inj.ready()
-        await inj.send("w", 2, batches[2])  # before add_worker: unknown topic, dropped
-        assert not sub.index.has_worker("w1")
-        sub.add_worker("w1", pub.replay_endpoint, topic="w")
-        await inj.send("w", 3, batches[3])  # first contact at seq 3 -> replay from 0
-        assert held(sub.index, "w1") == [2, 5, 6]
-        assert sub.index.size("w1") == {"GPU": 2, "CPU": 1, "DISK": 0}
-        await inj.send("w", 0, batch(stored([9])))  # a new publisher process starts again at 0
-        assert held(sub.index, "w1") == [9]
-        reg = sub.registry  # type: ignore[attr-defined]
-        assert metric(reg, "pdkit_kv_index_resets_total", worker="w1", reason="restart") == 1
-        assert metric(reg, "pdkit_kv_event_batches_dropped_total", reason="unknown_worker") >= 1
-    finally:
-        inj.close()
+    await inj.send("w", 2, batches[2])  # before add_worker: unknown topic, dropped
+    assert not sub.index.has_worker("w1")
+    sub.add_worker("w1", pub.replay_endpoint, topic="w")
+    await inj.send("w", 3, batches[3])  # first contact at seq 3 -> replay from 0
+    assert held(sub.index, "w1") == [2, 5, 6]
+    assert sub.index.size("w1") == {"GPU": 2, "CPU": 1, "DISK": 0}
+    await inj.send("w", 0, batch(stored([9])))  # a new publisher process starts again at 0
+    assert held(sub.index, "w1") == [9]
+    reg = sub.registry  # type: ignore[attr-defined]
+    assert metric(reg, "pdkit_kv_index_resets_total", worker="w1", reason="restart") == 1
+    assert metric(reg, "pdkit_kv_event_batches_dropped_total", reason="unknown_worker") >= 1
 
 
 async def test_unfillable_gap_clears_and_resyncs(
-    sub: KvEventSubscriber, history: tuple[ke.KVEventPublisher, list[ke.KVEventBatch]]
+    sub: KvEventSubscriber, history: tuple[ke.KVEventPublisher, list[ke.KVEventBatch]], inj: Injector
 ) -> None:
     pub, batches = history
-    inj = Injector(sub)
-    try:
-        await inj.ready()
-        sub.add_worker("nr", None, topic="nr")  # no replay endpoint
-        await inj.send("nr", 0, batches[0])
-        await inj.send("nr", 3, batches[3])
-        # batch 2 (removing block 1) may be lost: block 1 must not be predicted any more
-        assert held(sub.index, "nr") == [5]
-        await inj.send("nr", 4, batches[4])
-        assert held(sub.index, "nr") == [5, 6]
-        reg = sub.registry  # type: ignore[attr-defined]
-        assert metric(reg, "pdkit_kv_event_replays_total", worker="nr", result="unavailable") == 1
-        # a replay endpoint that does not answer: same outcome, and the loop keeps running
-        dead: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.ROUTER)
-        port = dead.bind_to_random_port("tcp://127.0.0.1")
-        dead.close(0)
-        sub.replay_timeout_ms = 200
-        sub.add_worker("dead", f"tcp://127.0.0.1:{port}", topic="dead")
-        await inj.send("dead", 2, batches[0])
-        assert held(sub.index, "dead") == [1, 2]
-        assert metric(reg, "pdkit_kv_event_replays_total", worker="dead", result="failed") == 1
-        sub.remove_worker("dead")
-        await inj.send("dead", 3, batches[1])
-        assert not sub.index.has_worker("dead")
-    finally:
-        inj.close()
+    sub.add_worker("nr", None, topic="nr")  # no replay endpoint
+    await inj.send("nr", 0, batches[0])
+    await inj.send("nr", 3, batches[3])
+    # batch 2 (removing block 1) may be lost: block 1 must not be predicted any more
+    assert held(sub.index, "nr") == [5]
+    await inj.send("nr", 4, batches[4])
+    assert held(sub.index, "nr") == [5, 6]
+    reg = sub.registry  # type: ignore[attr-defined]
+    assert metric(reg, "pdkit_kv_event_replays_total", worker="nr", result="unavailable") == 1
+    # a replay endpoint that does not answer: same outcome, and the loop keeps running
+    dead: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.ROUTER)
+    port = dead.bind_to_random_port("tcp://127.0.0.1")
+    dead.close(0)
+    sub.replay_timeout_ms = 200
+    sub.add_worker("dead", f"tcp://127.0.0.1:{port}", topic="dead")
+    await inj.send("dead", 2, batches[0])
+    assert held(sub.index, "dead") == [1, 2]
+    assert metric(reg, "pdkit_kv_event_replays_total", worker="dead", result="failed") == 1
+    sub.remove_worker("dead")
+    await inj.send("dead", 3, batches[1])
+    assert not sub.index.has_worker("dead")
 
 
 def _sim(topic: str, endpoint: str, **kw: Any) -> SimSettings:
@@ -290,17 +277,6 @@ async def _complete(http: aiohttp.ClientSession, w: SimWorker, prompt: str, max_
         await r.read()
 
 
-async def synced(sub: KvEventSubscriber, w: SimWorker, wid: str) -> None:
-    """Wait until the index has applied everything the worker's publisher sent."""
-    assert await asyncio.to_thread(w.publisher.wait_idle)
-
-    def done() -> bool:
-        st = sub.index.worker(wid)
-        return st is not None and st.last_seq == w.publisher.next_seq - 1
-
-    await wait_for(done, f"{wid} synced")
-
-
 async def connect_sim(http: aiohttp.ClientSession, sub: KvEventSubscriber, w: SimWorker, wid: str) -> None:
     """Register the worker and push requests until its publisher's link is up (then replay fills in)."""
     sub.add_worker(wid, w.kv_events_replay_endpoint, topic=w.settings.kv_events_topic)
@@ -310,7 +286,7 @@ async def connect_sim(http: aiohttp.ClientSession, sub: KvEventSubscriber, w: Si
         if st is not None and st.last_seq is not None:
             break
         await asyncio.sleep(0.01)
-    await synced(sub, w, wid)
+    await index_synced(sub.index, w, wid)
 
 
 async def test_sim_worker_events_reach_the_index(sub: KvEventSubscriber) -> None:
@@ -321,17 +297,17 @@ async def test_sim_worker_events_reach_the_index(sub: KvEventSubscriber) -> None
         tok = SimTokenizer(w.settings.model)
         prompt = "the index learns what the simulated worker caches " * 6
         await _complete(http, w, prompt)
-        await synced(sub, w, "A")
+        await index_synced(sub.index, w, "A")
         hashes = BlockHasher(16, "sha256", "11").event_hashes(tok.encode(prompt))
         assert len(hashes) >= 4
         assert sub.index.prefix_tiers("A", hashes) == [GPU] * len(hashes)
         # fill the small cache with other prompts: evictions reach the index as BlockRemoved
         for j in range(12):
             await _complete(http, w, " ".join(f"x{j}y{i}" for i in range(60)))
-        await synced(sub, w, "A")
+        await index_synced(sub.index, w, "A")
         assert sub.index.prefix_tiers("A", hashes) == []
         assert sub.index.size("A")["GPU"] <= 64
         async with http.post(w.url + "/reset_prefix_cache") as r:
             assert r.status == 200
-        await synced(sub, w, "A")
+        await index_synced(sub.index, w, "A")
         assert sub.index.size("A") == {"GPU": 0, "CPU": 0, "DISK": 0}

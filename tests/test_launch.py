@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from pdkit.config import load_deployment
-from pdkit.gpu_check.ports import free_port_block
+from pdkit.gpu_check.ports import group_port_bases
 from pdkit.plan import LaunchPlan, build_plan
 from pdkit.supervisor import StartupError, Supervisor
 
@@ -41,9 +41,7 @@ def sim_config(tmp_path: Path, prefill: int = 1, decode: int = 1) -> Path:
     for role, count in (("prefill", prefill), ("decode", decode)):
         groups[role] = {
             "count": count,
-            "http_port_base": free_port_block(count, taken),
-            "kv_events_port_base": free_port_block(count, taken),
-            "nixl_side_channel_port_base": free_port_block(count, taken),
+            **group_port_bases(count, taken),
             "startup_timeout_s": 60,
         }
     cfg = {"engine": "sim", "frontend": {"port": fe, "zmq_port": zmq_port, "kv_events_port": ev}, **groups}

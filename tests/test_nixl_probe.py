@@ -7,14 +7,12 @@ probe itself: READ and WRITE move the bytes exactly, and UCX's protocol tables a
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
 pytest.importorskip("nixl._api")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-import nixl_probe  # noqa: E402
+from pdkit.gpu_check import nixl_probe  # noqa: E402
 
 
 def test_read_and_write_move_the_bytes_exactly(tmp_path: Path) -> None:

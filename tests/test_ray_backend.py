@@ -18,11 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_launch import free_port_block, free_ports, get_json, post_json, wait_for, workers_of
+from test_launch import free_ports, get_json, post_json, wait_for, workers_of
 
 from pdkit.backends.placement import check_capacity, placement_groups
 from pdkit.config import load_deployment
 from pdkit.errors import ConfigError
+from pdkit.gpu_check.ports import group_port_bases
 
 try:
     import ray
@@ -121,9 +122,7 @@ def sim_ray_config(tmp_path: Path, address: str, prefill: int, decode: int) -> P
     for role, count in (("prefill", prefill), ("decode", decode)):
         cfg[role] = {
             "count": count,
-            "http_port_base": free_port_block(count, taken),
-            "kv_events_port_base": free_port_block(count, taken),
-            "nixl_side_channel_port_base": free_port_block(count, taken),
+            **group_port_bases(count, taken),
             "startup_timeout_s": 90,
         }
     path = tmp_path / "ray.yaml"

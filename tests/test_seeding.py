@@ -17,7 +17,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from loopback import sse_events
+from loopback import sse_events, sse_summary
 
 from pdkit import prom
 from pdkit.frontend import seeding
@@ -31,20 +31,9 @@ COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
 
 def stream_summary(path: str, raw: bytes) -> dict[str, Any]:
     """What a client reads from a stream: text, token ids, finish/stop reason, usage, ids seen."""
-    text, ids, finish, stop, usage, rids = "", [], None, None, None, set()
-    events = sse_events(raw)
-    assert events[-1] == "[DONE]"
-    for ev in events[:-1]:
-        assert "error" not in ev, ev
-        rids.add((ev["id"], ev["object"], ev["model"]))
-        if ev.get("usage") and not ev["choices"]:
-            usage = ev["usage"]
-        for c in ev["choices"]:
-            text += (c["delta"].get("content") or "") if path == CHAT else c["text"]
-            ids += c.get("token_ids") or []
-            if c.get("finish_reason") is not None:
-                finish, stop = c["finish_reason"], c.get("stop_reason")
-    return {"text": text, "ids": ids, "finish": finish, "stop": stop, "usage": usage, "rids": rids}
+    summary = sse_summary(raw, chat=path == CHAT)
+    del summary["dones"]
+    return summary
 
 
 async def read_all(resp: aiohttp.ClientResponse) -> bytes:

@@ -22,7 +22,7 @@ import aiohttp
 import loopback
 import pytest
 from aiohttp import web
-from loopback import closed_port_url, sim, sse_events
+from loopback import closed_port_url, sim, sse_events, sse_summary
 
 from pdkit import prom
 from pdkit.frontend.server import SEED_HEADER, Frontend
@@ -53,19 +53,10 @@ def summary(path: str, data: Any, stream: bool) -> dict[str, Any]:
         text = c["message"]["content"] if path == CHAT else c["text"]
         return {"text": text, "ids": c.get("token_ids"), "finish": c["finish_reason"],
                 "stop": c.get("stop_reason"), "usage": data["usage"]}  # fmt: skip
-    text, ids, finish, stop, usage = "", [], None, None, None
-    events = sse_events(data)
-    assert events[-1] == "[DONE]" and events.count("[DONE]") == 1
-    for ev in events[:-1]:
-        assert "error" not in ev, ev
-        if ev.get("usage") and not ev["choices"]:
-            usage = ev["usage"]
-        for c in ev["choices"]:
-            text += (c["delta"].get("content") or "") if path == CHAT else c["text"]
-            ids += c.get("token_ids") or []
-            if c.get("finish_reason") is not None:
-                finish, stop = c["finish_reason"], c.get("stop_reason")
-    return {"text": text, "ids": ids, "finish": finish, "stop": stop, "usage": usage}
+    streamed = sse_summary(data, chat=path == CHAT)
+    assert streamed.pop("dones") == 1
+    del streamed["rids"]
+    return streamed
 
 
 async def call(http: aiohttp.ClientSession, url: str, path: str, body: dict[str, Any], **kw: Any) -> Any:

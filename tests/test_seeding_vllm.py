@@ -39,6 +39,7 @@ pytestmark = [
     ),
 ]
 
+import seeded_vllm  # noqa: E402
 from seeded_vllm import BS, MODES, SEED_TOKEN, STOP_CASES, cdiv, nixl_scheduler, prompt, request, step_outputs  # noqa: E402
 from vllm.distributed.kv_transfer.kv_connector.v1.nixl import NixlBaseConnectorWorker  # noqa: E402
 from vllm.v1.core.sched.scheduler import Scheduler  # noqa: E402
@@ -108,13 +109,7 @@ def test_seeded_decode_loads_n_tokens_and_computes_one(mode: str, n: int) -> Non
         # the prefill writes its cdiv(n) blocks into the first cdiv(n) registered ones (P cuts the longer list)
         assert len(registered[0]) - len(remote["remote_block_ids"][0]) == (1 if n % BS == 0 else 0)
 
-    so, _ = step(scheduler)
-    # recompute-the-last-token rule: N tokens come from the prefill, the seed is the one computed here
-    assert so.num_scheduled_tokens == {"dec-1": 1}
-    assert [(r.req_id, r.num_computed_tokens) for r in so.scheduled_new_reqs] == [("dec-1", n)]
-    assert list(req.output_token_ids) == [42] and req.status == RequestStatus.RUNNING
-    so, _ = step(scheduler)
-    assert so.num_scheduled_tokens == {"dec-1": 1}  # plain decoding from here on
+    seeded_vllm.assert_seed_computed_then_decoding(scheduler, req, n)
 
 
 def test_unpadded_block_list_asserts_or_misaligns_in_vllms_pull_worker() -> None:
@@ -132,11 +127,8 @@ def test_unpadded_block_list_asserts_or_misaligns_in_vllms_pull_worker() -> None
         if padded:
             params = seeded_kv_transfer_params(params, BS)
         rid = f"dec-{padded}"
-        req = request(rid, [*prompt(n), SEED_TOKEN], max_tokens=4, params=params)
-        scheduler.add_request(req)
-        so, _ = step(scheduler, finished_recving={rid})
+        req, meta = seeded_vllm.add_seeded_decode(scheduler, rid, n, params)
         assert req.prefill_stats is not None and req.prefill_stats.num_local_cached_tokens == BS
-        meta = so.kv_connector_metadata.reqs_to_recv[rid]
         pairs = pair_blocks(meta.local_block_ids, meta.remote.block_ids)
         # local blocks for positions 16-31 and 32-47; the prefill's block of positions 16-31 is 101
         assert pairs[0][1] == (101 if padded else 100)  # unpadded: block 0's KV lands at positions 16-31
@@ -196,9 +188,5 @@ def test_a_rejected_decode_request_queues_the_prefill_release(mode: str) -> None
 @pytest.mark.parametrize("include", [False, True])
 @pytest.mark.parametrize(("text", "new", "stops"), STOP_CASES)
 def test_check_stop_is_vllms_own_rule(text: str, new: int, stops: list[str], include: bool) -> None:
-    from vllm.v1.engine.detokenizer import check_stop_strings
-
-    want = check_stop_strings(text, new, stops, include)
-    if want is not None and want[1] == -1:  # vLLM's "no truncation"
-        want = (want[0], len(text))
+    want = seeded_vllm.vllm_stop(text, new, stops, include)
     assert seeding.check_stop(text, new, stops, include, earliest_end=False) == want

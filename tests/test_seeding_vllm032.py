@@ -33,6 +33,7 @@ from vllm_versions import since_vllm
 pytest.importorskip("vllm")
 pytestmark = [pytest.mark.vllm, since_vllm("0.32", "NIXL internals of 0.32 and 0.33; 0.26: test_seeding_vllm.py")]
 
+import seeded_vllm  # noqa: E402
 from seeded_vllm import BS, MODES, SEED_TOKEN, STOP_CASES, cdiv, nixl_scheduler, prompt, request, step_outputs  # noqa: E402
 from vllm.distributed.kv_transfer.kv_connector.v1.nixl import NixlBaseConnectorWorker  # noqa: E402
 from vllm.v1.core.sched.scheduler import Scheduler  # noqa: E402
@@ -118,13 +119,7 @@ def test_seeded_decode_loads_n_tokens_and_computes_one(mode: str, n: int) -> Non
             zip(local[0], remote["remote_block_ids"][0], strict=True)
         )
 
-    so, _ = step(scheduler)
-    # recompute-the-last-token rule: N tokens come from the prefill, the seed is the one computed here
-    assert so.num_scheduled_tokens == {"dec-1": 1}
-    assert [(r.req_id, r.num_computed_tokens) for r in so.scheduled_new_reqs] == [("dec-1", n)]
-    assert list(req.output_token_ids) == [42] and req.status == RequestStatus.RUNNING
-    so, _ = step(scheduler)
-    assert so.num_scheduled_tokens == {"dec-1": 1}  # plain decoding from here on
+    seeded_vllm.assert_seed_computed_then_decoding(scheduler, req, n)
 
 
 def warm_decode(connector: str, n: int) -> Scheduler:
@@ -145,11 +140,8 @@ def test_pull_pad_is_still_needed_on_032() -> None:
         scheduler = warm_decode("NixlConnector", n)
         params = seeded_kv_transfer_params(remote, BS) if padded else copy.deepcopy(remote)  # vLLM mutates it
         rid = f"dec-{padded}"
-        req = request(rid, [*prompt(n), SEED_TOKEN], max_tokens=4, params=params)
-        scheduler.add_request(req)
-        so, _ = step(scheduler, finished_recving={rid})
+        req, meta = seeded_vllm.add_seeded_decode(scheduler, rid, n, params)
         assert req.prefill_stats is not None and req.prefill_stats.num_local_cached_tokens == BS
-        meta = so.kv_connector_metadata.reqs_to_recv[rid]
         pairs = pair([list(g) for g in meta.local_block_ids], [list(g) for g in meta.remote.block_ids])
         # local blocks for positions 16-31 and 32-47; the prefill's block of positions 16-31 is its second
         assert pairs[0][1] == (first_remote[1] if padded else first_remote[0])  # unpadded: one block off
@@ -216,9 +208,5 @@ def test_a_rejected_decode_request_queues_the_prefill_release(mode: str) -> None
 @pytest.mark.parametrize("include", [False, True])
 @pytest.mark.parametrize(("text", "new", "stops"), STOP_CASES)
 def test_check_stop_is_vllms_own_rule(text: str, new: int, stops: list[str], include: bool) -> None:
-    from vllm.v1.engine.detokenizer import check_stop_strings
-
-    want = check_stop_strings(text, new, stops, include)
-    if want is not None and want[1] == -1:  # vLLM's "no truncation"
-        want = (want[0], len(text))
+    want = seeded_vllm.vllm_stop(text, new, stops, include)
     assert seeding.check_stop(text, new, stops, include, earliest_end=True) == want

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 OUT = Path(os.environ.get("OUT", "/tmp/pdkit-gpu-out"))
@@ -58,23 +59,40 @@ def build_prompts(model_dir: Path) -> list[str]:
     return prompts
 
 
+def stream_chunks(
+    path: str, body: dict, *, port: int | None = None, timeout: float = 300, headers: dict[str, str] | None = None
+) -> Iterator[dict]:
+    """POST ``body`` as a streaming request (usage included) to the frontend (``port``: another
+    deployment's) and yield each SSE data chunk, parsed; the request goes out on the first ``next``.
+
+    Raises RuntimeError on an HTTP error status or an error chunk, so a check never mistakes a failed
+    stream for a short answer. Callers time the stream themselves (they pick what they measure)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port or PORT, timeout=timeout)
+    try:
+        payload = {**body, "stream": True, "stream_options": {"include_usage": True}}
+        conn.request(
+            "POST", path, body=json.dumps(payload), headers={"Content-Type": "application/json", **(headers or {})}
+        )
+        resp = conn.getresponse()
+        if resp.status != 200:
+            raise RuntimeError(f"{path} -> HTTP {resp.status}: {resp.read()[:500]!r}")
+        for raw in resp:
+            line = raw.decode().strip()
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("error"):
+                raise RuntimeError(f"stream error: {chunk['error']}")
+            yield chunk
+    finally:
+        conn.close()
+
+
 def stream_request(path: str, body: dict, timeout: float = 300, port: int | None = None) -> dict:
     """POST a streaming request to the frontend (``port``: another deployment's); returns text, TTFT, usage."""
-    conn = http.client.HTTPConnection("127.0.0.1", port or PORT, timeout=timeout)
-    payload = {**body, "stream": True, "stream_options": {"include_usage": True}}
-    t0 = time.perf_counter()
-    conn.request("POST", path, body=json.dumps(payload), headers={"Content-Type": "application/json"})
-    resp = conn.getresponse()
-    if resp.status != 200:
-        raise RuntimeError(f"{path} -> HTTP {resp.status}: {resp.read()[:500]!r}")
     text, ttft, usage = [], None, None
-    for raw in resp:
-        line = raw.decode().strip()
-        if not line.startswith("data: ") or line == "data: [DONE]":
-            continue
-        chunk = json.loads(line[6:])
-        if chunk.get("error"):
-            raise RuntimeError(f"stream error: {chunk['error']}")
+    t0 = time.perf_counter()
+    for chunk in stream_chunks(path, body, port=port, timeout=timeout):
         if chunk.get("usage"):
             usage = chunk["usage"]
         for choice in chunk.get("choices", []):
@@ -83,7 +101,6 @@ def stream_request(path: str, body: dict, timeout: float = 300, port: int | None
                 if ttft is None:
                     ttft = time.perf_counter() - t0
                 text.append(piece)
-    conn.close()
     return {"text": "".join(text), "ttft_s": ttft, "e2e_s": time.perf_counter() - t0, "usage": usage}
 
 

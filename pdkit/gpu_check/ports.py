@@ -2,7 +2,7 @@
 
 Why here: a deployment's worker groups take ``base + worker index`` ports, so a check needs ``n``
 consecutive free ports that no earlier group of the same run was given; the GPU checks, the registry
-attack script and the launch tests all need the same search.
+attack script and the launch tests all need the same search (and the same three per-group bases).
 """
 
 from __future__ import annotations
@@ -31,3 +31,13 @@ def free_port_block(n: int, taken: set[int]) -> int:
             continue
         taken |= block
         return base
+
+
+#: The port bases one worker group of a deployment config takes, in the order they are searched.
+GROUP_PORT_KEYS = ("http_port_base", "kv_events_port_base", "nixl_side_channel_port_base")
+
+
+def group_port_bases(count: int, taken: set[int]) -> dict[str, int]:
+    """Free port blocks for a worker group of ``count`` workers, as the config's ``*_port_base`` keys
+    (HTTP, KV events, NIXL side channel), none in ``taken`` (which it extends)."""
+    return {key: free_port_block(count, taken) for key in GROUP_PORT_KEYS}
