@@ -2,7 +2,7 @@
 
 vLLM 0.26.0 and 0.32.0 (the hooks 0.32 added are delegated below) load it with
 ``kv_connector="PdConnector"`` and ``kv_connector_module_path="pdkit.connectors.pd_connector"``;
-configuration in ``pd_children.py``, design and the method-by-method table in ``docs/pd_connector.md``.
+configuration in ``pd_children.py``, design and the method-by-method table in ``docs/pd-connector.md``.
 
 Composition, not a MultiConnector subclass: vLLM's HMA check special-cases the class *name*
 ``MultiConnector`` (a subclass named otherwise claims SupportsHMA through inheritance, keeps the hybrid
@@ -113,7 +113,7 @@ def merge_transfer_params(by_child: dict[str, dict[str, Any] | None]) -> dict[st
 
 
 class PdConnector(KVConnectorBase_V1):
-    """LMCache + NIXL for P/D serving; see the module docstring and docs/pd_connector.md."""
+    """LMCache + NIXL for P/D serving; see the module docstring and docs/pd-connector.md."""
 
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)

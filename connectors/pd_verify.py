@@ -1,6 +1,6 @@
 """``verify_transfers`` (issue 9): KV block fingerprints sent by prefill, checked by decode.
 
-Flow (design and the vLLM 0.26.0 ordering argument in docs/pd_connector.md, "verify_transfers"):
+Flow (design and the vLLM 0.26.0 ordering argument in docs/pd-connector.md, "verify_transfers"):
 
 * **prefill scheduler** (:class:`ProducerFingerprints`): tracks the block ids of each
   ``do_remote_decode`` request from the scheduler output; in the step whose forward completes the

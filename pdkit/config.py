@@ -57,7 +57,7 @@ class FrontendConfig(_Strict):
     """Unused since KV events are read from each worker's own socket (docs/security.md); kept so old configs
     load."""
     policy: Literal["round_robin", "least_loaded", "kv_aware"] = "least_loaded"
-    """How a worker is picked for each request (docs/kv_routing.md for ``kv_aware``)."""
+    """How a worker is picked for each request (docs/kv-routing.md for ``kv_aware``)."""
     token: str | None = None
     """Shared secret workers must present (env ``PDKIT_TOKEN``); unset: ``pdkit launch`` makes one per
     deployment."""

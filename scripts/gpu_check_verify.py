@@ -2,7 +2,7 @@
 
 Needs the deployment key ``nixl.verify_transfers`` (prefill: PdConnector with ``verify_transfers``;
 decode: PdConnector in NIXL-only mode with ``verify_transfers`` and ``kv_load_failure_policy=recompute``;
-see docs/pd_connector.md "verify_transfers").  Same synthetic Llama-8B, ``--enforce-eager``,
+see docs/pd-connector.md "verify_transfers").  Same synthetic Llama-8B, ``--enforce-eager``,
 ``max_model_len`` 16384 everywhere (8k-token prompts), prefix cache off on prefill, as gpu_check_pd.py.
 
 Stages (``--stages``, default all three):

@@ -12,7 +12,7 @@ Agg mode, and disagg prompts shorter than ``disagg_min_prompt_tokens``, take one
 policy a disagg request also takes one hop when a decode worker already caches all but fewer than
 ``disagg_min_prompt_tokens`` of its prompt tokens (conditional disaggregation, mode ``direct_cached``).
 
-KV routing (docs/kv_routing.md): when ``FrontendSettings.kv_events_enabled`` the frontend owns a
+KV routing (docs/kv-routing.md): when ``FrontendSettings.kv_events_enabled`` the frontend owns a
 :class:`~pdkit.routing.kv_aware.KvRouting` (SUB socket, index, ``pdkit_kv_*`` metrics) that follows the
 registry; its policy is the frontend's policy when ``policy="kv_aware"``.
 

@@ -37,7 +37,7 @@ class FrontendSettings:
     prefill answers and the decode continues from prompt + that token (docs/seeding.md); requests the
     seeding path cannot reproduce exactly (n > 1, echo, tools, ...) take the unseeded path.
 
-    KV events (docs/kv_routing.md): ``kv_events_port`` is where the frontend binds the SUB socket every
+    KV events (docs/kv-routing.md): ``kv_events_port`` is where the frontend binds the SUB socket every
     worker's KV-event publisher connects to.  None (the in-process default) binds it only when the
     policy is ``kv_aware``, then on a free port; ``pdkit frontend`` always passes a port, so the index
     (and its sizes in ``/workers`` and ``pdkit_kv_*``) exists under every policy.  ``hash_seed`` must
