@@ -21,9 +21,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from test_launch import free_port_block, sim_config
+from test_launch import sim_config
 
 from pdkit.config import load_deployment
+from pdkit.gpu_check.ports import free_port_block
 from pdkit.kv_config import kv_transfer_config
 from pdkit.lmcache_server import server_spec
 from pdkit.plan import build_plan
