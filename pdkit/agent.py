@@ -48,6 +48,7 @@ from pdkit.protocol import (
     version_mismatch,
 )
 from pdkit.stack import installed_version
+from pdkit.stop_signals import on_stop_signal
 from pdkit.streams import output_lines
 
 EXIT_ENGINE_DIED = 3
@@ -135,9 +136,7 @@ class WorkerAgent:
         print(f"pdkit-agent[{self.worker_id}]: {msg}", file=sys.stderr, flush=True)
 
     async def run(self) -> int:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._stop.set)
+        on_stop_signal(self._stop.set)
         try:
             busy = busy_port(self.s.info)
             if busy:

@@ -40,6 +40,7 @@ from pdkit.backends.ray_actor import LOOPBACK, TOKEN_ENV, ProcessActor, ProcessJ
 from pdkit.config import Deployment, is_loopback  # noqa: E402
 from pdkit.errors import ConfigError  # noqa: E402
 from pdkit.plan import LaunchPlan  # noqa: E402
+from pdkit.stop_signals import STOP_SIGNALS, stop_event  # noqa: E402
 from pdkit.supervisor import (  # noqa: E402
     REQUIRED_ROLE,
     PortBusyError,
@@ -304,10 +305,7 @@ class RayLaunch:
     # ---------------------------------------------------------------------------------------- run
 
     async def serve(self, smoke_test: bool) -> int:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+        stop = stop_event()
         sup: Supervisor | None = None
         try:
             start = asyncio.create_task(self._start(stop))
@@ -333,7 +331,8 @@ class RayLaunch:
         finally:
             if self.frontend_sup is not None:
                 await self.frontend_sup.stop()
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            loop = asyncio.get_running_loop()
+            for sig in STOP_SIGNALS:
                 loop.remove_signal_handler(sig)
 
     async def _start(self, stop: asyncio.Event) -> Supervisor | None:
