@@ -34,6 +34,7 @@ import zmq.asyncio
 
 from pdkit import prom
 from pdkit.errors import ConfigError
+from pdkit.kv_config import nixl_mode_of
 from pdkit.parent_death import wrap as tie_to_parent
 from pdkit.protocol import (
     Ack,
@@ -490,6 +491,7 @@ def run_agent_cli(ctx: Any, **opts: Any) -> int:
         block_size=opts.get("block_size") or 16,
         prefix_caching=prefix_caching_enabled(engine_argv),
         engine_version=installed_version("vllm") if (opts.get("engine") or "vllm") == "vllm" else None,
+        nixl_mode=nixl_mode_of(engine_argv),
         pid=os.getpid(),
     )
     from pdkit.secret import TOKEN_ENV, prepare_ipc_dirs, resolve_token

@@ -38,10 +38,11 @@ Importable without vllm: ``kv_transfer_config`` returns a plain dict when vllm i
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+import json
+from typing import Any, Literal, NamedTuple
 
 from pdkit.config import LMCacheConfig, NixlConfig, Role
-from pdkit.stack import Stack, plan_stack
+from pdkit.stack import STACKS, Stack, plan_stack
 
 PD_CONNECTOR = "PdConnector"
 PD_CONNECTOR_MODULE = "pdkit.connectors.pd_connector"
@@ -110,6 +111,37 @@ def nixl_connector_name(nixl: NixlConfig, stack: Stack | None = None) -> str:
     """The registry name of the NIXL connector for the chosen transfer direction on ``stack``'s vLLM."""
     stack = stack or plan_stack()
     return stack.nixl_push_connector if nixl.mode == "push" else stack.nixl_pull_connector
+
+
+def nixl_mode_of(engine_argv: list[str]) -> Literal["pull", "push"] | None:
+    """The NIXL direction of ``vllm serve ENGINE_ARGV``, read back from its ``--kv-transfer-config``.
+
+    Why: the agent reports it at registration (``WorkerInfo.nixl_mode``), because vLLM 0.26's prefill
+    answers do not name it and first-token seeding has a push-only rule.  The connector name is matched
+    against every release's names in the version table (a standalone worker may run another release than
+    the frontend's host); PdConnector names its NIXL child in ``nixl_connector``.  None: no NIXL connector,
+    or a config this cannot read (the frontend then assumes pull, as before this field existed).
+    """
+    raw = None
+    for i, arg in enumerate(engine_argv):
+        if arg == "--kv-transfer-config" and i + 1 < len(engine_argv):
+            raw = engine_argv[i + 1]
+        elif arg.startswith("--kv-transfer-config="):
+            raw = arg.split("=", 1)[1]
+    try:
+        config = json.loads(raw) if raw else None
+    except ValueError:
+        return None
+    if not isinstance(config, dict):
+        return None
+    extra = config.get("kv_connector_extra_config")
+    names = [config.get("kv_connector"), extra.get("nixl_connector") if isinstance(extra, dict) else None]
+    for name in names:
+        if name in {s.nixl_push_connector for s in STACKS.values()}:
+            return "push"
+        if name in {s.nixl_pull_connector for s in STACKS.values()}:
+            return "pull"
+    return None
 
 
 def kv_transfer_dict(

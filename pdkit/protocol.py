@@ -58,6 +58,10 @@ class WorkerInfo(_Model):
     # release's rules where it re-implements them (the seeded stream's stop-string check).  None = unknown:
     # the newest known release's rules.
     engine_version: str | None = Field(default=None, max_length=64)
+    # The worker's NIXL transfer direction (from its --kv-transfer-config), so the frontend knows it on
+    # vLLM 0.26, whose prefill answers do not say: push pairs the two hops by request id, which a seeded
+    # chat request cannot satisfy (pdkit.frontend.seeding).  None = no NIXL connector or unknown.
+    nixl_mode: Literal["pull", "push"] | None = None
     pid: int | None = None
 
     @field_validator("url", mode="before")

@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from pdkit import kv_transfer_config
-from pdkit.config import LMCacheConfig, NixlConfig
-from pdkit.kv_config import DISABLE_HMA_FLAG, PD_CONNECTOR, PD_CONNECTOR_MODULE
+from pdkit.config import LMCacheConfig, NixlConfig, load_deployment
+from pdkit.kv_config import DISABLE_HMA_FLAG, PD_CONNECTOR, PD_CONNECTOR_MODULE, kv_transfer_dict, nixl_mode_of
+from pdkit.plan import build_plan
 
 vllm_config = pytest.importorskip("vllm.config")
 
@@ -126,3 +128,27 @@ def test_verify_transfers_puts_pdconnector_on_both_roles() -> None:
     assert d.kv_role == "kv_consumer" and d.kv_connector_extra_config["lmcache"] is None
     assert d.kv_connector_extra_config["verify_transfers"] is True
     assert DISABLE_HMA_FLAG in p_args and DISABLE_HMA_FLAG in d_args
+
+
+@pytest.mark.parametrize("verify", [False, True])
+@pytest.mark.parametrize("lmcache", [True, False])
+@pytest.mark.parametrize("mode", ["pull", "push"])
+def test_the_agent_reads_the_nixl_mode_back_from_the_planned_engine_command(
+    mode: str, lmcache: bool, verify: bool, tmp_path: Path
+) -> None:
+    """``WorkerInfo.nixl_mode`` comes from the worker's own --kv-transfer-config (plain NIXL or PdConnector)."""
+    overrides = {"mode": "disagg", "nixl.mode": mode, "nixl.verify_transfers": verify, "lmcache.enabled": lmcache,
+                 "run_dir": str(tmp_path)}  # fmt: skip
+    plan = build_plan(load_deployment(None, overrides))
+    workers = [p for p in plan.processes if p.role in ("prefill", "decode")]
+    assert {p.role for p in workers} == {"prefill", "decode"}
+    for p in workers:
+        assert nixl_mode_of(p.argv) == mode, (p.name, p.argv)
+
+
+def test_nixl_mode_is_none_without_a_readable_nixl_config() -> None:
+    agg = json.dumps(kv_transfer_dict("agg"))
+    assert nixl_mode_of(["serve", "--kv-transfer-config", agg]) is None  # LMCache only
+    assert nixl_mode_of(["serve", "m"]) is None
+    assert nixl_mode_of(["serve", "--kv-transfer-config", "{not json"]) is None
+    assert nixl_mode_of(["serve", '--kv-transfer-config={"kv_connector": "NixlPushConnector"}']) == "push"

@@ -55,7 +55,7 @@ def test_wire_shape_matches_architecture_doc() -> None:
     assert set(data["worker"]) == {
         "worker_id", "role", "url", "model", "engine", "nixl_side_channel", "kv_events_endpoint",
         "kv_events_replay_endpoint", "kv_events_topic", "block_size", "prefix_caching", "max_model_len", "pid",
-        "engine_version",
+        "engine_version", "nixl_mode",
     }  # fmt: skip
     assert data["worker"]["url"] == "http://127.0.0.1:8200"  # trailing slash dropped
     hb = json.loads(encode(Heartbeat(worker_id="w", seq=1)))

@@ -126,6 +126,30 @@ async def test_seeded_chat_equals_agg(http: aiohttp.ClientSession, stream: bool)
         assert seeded(fe, "seeded") == 4
 
 
+@pytest.mark.parametrize("stream", [False, True])
+async def test_push_workers_decode_chat_unseeded_and_completions_seeded(
+    http: aiohttp.ClientSession, stream: bool
+) -> None:
+    """Workers registered with ``nixl_mode: push`` (vLLM 0.26 names it nowhere else): a chat request falls
+    back to the unseeded decode after its prefill (vLLM's push pairs the hops by request id, which a
+    seeded chat request cannot satisfy: tests/test_seeding_push_ids.py), a completions request is seeded.
+    The simulator moves KV by pull whatever is announced: what is checked is the frontend's choice."""
+    async with AsyncExitStack() as st:
+        p, d, a = await sim(st, "prefill"), await sim(st, "decode"), await sim(st, "agg")
+        workers = {"p": ("prefill", p.url), "d": ("decode", d.url)}
+        fe = await loopback.frontend(
+            st, workers, announce_kw={"block_size": 16, "nixl_mode": "push"}, seed_first_token=True
+        )
+        chat = chat_body(12, stream=stream, max_tokens=6)
+        want = summary(CHAT, await call(http, a.url, CHAT, chat), stream)
+        assert summary(CHAT, await call(http, fe.url, CHAT, chat), stream) == want
+        assert seeded(fe, "fallback") == 1 and seeded(fe, "seeded") == 0
+        body = completion_body(40, stream=stream, return_token_ids=True)
+        want = summary(COMPLETIONS, await call(http, a.url, COMPLETIONS, body), stream)
+        assert summary(COMPLETIONS, await call(http, fe.url, COMPLETIONS, body), stream) == want
+        assert seeded(fe, "seeded") == 1
+
+
 async def test_first_byte_is_the_prefills_token_and_counts_as_ttft(http: aiohttp.ClientSession) -> None:
     """The client reads the first token before the decode has been asked for anything."""
     async with AsyncExitStack() as st:

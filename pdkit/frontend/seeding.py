@@ -264,8 +264,21 @@ def ends_request(path: str, body: dict[str, Any], first: FirstToken, max_model_l
     return max_model_len is not None and first.num_prompt_tokens + 1 >= max_model_len
 
 
-def seeded_kv_transfer_params(params: dict[str, Any], block_size: int) -> dict[str, Any]:
+def seeded_kv_transfer_params(
+    params: dict[str, Any], block_size: int, *, chat: bool = False, nixl_mode: str | None = None
+) -> dict[str, Any]:
     """The prefill's params for a decode whose prompt is one token longer than the prefill's.
+
+    ``chat``: the client's request (so its prefill hop) is a chat completion; ``nixl_mode``: the prefill
+    worker's registered direction (``WorkerInfo.nixl_mode``), used where the params do not name one (0.26).
+    Push pairs the decode's block registration with the prefill's finished request by *request id*
+    (``NixlPushConnectorWorker._pop_matching_registration``: equal ids, or equal once the ``-<8 hex>``
+    suffix is stripped).  The two hops share the client's ``X-Request-Id``, but vLLM prefixes it per
+    API: a chat prefill is ``chatcmpl-<id>-…``, the seeded decode (token ids, so ``/v1/completions``) is
+    ``cmpl-<id>-0-…``; they never pair, the prefill never writes, and the decode waits out
+    ``push_registration_timeout`` (seen on one H200, vLLM 0.26, 2026-12-02: the frontend's 120 s
+    first-byte timeout fired first).  So a chat request in push mode is decoded unseeded; a completions
+    request pairs (``cmpl-<id>-0`` on both hops).
 
     Raises :class:`SeedingError` when the decode cannot load the prompt's KV correctly with the seed
     appended (the frontend then decodes unseeded: nothing has reached the client yet).  The NIXL mode
@@ -292,6 +305,11 @@ def seeded_kv_transfer_params(params: dict[str, Any], block_size: int) -> dict[s
     n = params.get("remote_num_tokens")
     groups = params.get("remote_block_ids")
     mode = params.get("transfer_mode")
+    if chat and (mode if isinstance(mode, str) else nixl_mode) == "push":
+        raise SeedingError(
+            "push mode pairs the hops by request id, and a chat prefill (chatcmpl-) never pairs with the "
+            "seeded token-id decode (cmpl-)"
+        )
     rule = SEED_WHOLE_BLOCK.get(mode) if isinstance(mode, str) or mode is None else None
     if rule is None:
         raise SeedingError(f"unknown NIXL transfer_mode {mode!r}: the seeded block pairing is unproven there")
@@ -338,14 +356,20 @@ COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # vLLM 0.26 CompletionRequest.max_tokens (n
 
 
 def seeded_decode_body(
-    path: str, body: dict[str, Any], first: FirstToken, block_size: int, max_model_len: int | None = None
+    path: str,
+    body: dict[str, Any],
+    first: FirstToken,
+    block_size: int,
+    max_model_len: int | None = None,
+    nixl_mode: str | None = None,
 ) -> tuple[str, dict[str, Any]]:
     """(path, body) of the decode hop: prompt ids + first token, one token less to generate.
 
     ``block_size`` is the prefill worker's (``WorkerInfo.block_size``), ``max_model_len`` the decode
     worker's: a chat request without a limit may run to the end of the context, and the completions API
-    would otherwise stop at its default of 16.  Raises :class:`SeedingError` when that limit is needed
-    but unknown (the frontend then sends the unseeded decode; nothing has reached the client yet).
+    would otherwise stop at its default of 16; ``nixl_mode`` the prefill worker's
+    (``seeded_kv_transfer_params``).  Raises :class:`SeedingError` when that limit is needed but unknown,
+    or the KV cannot be paired (the frontend then sends the unseeded decode; nothing reached the client).
     The decode always returns token ids (exact token counts for usage); the client sees them only if
     it asked (``SeededStream`` / ``merge_non_streamed`` hide them).
     """
@@ -378,7 +402,9 @@ def seeded_decode_body(
         out.pop("stop", None)
         out.pop("include_stop_str_in_output", None)
     if first.kv_transfer_params is not None:
-        out["kv_transfer_params"] = seeded_kv_transfer_params(first.kv_transfer_params, block_size)
+        out["kv_transfer_params"] = seeded_kv_transfer_params(
+            first.kv_transfer_params, block_size, chat=is_chat(path), nixl_mode=nixl_mode
+        )
     return COMPLETIONS_PATH, out
 
 

@@ -703,7 +703,12 @@ class Frontend:
                 self._release_prefill_kv(route.worker, ctx, first)
                 return await self._single_token(request, ctx, first, t0)
             dpath, dbody = seeding.seeded_decode_body(
-                ctx.path, ctx.body, first, block_size=prefill_worker.info.block_size, max_model_len=max_len
+                ctx.path,
+                ctx.body,
+                first,
+                block_size=prefill_worker.info.block_size,
+                max_model_len=max_len,
+                nixl_mode=prefill_worker.info.nixl_mode,
             )
         except seeding.SeedingError as exc:
             log.warning("request %s: not seeded after its prefill (%s); decoding unseeded", ctx.request_id, exc)
