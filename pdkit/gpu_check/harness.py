@@ -219,8 +219,26 @@ def stop(proc: subprocess.Popen, run_dir: Path, check_leftover: bool = True) -> 
 
 
 def leftover() -> str:
-    """Command lines of pdkit / vLLM processes still alive."""
-    return subprocess.run(["pgrep", "-af", "vllm.entrypoints|pdkit.cli"], capture_output=True, text=True).stdout.strip()
+    """Command lines of pdkit / vLLM processes still alive, this process and its ancestors left out.
+
+    Why the ancestors: a shell that started this script may carry ``pdkit.cli`` in its own command line
+    (a device call's wrapper does), which is not a leftover of the deployment."""
+    found = subprocess.run(["pgrep", "-af", "vllm.entrypoints|pdkit.cli"], capture_output=True, text=True).stdout
+    mine = _ancestors(os.getpid())
+    return "\n".join(line for line in found.splitlines() if int(line.split(maxsplit=1)[0]) not in mine).strip()
+
+
+def _ancestors(pid: int) -> set[int]:
+    """``pid`` and its parents up to init, from /proc (empty beyond what can be read)."""
+    out: set[int] = set()
+    while pid > 1 and pid not in out:
+        out.add(pid)
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            break
+        pid = int(stat.rsplit(")", 1)[1].split()[1])  # the field after the state letter: the parent
+    return out
 
 
 def ready_times(run_dir: Path) -> dict[str, float]:
