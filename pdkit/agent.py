@@ -538,22 +538,22 @@ def prefix_caching_enabled(engine_argv: list[str]) -> bool:
     return enabled
 
 
-def _engine_from_config(opts: dict[str, Any]) -> tuple[list[str], dict[str, str], dict[str, Any]]:
-    """Standalone ``pdkit worker`` (multi-node): derive the engine command as ``launch`` would.
+def standalone_deployment(opts: dict[str, Any]) -> Any:
+    """The deployment of one standalone ``pdkit worker``: its role's group cut down to this one worker.
 
-    The worker becomes a one-worker group of its role; ``--index`` shifts its ports as in the plan.
+    ``--index`` shifts the worker's port bases as the plan does for worker ``index`` of its group;
+    ``--port`` and ``--gpus`` override its HTTP port and GPUs; ``--frontend`` names the frontend's real
+    registry port (``zmq_port``; KV events on the next one).  The config's ``port_offset`` is applied once:
+    the ports are read from the loaded (shifted) deployment, and the cut-down one is loaded with
+    ``port_offset: 0`` and every port given (the URL's port already is a real port).
     """
     from urllib.parse import urlparse
 
-    from pdkit.config import load_deployment
-    from pdkit.plan import DEFAULT_RUN_DIR, worker_spec
+    from pdkit.config import load_deployment, port_fields
 
     role = opts["role"]
     fe = urlparse(opts["frontend"])
     overrides: dict[str, Any] = {"mode": "agg" if role == "agg" else "disagg", "frontend.host": fe.hostname}
-    if fe.port:
-        overrides["frontend.zmq_port"] = fe.port
-        overrides["frontend.kv_events_port"] = fe.port + 1
     for key in ("model", "served_model_name", "engine"):
         if opts.get(key):
             overrides[key] = opts[key]
@@ -563,20 +563,33 @@ def _engine_from_config(opts: dict[str, Any]) -> tuple[list[str], dict[str, str]
     group = dep.group(role)
     index = int(opts.get("index") or 0)
     if opts.get("gpus"):
-        gpus = [int(g) for g in str(opts["gpus"]).split(",") if g.strip()]
+        try:
+            gpus = [int(g) for g in str(opts["gpus"]).split(",") if g.strip()]
+        except ValueError:
+            raise ConfigError("--gpus", f"{opts['gpus']!r} is not a list of GPU numbers", "e.g. --gpus 0,1") from None
     else:
         gpus = group.gpus[index] if index < len(group.gpus) else []
-    overrides.update(
-        {
-            f"{role}.gpus": [gpus],
-            f"{role}.count": 1,
-            f"{role}.tensor_parallel_size": max(len(gpus), 1),
-            f"{role}.http_port_base": int(opts["port"]) if opts.get("port") else group.http_port_base + index,
-            f"{role}.nixl_side_channel_port_base": group.nixl_side_channel_port_base + index,
-            f"{role}.kv_events_port_base": group.kv_events_port_base + index,
-        }
-    )
-    dep = load_deployment(opts.get("config"), overrides, check=False)
+    overrides["port_offset"] = 0
+    for key, value in port_fields(dep):
+        overrides[key] = value + index if key.startswith(f"{role}.") and key.endswith("_port_base") else value
+    if fe.port:
+        overrides["frontend.zmq_port"] = fe.port
+        overrides["frontend.kv_events_port"] = fe.port + 1
+    if opts.get("port"):
+        overrides[f"{role}.http_port_base"] = int(opts["port"])
+    overrides |= {f"{role}.gpus": [gpus], f"{role}.count": 1, f"{role}.tensor_parallel_size": max(len(gpus), 1)}
+    return load_deployment(opts.get("config"), overrides, check=False)
+
+
+def _engine_from_config(opts: dict[str, Any]) -> tuple[list[str], dict[str, str], dict[str, Any]]:
+    """Standalone ``pdkit worker`` (multi-node): derive the engine command as ``launch`` would.
+
+    The worker becomes a one-worker group of its role (:func:`standalone_deployment`).
+    """
+    from pdkit.plan import DEFAULT_RUN_DIR, worker_spec
+
+    role = opts["role"]
+    dep = standalone_deployment(opts)
     spec = worker_spec(dep, role, 0, (dep.run_dir or DEFAULT_RUN_DIR).resolve())
     host = dep.group(role).host
     opts = {**opts, "url": opts.get("url") or spec.url}
