@@ -12,7 +12,8 @@ the registry dict it searches is filled by hand (the rest of the writer thread n
 
 from __future__ import annotations
 
-import inspect
+import importlib.util
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -21,18 +22,25 @@ pytest.importorskip("vllm")
 pytestmark = pytest.mark.vllm
 
 from vllm.distributed.kv_transfer.kv_connector.v1.nixl import NixlPushConnectorWorker  # noqa: E402
-from vllm.entrypoints.openai.chat_completion import serving as chat_serving  # noqa: E402
-from vllm.entrypoints.openai.completion import serving as completion_serving  # noqa: E402
 
 from pdkit.frontend import seeding  # noqa: E402
 
 RID = "3f2a9c"  # the X-Request-Id both hops carry
 
 
+def source_of(module: str) -> str:
+    """A vLLM module's source, read without importing it (the serving layer needs packages, e.g. orjson,
+    that the CPU test environments of some releases leave out)."""
+    spec = importlib.util.find_spec(module)
+    assert spec is not None and spec.origin, module
+    return Path(spec.origin).read_text()
+
+
 def test_vllm_prefixes_the_request_id_per_api() -> None:
     """Where the two ids come from (so a vLLM release that changes them fails here first)."""
-    assert 'f"chatcmpl-{self._base_request_id(raw_request' in inspect.getsource(chat_serving)
-    completions = inspect.getsource(completion_serving)
+    chat = source_of("vllm.entrypoints.openai.chat_completion.serving")
+    assert 'f"chatcmpl-{self._base_request_id(raw_request' in chat
+    completions = source_of("vllm.entrypoints.openai.completion.serving")
     assert 'f"cmpl-{self._base_request_id(raw_request' in completions
     assert 'f"{request_id}-{i}"' in completions  # one engine request per prompt: ...-0 for ours
 
