@@ -171,7 +171,7 @@ def config_show(
     config: ConfigOpt = None,
 ) -> None:
     """Print the KV-transfer config, serve flags and env of one role as JSON."""
-    from pdkit.plan import build_plan
+    from pdkit.plan import build_plan, worker_kv
 
     dep = load_deployment(config, {"mode": mode})
     allowed = dep.roles()
@@ -179,18 +179,7 @@ def config_show(
     if role not in allowed:
         raise ConfigError("--role", f"{mode} mode has no {role} role", f"use one of: {', '.join(allowed)}")
     spec = next(p for p in build_plan(dep).workers() if p.role == role)
-    from pdkit.kv_config import kv_transfer_config
-
-    role_kv = kv_transfer_config(
-        role,
-        lmcache=dep.lmcache,
-        nixl=dep.nixl,
-        hash_seed=dep.hash_seed,
-        side_channel_port=spec.ports.get("nixl_side_channel"),
-        side_channel_host=spec.host if "nixl_side_channel" in spec.ports else None,
-        as_dict=True,
-        vllm_version=dep.vllm_version,
-    )
+    role_kv = worker_kv(dep, role, spec.index)
     out = {
         "mode": mode,
         "role": role,
@@ -240,7 +229,7 @@ def worker(
 
     The engine command follows ``--``; without it, it is built from ``--config``/flags like ``launch`` does.
     """
-    from pdkit.agent import run_agent_cli
+    from pdkit.worker_cli import run_agent_cli
 
     raise typer.Exit(run_agent_cli(**locals()))
 

@@ -19,7 +19,7 @@ from pdkit.config import Deployment, Role, SupervisionConfig, is_loopback
 from pdkit.errors import ConfigError
 from pdkit.flags import to_flags
 from pdkit.frontend.settings import FrontendProcessOptions, FrontendSettings
-from pdkit.kv_config import kv_transfer_config
+from pdkit.kv_config import RoleKVConfig, kv_transfer_config
 from pdkit.lmcache_server import server_ports, server_spec
 from pdkit.model_files import has_weights, is_synthetic
 from pdkit.process_spec import ProcessSpec
@@ -145,7 +145,9 @@ def frontend_spec(dep: Deployment, run_dir: Path) -> ProcessSpec:
     )
 
 
-def _vllm_argv(dep: Deployment, role: Role, port: int, host: str, tp: int, kv: dict | None, ev: dict) -> list[str]:
+def _vllm_argv(
+    dep: Deployment, role: Role, port: int, host: str, tp: int, role_kv: RoleKVConfig, ev: dict
+) -> list[str]:
     group = dep.group(role)
     argv = [_python(), *VLLM_ENTRY, dep.model_path, "--host", host, "--port", str(port)]
     argv += ["--served-model-name", dep.served_name]
@@ -166,10 +168,9 @@ def _vllm_argv(dep: Deployment, role: Role, port: int, host: str, tp: int, kv: d
         argv += ["--kv-cache-dtype", dep.kv_cache_dtype]
     if tp > 1:
         argv += ["--tensor-parallel-size", str(tp)]
-    if kv is not None:
-        argv += ["--kv-transfer-config", json.dumps(kv, separators=(",", ":"))]
+    if role_kv.kv_transfer_config is not None:
+        argv += ["--kv-transfer-config", json.dumps(role_kv.kv_transfer_config, separators=(",", ":"))]
     argv += ["--kv-events-config", json.dumps(ev, separators=(",", ":"))]
-    role_kv = kv_transfer_config(role, lmcache=dep.lmcache, nixl=dep.nixl, as_dict=True, vllm_version=dep.vllm_version)
     argv += role_kv.serve_args
     argv += group.extra_args
     return argv
@@ -221,6 +222,27 @@ def kv_events_config(dep: Deployment, role: Role, index: int, run_dir: Path) -> 
     return events
 
 
+def worker_kv(dep: Deployment, role: Role, index: int) -> RoleKVConfig:
+    """Worker ``index`` of ``role``'s KV-transfer config, serve flags and env: the one call per worker.
+
+    Its NIXL side channel (vLLM engines outside agg) and its ``lmcache server``'s port (mp mode) come from
+    the worker's port block, so ``pdkit config show`` and the plan cannot disagree."""
+    group = dep.group(role)
+    uses_nixl = role != "agg" and dep.engine == "vllm"
+    lmcache_ports = server_ports(dep, role, index)
+    return kv_transfer_config(
+        role,
+        lmcache=dep.lmcache,
+        nixl=dep.nixl,
+        side_channel_port=group.nixl_side_channel_port_base + index if uses_nixl else None,
+        side_channel_host=group.host if uses_nixl else None,
+        hash_seed=dep.hash_seed,
+        as_dict=True,
+        vllm_version=dep.vllm_version,
+        lmcache_server_port=lmcache_ports[0] if lmcache_ports else None,
+    )
+
+
 def worker_spec(dep: Deployment, role: Role, index: int, run_dir: Path) -> ProcessSpec:
     """The worker agent process for worker ``index`` of ``role`` (it starts the engine itself)."""
     group = dep.group(role)
@@ -232,18 +254,7 @@ def worker_spec(dep: Deployment, role: Role, index: int, run_dir: Path) -> Proce
     fe = dep.frontend
     events = kv_events_config(dep, role, index, run_dir)
     uses_nixl = role != "agg" and dep.engine == "vllm"
-    lmcache_ports = server_ports(dep, role, index)
-    role_kv = kv_transfer_config(
-        role,
-        lmcache=dep.lmcache,
-        nixl=dep.nixl,
-        side_channel_port=side_port if uses_nixl else None,
-        side_channel_host=host if uses_nixl else None,
-        hash_seed=dep.hash_seed,
-        as_dict=True,
-        vllm_version=dep.vllm_version,
-        lmcache_server_port=lmcache_ports[0] if lmcache_ports else None,
-    )
+    role_kv = worker_kv(dep, role, index)
     kv = role_kv.kv_transfer_config if dep.engine == "vllm" else None
     env: dict[str, str] = {"PYTHONUNBUFFERED": "1"}
     if dep.engine == "vllm":
@@ -254,7 +265,7 @@ def worker_spec(dep: Deployment, role: Role, index: int, run_dir: Path) -> Proce
         env["PYTHONHASHSEED"] = str(dep.hash_seed)  # block hashes must match the frontend's
     env.update(group.extra_env)
     if dep.engine == "vllm":
-        engine_argv = _vllm_argv(dep, role, http_port, host, group.tensor_parallel_size, kv, events)
+        engine_argv = _vllm_argv(dep, role, http_port, host, group.tensor_parallel_size, role_kv, events)
     else:
         engine_argv = _sim_argv(dep, role, http_port, host, events)
     url = f"http://{host}:{http_port}"

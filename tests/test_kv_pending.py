@@ -11,7 +11,6 @@ from typing import Any
 
 import pytest
 
-from pdkit.agent import prefix_caching_enabled
 from pdkit.model_files import default_model_dir
 from pdkit.prompt_tokens import PromptTokenizer
 from pdkit.protocol import Load, WorkerInfo
@@ -20,6 +19,7 @@ from pdkit.routing.kv_aware import KvAwarePolicy
 from pdkit.routing.kv_index import KvIndex
 from pdkit.routing.pending import PendingBlocks
 from pdkit.routing.types import RequestContext, WorkerState
+from pdkit.worker_cli import prefix_caching_enabled
 
 SEED = "3"
 PROMPT = "a system prompt that every request of this test shares, word after word, " * 6

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from pdkit.agent import standalone_deployment
 from pdkit.config import load_deployment
 from pdkit.errors import ConfigError
 from pdkit.plan import build_plan, worker_spec
+from pdkit.worker_cli import standalone_deployment
 
 
 def config(tmp_path: Path, **extra: object) -> Path:
