@@ -20,15 +20,17 @@ import asyncio
 import math
 import random
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import aiohttp
 
 from pdkit.bench.client import RequestRecord, send_streaming
 from pdkit.bench.progress import Progress
 from pdkit.bench.prompts import PromptFactory
+
+T = TypeVar("T")
 
 Api = Literal["completions", "chat"]
 
@@ -120,6 +122,21 @@ class Runner:
         prog.advance(ok=rec.ok)
         return rec
 
+    async def _paced(self, items: Iterable[T], rate: float, t0: float, max_duration_s: float) -> AsyncIterator[T]:
+        """Yield ``items`` at Poisson arrival times (``rate`` req/s from ``t0``; ``inf``: all at once) until
+        ``max_duration_s``.  The one arrival process of run_arrivals and run_sessions: the same seed gives
+        the same schedule in both (one exponential draw after each yielded item)."""
+        arrival = 0.0
+        for item in items:
+            if time.perf_counter() - t0 >= max_duration_s:
+                return
+            delay = t0 + arrival - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            yield item
+            if math.isfinite(rate) and rate > 0:
+                arrival += self.rng.expovariate(rate)
+
     async def run_arrivals(
         self,
         specs: list[RequestSpec],
@@ -133,7 +150,6 @@ class Runner:
         tasks: list[asyncio.Task[Any]] = []
         with Progress(title, len(specs), self.s.progress) as prog:
             t0 = time.perf_counter()
-            arrival = 0.0
 
             async def guarded(spec: RequestSpec) -> None:
                 if sem is None:
@@ -142,15 +158,8 @@ class Runner:
                 async with sem:
                     await self._send(spec, t0, out, prog)
 
-            for spec in specs:
-                if time.perf_counter() - t0 >= max_duration_s:
-                    break
-                delay = t0 + arrival - time.perf_counter()
-                if delay > 0:
-                    await asyncio.sleep(delay)
+            async for spec in self._paced(specs, rate, t0, max_duration_s):
                 tasks.append(asyncio.create_task(guarded(spec)))
-                if math.isfinite(rate) and rate > 0:
-                    arrival += self.rng.expovariate(rate)
             issue_s = time.perf_counter() - t0
             await _bounded_wait(tasks, t0 + max_duration_s + self.s.timeout_s)
         info = {"issued": len(tasks), "not_sent": len(specs) - len(tasks), "issue_window_s": issue_s}
@@ -169,16 +178,8 @@ class Runner:
         tasks: list[asyncio.Task[Any]] = []
         with Progress(title, total, self.s.progress) as prog:
             t0 = time.perf_counter()
-            arrival = 0.0
-            for sess in sessions:
-                if time.perf_counter() - t0 >= max_duration_s:
-                    break
-                delay = t0 + arrival - time.perf_counter()
-                if delay > 0:
-                    await asyncio.sleep(delay)
+            async for sess in self._paced(sessions, rate, t0, max_duration_s):
                 tasks.append(asyncio.create_task(sess(out, prog, t0)))
-                if math.isfinite(rate) and rate > 0:
-                    arrival += self.rng.expovariate(rate)
             await _bounded_wait(tasks, t0 + max_duration_s + self.s.timeout_s)
         return out, {"sessions_started": len(tasks), "sessions_not_started": len(sessions) - len(tasks)}
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 from collections.abc import Container
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
+
+from pdkit.prom_series import Series
 
 # Latency buckets from sub-millisecond (router overhead, ITL) to minutes (long generations).
 _LAT = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 0.6, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -19,85 +21,76 @@ _ITL = (0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.0
 
 class FrontendMetrics:
     def __init__(self) -> None:
-        r = self.registry = CollectorRegistry(auto_describe=True)
-        self.requests = Counter(
-            "pdkit_requests", "Client requests by routing mode and HTTP status", ["mode", "status"], registry=r
+        self.registry = CollectorRegistry(auto_describe=True)
+        series = Series(self.registry)
+        counter, gauge, histogram = series.counter, series.gauge, series.histogram
+        self.requests = counter("pdkit_requests", "Client requests by routing mode and HTTP status", "mode", "status")
+        self.ttft = histogram(
+            "pdkit_time_to_first_token_seconds",
+            "Streamed requests: arrival to the first token byte sent",
+            "mode",
+            buckets=_LAT,
         )
-        self.ttft = Histogram(
-            "pdkit_time_to_first_token_seconds", "Streamed requests: arrival to the first token byte sent", ["mode"],
-            buckets=_LAT, registry=r,
-        )  # fmt: skip
-        self.itl = Histogram(
-            "pdkit_inter_token_latency_seconds", "Streamed requests: gap between SSE events", ["mode"],
-            buckets=_ITL, registry=r,
-        )  # fmt: skip
-        self.e2e = Histogram(
-            "pdkit_e2e_request_latency_seconds", "Arrival to last byte", ["mode"], buckets=_LAT, registry=r
+        self.itl = histogram(
+            "pdkit_inter_token_latency_seconds", "Streamed requests: gap between SSE events", "mode", buckets=_ITL
         )
-        self.prefill_hop = Histogram(
-            "pdkit_prefill_hop_seconds", "Prefill hop (max_tokens=1) duration, successful hops", buckets=_LAT,
-            registry=r,
-        )  # fmt: skip
-        self.decode_hop = Histogram(
-            "pdkit_decode_hop_seconds", "Decode (or single) hop duration, request sent to last byte", ["mode"],
-            buckets=_LAT, registry=r,
-        )  # fmt: skip
-        self.retries = Counter(
-            "pdkit_retries", "Hops retried on another worker of the same role", ["role", "reason"], registry=r
+        self.e2e = histogram("pdkit_e2e_request_latency_seconds", "Arrival to last byte", "mode", buckets=_LAT)
+        self.prefill_hop = histogram(
+            "pdkit_prefill_hop_seconds", "Prefill hop (max_tokens=1) duration, successful hops", buckets=_LAT
         )
-        self.fallbacks = Counter(
-            "pdkit_fallbacks", "Disagg requests prefilled on the decode worker instead", ["reason"], registry=r
+        self.decode_hop = histogram(
+            "pdkit_decode_hop_seconds",
+            "Decode (or single) hop duration, request sent to last byte",
+            "mode",
+            buckets=_LAT,
         )
-        self.stream_errors = Counter(
-            "pdkit_stream_errors", "Streams ended with an SSE error event after the first byte", registry=r
+        self.retries = counter("pdkit_retries", "Hops retried on another worker of the same role", "role", "reason")
+        self.fallbacks = counter("pdkit_fallbacks", "Disagg requests prefilled on the decode worker instead", "reason")
+        self.stream_errors = counter(
+            "pdkit_stream_errors", "Streams ended with an SSE error event after the first byte"
         )
-        self.client_disconnects = Counter(
-            "pdkit_client_disconnects", "Requests whose client went away (upstream aborted)", registry=r
+        self.client_disconnects = counter(
+            "pdkit_client_disconnects", "Requests whose client went away (upstream aborted)"
         )
-        self.inflight = Gauge(
-            "pdkit_worker_inflight", "Requests this frontend has on each worker", ["worker_id", "role"], registry=r
+        self.inflight = gauge("pdkit_worker_inflight", "Requests this frontend has on each worker", "worker_id", "role")
+        self.workers = gauge("pdkit_registry_workers", "Registered live workers", "role")
+        self.registry_messages = counter(
+            "pdkit_registry_messages", "Agent messages by type and result", "type", "result"
         )
-        self.workers = Gauge("pdkit_registry_workers", "Registered live workers", ["role"], registry=r)
-        self.registry_messages = Counter(
-            "pdkit_registry_messages", "Agent messages by type and result", ["type", "result"], registry=r
-        )
-        self.actual_hit_tokens = Counter(
+        self.actual_hit_tokens = counter(
             "pdkit_kv_actual_hit_tokens",
             "Prompt tokens the workers report as cache hits (heartbeat deltas of vllm:prefix_cache_hits = "
             "source prefix_cache, pdkit:lmcache_hit_tokens = source lmcache)",
-            ["worker", "source"],
-            registry=r,
+            "worker",
+            "source",
         )
-        self.actual_query_tokens = Counter(
+        self.actual_query_tokens = counter(
             "pdkit_kv_actual_query_tokens",
             "Prompt tokens the workers looked up in their prefix cache (heartbeat deltas of vllm:prefix_cache_queries)",
-            ["worker"],
-            registry=r,
+            "worker",
         )
         # Admission queue (pdkit.frontend.admission): ``role`` is what the request waits for first
         # (prefill for a disaggregated request, which needs a prefill and a decode slot at once).
-        self.queue_depth = Gauge(
-            "pdkit_admission_queue_depth", "Requests waiting for a worker slot", ["role"], registry=r
+        self.queue_depth = gauge("pdkit_admission_queue_depth", "Requests waiting for a worker slot", "role")
+        self.queue_wait = histogram(
+            "pdkit_admission_queue_wait_seconds",
+            "Arrival to admission (0 when a slot was free)",
+            "role",
+            buckets=(0.0,) + _LAT + (300.0, 600.0),
         )
-        self.queue_wait = Histogram(
-            "pdkit_admission_queue_wait_seconds", "Arrival to admission (0 when a slot was free)", ["role"],
-            buckets=(0.0,) + _LAT + (300.0, 600.0), registry=r,
-        )  # fmt: skip
-        self.admission_rejections = Counter(
+        self.admission_rejections = counter(
             "pdkit_admission_rejections",
             "Requests refused 503 by admission: queue_full, queue_timeout, no_worker, draining",
-            ["reason"],
-            registry=r,
+            "reason",
         )
         # First-token seeding (docs/seeding.md): what happened to each disaggregated request the switch
         # applies to.  seeded: the decode continued the prefill's token; ended_at_prefill: that token was
         # the whole answer (no decode hop); refused: the request takes the unseeded path (n > 1, echo,
         # tools, X-Pdkit-Seed: off, ...); fallback: seeding failed before anything reached the client.
-        self.seeded_hops = Counter(
+        self.seeded_hops = counter(
             "pdkit_frontend_seeded_hops",
             "Disaggregated requests by first-token seeding outcome: seeded, ended_at_prefill, refused, fallback",
-            ["outcome"],
-            registry=r,
+            "outcome",
         )
         for outcome in SEED_OUTCOMES:
             self.seeded_hops.labels(outcome)

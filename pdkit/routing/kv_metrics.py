@@ -10,7 +10,9 @@ them side by side: ``pdkit_kv_predicted_hit_tokens_total{worker}`` against the w
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry
+
+from pdkit.prom_series import Series
 
 TIERS: tuple[str, ...] = ("GPU", "CPU", "DISK")
 
@@ -19,46 +21,46 @@ class KvRoutingMetrics:
     """All KV-routing series; every label set is created lazily (workers come and go)."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        r = registry
-        self.index_blocks = Gauge(
-            "pdkit_kv_index_blocks", "Cached blocks the index holds per worker and tier", ["worker", "tier"], registry=r
+        series = Series(registry)
+        counter, gauge = series.counter, series.gauge
+        self.index_blocks = gauge(
+            "pdkit_kv_index_blocks", "Cached blocks the index holds per worker and tier", "worker", "tier"
         )
-        self.batches = Counter(
-            "pdkit_kv_event_batches", "KV-event batches applied (live or replayed)", ["worker", "source"], registry=r
+        self.batches = counter(
+            "pdkit_kv_event_batches", "KV-event batches applied (live or replayed)", "worker", "source"
         )
-        self.dropped = Counter("pdkit_kv_event_batches_dropped", "KV-event batches not applied", ["reason"], registry=r)
-        self.lag = Gauge(
-            "pdkit_kv_event_lag_seconds", "Receive time minus the batch timestamp, last live batch", ["worker"],
-            registry=r,
-        )  # fmt: skip
-        self.gaps = Counter(
-            "pdkit_kv_event_gaps", "Sequence gaps detected in a worker's stream", ["worker"], registry=r
+        self.dropped = counter("pdkit_kv_event_batches_dropped", "KV-event batches not applied", "reason")
+        self.lag = gauge(
+            "pdkit_kv_event_lag_seconds", "Receive time minus the batch timestamp, last live batch", "worker"
         )
-        self.replays = Counter(
-            "pdkit_kv_event_replays", "Replay requests by outcome (ok, partial, failed, unavailable)",
-            ["worker", "result"], registry=r,
-        )  # fmt: skip
-        self.resets = Counter(
+        self.gaps = counter("pdkit_kv_event_gaps", "Sequence gaps detected in a worker's stream", "worker")
+        self.replays = counter(
+            "pdkit_kv_event_replays",
+            "Replay requests by outcome (ok, partial, failed, unavailable)",
+            "worker",
+            "result",
+        )
+        self.resets = counter(
             "pdkit_kv_index_resets",
             "Times a worker's entries were dropped (cleared, restart, gap, removed, overflow)",
-            ["worker", "reason"],
-            registry=r,
+            "worker",
+            "reason",
         )
-        self.prompt_blocks = Counter(
-            "pdkit_kv_routed_prompt_blocks", "Full prompt blocks of routed requests, by chosen worker",
-            ["worker", "role"], registry=r,
-        )  # fmt: skip
-        self.predicted_hit_blocks = Counter(
+        self.prompt_blocks = counter(
+            "pdkit_kv_routed_prompt_blocks", "Full prompt blocks of routed requests, by chosen worker", "worker", "role"
+        )
+        self.predicted_hit_blocks = counter(
             "pdkit_kv_predicted_hit_blocks",
             "Predicted prefix-hit blocks on the chosen worker, by the tier that holds them",
-            ["worker", "role", "tier"],
-            registry=r,
+            "worker",
+            "role",
+            "tier",
         )
-        self.predicted_hit_tokens = Counter(
+        self.predicted_hit_tokens = counter(
             "pdkit_kv_predicted_hit_tokens",
             "Predicted prefix-hit tokens on the chosen worker (vLLM's rule: at most prompt tokens - 1, whole blocks)",
-            ["worker", "role"],
-            registry=r,
+            "worker",
+            "role",
         )
 
     def set_index_size(self, worker: str, counts: dict[str, int]) -> None:
