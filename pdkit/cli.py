@@ -262,7 +262,7 @@ def _http_url(flag: str, url: str) -> str:
 
 def _register_component_commands() -> None:
     """Mount the commands whose modules own their options (frontend, simulator, benchmark)."""
-    from pdkit.bench.cli import bench, bench_compare
+    from pdkit.bench.cli import bench, bench_compare, bench_fleet
     from pdkit.frontend.cli import frontend
     from pdkit.sim.cli import sim_worker
 
@@ -270,6 +270,12 @@ def _register_component_commands() -> None:
     app.command("sim-worker", help="Run one simulated vLLM engine (a stand-in, not vLLM).")(sim_worker)
     app.command("bench", help="Benchmark an OpenAI endpoint: rate sweeps, multi-turn, LMCache cold/warm.")(bench)
     app.command("bench-compare", help="Merge bench result JSONs into comparison plots and a table.")(bench_compare)
+    app.command(
+        "bench-fleet",
+        help="Simulated fleet (real frontend, simulated engines): routing policies compared on one workload.",
+        context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
+        add_help_option=False,
+    )(bench_fleet)
 
 
 _register_component_commands()

@@ -203,3 +203,10 @@ def bench_compare(
     for p in plot_results(loaded, out_dir, prefix):
         typer.echo(f"plot: {p}")
     typer.echo(comparison_table(loaded))
+
+
+def bench_fleet(ctx: typer.Context) -> None:
+    """The fleet simulation (pdkit/bench/fleet.py): its own flags, ``pdkit bench-fleet --help`` lists them."""
+    from pdkit.bench.fleet import main
+
+    raise typer.Exit(main(list(ctx.args)))
