@@ -8,17 +8,15 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 from pathlib import Path
 
 import pytest
 
+from pdkit import grafana
 from pdkit.frontend.metrics import FrontendMetrics
 from pdkit.routing.kv_metrics import KvRoutingMetrics
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
-import make_dashboard  # noqa: E402
 
 SUFFIXES = ("_bucket", "_sum", "_count", "_total")
 METRIC = re.compile(r"(?:pdkit_|pdkit:|vllm:)[a-zA-Z0-9_:]+")
@@ -40,7 +38,7 @@ def dashboard_metrics() -> set[str]:
 
 def test_committed_dashboard_is_what_the_script_writes() -> None:
     committed = json.loads((ROOT / "configs" / "grafana" / "pdkit.json").read_text())
-    assert committed == make_dashboard.dashboard(), "run: python scripts/make_dashboard.py"
+    assert committed == grafana.dashboard(), "run: python -m pdkit.grafana"
 
 
 def test_pdkit_series_in_the_dashboard_exist() -> None:
