@@ -147,6 +147,22 @@ def stream(path: str, body: dict[str, Any], headers: dict[str, str] | None = Non
             "finish": finish, "usage": usage, "events": events}  # fmt: skip
 
 
+def whole(path: str, body: dict[str, Any], headers: dict[str, str] | None = None) -> dict[str, Any]:
+    """The same request not streamed (``stream: false``): text, token ids, finish reason, usage."""
+    conn = http.client.HTTPConnection("127.0.0.1", g.PORT, timeout=300)
+    conn.request("POST", path, json.dumps({**body, "stream": False, "return_token_ids": True}),
+                 {"Content-Type": "application/json", **(headers or {})})  # fmt: skip
+    resp = conn.getresponse()
+    data = json.loads(resp.read())
+    conn.close()
+    if resp.status != 200:
+        raise RuntimeError(f"{path} answered {resp.status}: {data}")
+    choice = data["choices"][0]
+    text = choice["text"] if "text" in choice else (choice.get("message") or {}).get("content")
+    return {"text": text or "", "ids": choice.get("token_ids") or [], "finish": choice.get("finish_reason"),
+            "usage": data.get("usage")}  # fmt: skip
+
+
 def frontend_metric(name: str, **labels: str) -> float:
     conn = http.client.HTTPConnection("127.0.0.1", g.PORT, timeout=30)
     conn.request("GET", "/metrics")
@@ -194,10 +210,15 @@ def equality_requests(tok: Any) -> list[tuple[str, str, dict[str, Any]]]:
 
 
 def outputs(requests: list[tuple[str, str, dict[str, Any]]], headers: dict[str, str] | None) -> dict[str, Any]:
+    """Each request streamed, then the short ones (< 2048 tokens) again not streamed (``<name>-whole``):
+    a non-streamed seeded answer is the frontend's concatenation of the two hops, checked apart."""
     got = {}
     for name, path, body in requests:
         r = stream(path, body, headers)
         got[name] = {k: r[k] for k in ("text", "ids", "finish", "usage")}
+    for name, path, body in requests:
+        if not name.startswith("completion-") or int(name.split("-")[1]) < 2048:
+            got[f"{name}-whole"] = whole(path, body, headers)
     return got
 
 
