@@ -11,9 +11,10 @@ from __future__ import annotations
 import asyncio
 import os
 from typing import Any
+from urllib.parse import urlparse
 
 from pdkit.agent import DEFAULT_PROBE_TIMEOUT_S, AgentSettings, WorkerAgent
-from pdkit.config import Deployment
+from pdkit.config import Deployment, load_deployment, port_fields
 from pdkit.errors import ConfigError
 from pdkit.kv_config import nixl_mode_of
 from pdkit.protocol import WorkerInfo
@@ -104,10 +105,6 @@ def standalone_deployment(opts: dict[str, Any]) -> Deployment:
     the ports are read from the loaded (shifted) deployment, and the cut-down one is loaded with
     ``port_offset: 0`` and every port given (the URL's port already is a real port).
     """
-    from urllib.parse import urlparse
-
-    from pdkit.config import load_deployment, port_fields
-
     role = opts["role"]
     fe = urlparse(opts["frontend"])
     overrides: dict[str, Any] = {"mode": "agg" if role == "agg" else "disagg", "frontend.host": fe.hostname}

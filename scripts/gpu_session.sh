@@ -19,9 +19,7 @@ case "$step" in
     cd /tmp && PYTHONPATH=/tmp/pdsite:/tmp/site python3 -c "import pdkit.connectors.pd_connector, vllm; print('pdkit + vllm', vllm.__version__)"
     nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader ;;
   ray)
-    mkdir -p /tmp/raysite && tar -xJf "$repo/.rayb/ray-site.tar.xz" -C /tmp/raysite
-    # a zip-extracted site (older chunks) lost the executables' modes: Ray then cannot start its GCS
-    find /tmp/raysite/ray/core/src -type f -exec chmod +x {} + ;;
+    mkdir -p /tmp/raysite && tar -xJf "$repo/.rayb/ray-site.tar.xz" -C /tmp/raysite ;;
   run)
     export PYTHONPATH=/tmp/pdsite:/tmp/site
     cd /tmp && "$@" ;;

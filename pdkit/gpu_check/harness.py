@@ -229,15 +229,14 @@ def leftover() -> str:
 
 
 def _ancestors(pid: int) -> set[int]:
-    """``pid`` and its parents up to init, from /proc (empty beyond what can be read)."""
+    """``pid`` and its parents up to init (``supervisor.proc_stats``, the one /proc reader)."""
+    from pdkit.supervisor import proc_stats
+
+    parent = {p: int(fields[1]) for p, fields in proc_stats()}
     out: set[int] = set()
     while pid > 1 and pid not in out:
         out.add(pid)
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
-            break
-        pid = int(stat.rsplit(")", 1)[1].split()[1])  # the field after the state letter: the parent
+        pid = parent.get(pid, 0)
     return out
 
 
