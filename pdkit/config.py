@@ -79,9 +79,10 @@ class FrontendConfig(_Strict):
     api_key: str | None = None
     """``--api-key`` / env ``PDKIT_API_KEY`` (vLLM's ``--api-key``): every ``/v1/*`` request needs
     ``Authorization: Bearer KEY`` (401 otherwise)."""
-    seed_first_token: bool = False
-    """``--seed-first-token`` (disagg): stream the prefill's first token at once and seed the decode with it
-    (docs/seeding.md; opt-in until proven on a GPU)."""
+    seed_first_token: bool | None = None
+    """``--seed-first-token`` / ``--no-seed-first-token`` (disagg): stream the prefill's first token at once
+    and seed the decode with it (docs/seeding.md).  Unset: on for decode workers whose vLLM release has it
+    proven on a GPU (vLLM 0.26.0 today; ``Stack.seeding_proven``) and for the simulator."""
     model_dir: str | None = None
     """KV-aware routing tokenizes prompts as the workers do: a local folder with the served model's
     ``tokenizer.json`` / ``tokenizer_config.json``; unset: the deployment's model folder (or the embedded

@@ -90,7 +90,7 @@ class LaunchOptions:
         Flag(
             "--seed-first-token/--no-seed-first-token",
             "Frontend (disagg): stream the prefill's first token at once and seed the decode with it "
-            "(config: frontend.seed_first_token; off until proven on a GPU, docs/seeding.md).",
+            "(config: frontend.seed_first_token; default: where the decode's vLLM has it proven, docs/seeding.md).",
         ),
     ] = None
     share_gpus: Annotated[

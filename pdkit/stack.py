@@ -48,6 +48,9 @@ class Stack:
     # vLLM's check_stop_strings when several stop strings appear in one chunk: True = the one that completes
     # earliest (0.32 on), False = the first listed (0.26).  The seeded stream re-implements the check.
     stop_string_earliest_end: bool = True
+    # First-token seeding (docs/seeding.md) proven on a GPU with this release: greedy seeded == agg, streamed
+    # and not, NIXL pull and push.  ``frontend.seed_first_token`` unset seeds only decodes of such releases.
+    seeding_proven: bool = False
     # Extra ``vllm serve`` flags and env every worker of this release gets (none needed so far).
     serve_args: tuple[str, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
@@ -69,7 +72,11 @@ _ROWS: tuple[Stack, ...] = (
     Stack(
         "0.26.0", "proven", "2.11.0", "0.5.2", "1.5.1",
         stop_string_earliest_end=False,
-        notes=("proven on 2xH200 (docs/gpu-results.md)",),
+        seeding_proven=True,  # one H200, pull and push (Ray), 2026-12-03: docs/results/h200x1-2026-12-03-v026
+        notes=(
+            "proven on 2xH200 (docs/gpu-results.md); the stack check re-run on one H200 on 2026-12-03",
+            "first-token seeding proven on one H200 (pull and push): on by default",
+        ),
     ),
     Stack(
         "0.32.0", "proven", "2.13.0", "0.5.6", "1.5.1",

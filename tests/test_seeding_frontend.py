@@ -1,6 +1,6 @@
 """First-token seeding wired into the frontend: a real Frontend + simulated P/D workers over loopback.
 
-Why this file: with ``seed_first_token`` on (opt-in) a disaggregated request must give the client
+Why this file: with ``seed_first_token`` on a disaggregated request must give the client
 exactly what an aggregated worker gives -- text, token ids, finish and stop reason, usage; streamed or
 not; completions and chat -- while the decode never samples the first token again, a request the first
 token ends never reaches the decode worker, and a decode that fails before its first byte is served
@@ -26,6 +26,7 @@ from loopback import closed_port_url, sim, sse_events, sse_summary
 
 from pdkit import prom
 from pdkit.frontend.server import SEED_HEADER, Frontend
+from pdkit.frontend.settings import FrontendSettings
 from pdkit.frontend.testing import announce
 from pdkit.sim.server import SimWorker
 
@@ -35,7 +36,7 @@ LENGTHS = (15, 16, 17, 31, 32, 33, 700)  # around the block size (16), and a lon
 
 async def frontend(stack: AsyncExitStack, workers: dict[str, tuple[str, str]], **kw: Any) -> Frontend:
     """A disagg frontend with ``workers`` (id -> (role, url)) announced over ZMQ (round robin by id)."""
-    kw.setdefault("seed_first_token", True)  # opt-in (docs/seeding.md): these tests are about seeding
+    kw.setdefault("seed_first_token", True)  # forced on whatever the workers register: these tests are about seeding
     return await loopback.frontend(stack, workers, announce_kw={"block_size": 16}, **kw)
 
 
@@ -148,6 +149,40 @@ async def test_push_workers_decode_chat_unseeded_and_completions_seeded(
         want = summary(COMPLETIONS, await call(http, a.url, COMPLETIONS, body), stream)
         assert summary(COMPLETIONS, await call(http, fe.url, COMPLETIONS, body), stream) == want
         assert seeded(fe, "seeded") == 1
+
+
+@pytest.mark.parametrize(
+    ("setting", "decode_fields", "seeded_hops"),
+    [
+        (None, {"engine": "sim"}, 1),  # the simulator serves seeded decodes: seeded by default
+        (None, {"engine": "vllm", "engine_version": "0.26.0"}, 1),  # proven on a GPU (Stack.seeding_proven)
+        (None, {"engine": "vllm", "engine_version": "0.32.0"}, 0),  # not yet proven on a GPU: unseeded
+        (None, {"engine": "vllm", "engine_version": "0.26.1"}, 0),  # a release pdkit does not know
+        (None, {"engine": "vllm"}, 0),  # no version registered: nothing to go by
+        (True, {"engine": "vllm", "engine_version": "0.32.0"}, 1),  # forced on
+        (False, {"engine": "sim"}, 0),  # forced off
+    ],
+)
+async def test_default_seeds_where_the_decode_workers_stack_has_it_proven(
+    http: aiohttp.ClientSession, setting: bool | None, decode_fields: dict[str, Any], seeded_hops: int
+) -> None:
+    """``seed_first_token`` unset (the default) seeds a request when its decode worker's registered engine
+    is the simulator or a vLLM release whose row in pdkit/stack.py has ``seeding_proven``; either way the
+    answer equals the aggregated one."""
+    async with AsyncExitStack() as st:
+        p, d, a = await sim(st, "prefill"), await sim(st, "decode"), await sim(st, "agg")
+        fe = Frontend(FrontendSettings(port=0, zmq_port=0, mode="disagg", policy="round_robin",
+                                       heartbeat_interval_s=0.1, liveness_timeout_s=5.0,
+                                       seed_first_token=setting))  # fmt: skip
+        await fe.start()
+        st.push_async_callback(fe.stop, 1.0)
+        for wid, role, url, fields in (("p", "prefill", p.url, {}), ("d", "decode", d.url, decode_fields)):
+            c = await announce(fe.zmq_endpoint, url, role, wid, interval_s=0.05, block_size=16, **fields)
+            st.push_async_callback(c.close)
+        body = completion_body(40, stream=True, return_token_ids=True)
+        want = summary(COMPLETIONS, await call(http, a.url, COMPLETIONS, body), True)
+        assert summary(COMPLETIONS, await call(http, fe.url, COMPLETIONS, body), True) == want
+        assert seeded(fe, "seeded") == seeded_hops
 
 
 async def test_first_byte_is_the_prefills_token_and_counts_as_ttft(http: aiohttp.ClientSession) -> None:

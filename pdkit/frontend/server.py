@@ -4,7 +4,8 @@ Request path (disagg): parse the body once, pick a prefill worker, send it the b
 ``max_tokens=1, min_tokens=1, stream=false`` and ``kv_transfer_params={"do_remote_decode": true, ...}``
 (NIXL returns params only for a request that ended by its length limit), then send the client's
 original body plus the returned params to a decode worker and pass its bytes through (SSE or JSON).
-With first-token seeding (``FrontendSettings.seed_first_token``, opt-in for now; docs/seeding.md) the
+With first-token seeding (``FrontendSettings.seed_first_token``; by default where the decode worker's vLLM
+release has it proven on a GPU, ``Stack.seeding_proven``; docs/seeding.md) the
 prefill's token goes to the client at once and the decode gets prompt ids + that token instead
 (:mod:`pdkit.frontend.seeding` shapes both hops and the client's answer); requests seeding cannot
 reproduce exactly, and those sent with ``X-Pdkit-Seed: off``, take the unseeded path just described.
@@ -662,7 +663,7 @@ class Frontend:
         self, request: web.Request, ctx: RequestContext, route: _Route, t0: float
     ) -> tuple[web.StreamResponse, str]:
         """Prefill → decode; seeded with the prefill's first token unless seeding is off or refused."""
-        if self.s.seed_first_token:
+        if self._seeding_on(route.worker):
             refusal = self._seed_refusal(request, ctx)
             if refusal is None:
                 return await self._seeded(request, ctx, route, t0)
@@ -670,6 +671,24 @@ class Frontend:
             log.debug("request %s not seeded: %s", ctx.request_id, refusal)
         params = await self._prefill(ctx, route)
         return await self._decode(request, ctx, "decode", params, "disagg", t0, route)
+
+    def _seeding_on(self, decode: WorkerState | None) -> bool:
+        """``seed_first_token`` when set; unset, seed where it is proven for the decode worker's engine: the
+        simulator always, vLLM when its registered release is one with ``Stack.seeding_proven`` (seeding
+        relies on that release's NIXL decode side; an unknown or unreadable version is not proven)."""
+        if self.s.seed_first_token is not None:
+            return self.s.seed_first_token
+        if decode is None:
+            return False
+        if decode.info.engine != "vllm":
+            return True
+        if decode.info.engine_version is None:
+            return False
+        try:
+            stack = stack_for(decode.info.engine_version)
+        except ValueError:
+            return False
+        return stack.known and stack.seeding_proven
 
     @staticmethod
     def _seed_refusal(request: web.Request, ctx: RequestContext) -> str | None:

@@ -104,15 +104,17 @@ class FrontendSettings:
     block_size: Annotated[int, Flag("--block-size", "The workers' KV block size.")] = 16
     # First-token seeding (docs/seeding.md): stream the prefill's token at once and send the decode
     # prompt + that token, so disaggregated TTFT is the prefill's, not prefill + transfer + decode step.
-    # Off until the padded NIXL read it relies on is proven on a GPU (docs/seeding.md, "Status").
+    # Unset: on for decode workers whose vLLM release has it proven on a GPU (``Stack.seeding_proven``:
+    # it relies on that release's NIXL decode side, docs/seeding.md) and for the simulator; True/False
+    # force it for every request.
     seed_first_token: Annotated[
-        bool,
+        bool | None,
         Flag(
             "--seed-first-token/--no-seed-first-token",
-            "Disagg: stream the prefill's first token at once and seed the decode with it (opt-in until "
-            "proven on a GPU; docs/seeding.md).",
+            "Disagg: stream the prefill's first token at once and seed the decode with it (default: where "
+            "the decode worker's vLLM has it proven on a GPU; docs/seeding.md).",
         ),
-    ] = False
+    ] = None
     max_prefill_attempts: int = 2
     max_decode_attempts: int = 2
     retry_after_s: int = 1
