@@ -27,6 +27,20 @@ token).
       0 failures;
   then Ctrl-C, and no process of the deployment left.
 
+LMCache's multi-process mode (issue 16, ``--lmcache-mode mp``; needs lmcache >= 0.5.6, the v032 stack):
+the agg stage runs WITHOUT LMCache (its outputs are the "agg without LMCache" reference), the disagg
+stage runs the prefill's LMCache as an ``lmcache server`` (``lmcache.mode: mp``) with ``verify_restores``,
+and two more stages (each one call) follow:
+* stage ``restart`` -- ONE agg worker, LMCache MP + ``verify_restores``, vLLM's prefix cache off (every
+  reuse goes through the server): (g) a cold pass and a restore pass equal the reference, the restore
+  pass > 90 % from LMCache; (h) the worker's ``lmcache server`` is SIGKILLed while ``vllm bench serve``
+  runs through the frontend -- pdkit must restart it, and every request must complete; (i) after the
+  restart a save pass and a restore pass still equal the reference (LMCache#4492: restores after a
+  server restart can be wrong; ``verify_restores`` must catch and recompute any such block), with the
+  restore check's counters (``pdkit:lmcache_restore_*``) in the JSON; (p5) TTFT of 8k-token prompts
+  cold and warm (repeated) with the prefix cache off.
+* stage ``p5`` -- the same (p5) figures with LMCache in-process, for the side-by-side.
+
 Why (d) is not checked on the disagg deployment: with the prefix cache off on prefill, that worker's
 hits are LMCache loads, counted in tokens (a full hit is ``prompt - 1`` tokens; a multi-turn prefix hits
 in whole 256-token chunks), while the router predicts in whole 16-token blocks of what LMCache stored:
@@ -56,11 +70,13 @@ import json
 import os
 import re
 import signal
+import statistics
 import subprocess
 import sys
 import tarfile
 import tempfile
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -80,7 +96,8 @@ from pdkit.supervisor import proc_stats
 
 OUT = Path(os.environ.get("OUT") or "/tmp/pdkit-gpu-out")
 STATE = Path("/tmp/pdkit-gpu-check")
-STAGES = ("agg", "disagg")
+STAGES = ("agg", "disagg", "restart", "p5")
+ALL_STAGES = ("agg", "disagg")  # --stage all: one call
 MAX_TOKENS = 32
 READY_TIMEOUT_S = 420.0  # two shared-GPU vLLM starts on a fresh machine take ~4 min; the call has 10
 SEED = 15
@@ -102,10 +119,15 @@ class Workload:
     bench_input_len: int = 1024
     bench_output_len: int = 64
     bench_rate: float = 8.0
+    restart_bench_prompts: int = 160  # vllm bench serve while the lmcache server is killed (~20 s at 8 req/s)
+    kill_after_s: float = 6.0
+    p5_tokens: int = 8000  # P5: a repeated 8k-token prompt, prefix cache off
+    p5_prompts: int = 3
 
 
 QUICK = Workload(completion_tokens=(30, 400, 1500), chat_tokens=(60,), sessions=4, turns=3, system_len=256,
-                 user_len=48, turn_output_len=8, bench_prompts=12, bench_input_len=128, bench_output_len=8)  # fmt: skip
+                 user_len=48, turn_output_len=8, bench_prompts=12, bench_input_len=128, bench_output_len=8,
+                 restart_bench_prompts=12, kill_after_s=1.0, p5_tokens=600, p5_prompts=2)  # fmt: skip
 
 
 @dataclass
@@ -116,6 +138,7 @@ class Options:
     free_ports: bool = False
     state: Path = STATE
     skip_vllm_bench: bool = False
+    lmcache_mode: str | None = None  # None: the stack's default (in_process on 0.26/0.32)
 
 
 def log(*args: object) -> None:
@@ -149,16 +172,27 @@ def deployment(stage: str, opts: Options, ports: dict[str, dict[str, int]]) -> t
     args = ["--enforce-eager"] + (["--share-gpus"] if opts.one_gpu else [])
     if opts.engine != "vllm":
         args += ["--engine", opts.engine]
+    mp = opts.lmcache_mode == "mp"
+    # The simulator has no prefix-cache switch (its sim-worker rejects vLLM's flag): on sim it stays on.
+    no_prefix_cache = ["--no-enable-prefix-caching"] if opts.engine == "vllm" else []
     if stage == "agg":
-        config |= {"mode": "agg", "agg": {"gpus": [[0], [second]], **ports.get("agg", {})},
-                   "lmcache": {"chunk_size": 256, "cpu_gb": 10, "save_unfull_chunk": True}}  # fmt: skip
+        # mp: the reference is agg WITHOUT LMCache (issue 16 compares MP mode with it)
+        lmcache = {"enabled": False} if mp else {"chunk_size": 256, "cpu_gb": 10, "save_unfull_chunk": True}
+        config |= {"mode": "agg", "agg": {"gpus": [[0], [second]], **ports.get("agg", {})}, "lmcache": lmcache}
+        return ["agg", *args], config
+    if stage in ("restart", "p5"):
+        lmcache = {"chunk_size": 256, "cpu_gb": 20, "save_unfull_chunk": True}
+        lmcache |= {"mode": "mp", "verify_restores": True} if stage == "restart" else {"mode": "in_process"}
+        config |= {"mode": "agg", "lmcache": lmcache,
+                   "agg": {"gpus": [[0]], **ports.get("agg", {}), "extra_args": no_prefix_cache}}  # fmt: skip
         return ["agg", *args], config
     faults = len(opts.workload.completion_tokens) + len(opts.workload.chat_tokens)  # one per pass-1 request
-    # The simulator has no prefix-cache switch (its sim-worker rejects vLLM's flag): on sim prefill keeps it.
-    no_prefix_cache = ["--no-enable-prefix-caching"] if opts.engine == "vllm" else []
+    lmcache = {"chunk_size": 256, "cpu_gb": 20, "save_unfull_chunk": True}
+    if mp:
+        lmcache |= {"mode": "mp", "verify_restores": True}
     config |= {
         "mode": "disagg",
-        "lmcache": {"chunk_size": 256, "cpu_gb": 20, "save_unfull_chunk": True},
+        "lmcache": lmcache,
         "nixl": {"verify_transfers": True},
         "prefill": {"gpus": [[second]], **ports.get("prefill", {}), "extra_args": no_prefix_cache},
         "decode": {"gpus": [[0]], **ports.get("decode", {}), "extra_env": {"PDKIT_VERIFY_INJECT_FAULT": str(faults)}},
@@ -432,40 +466,53 @@ def multiturn_bench(frontend: str, w: Workload) -> int:
 VLLM_BENCH_RESULT = "vllm_bench_stack.json"
 
 
-def vllm_bench_argv(frontend: str, w: Workload) -> list[str]:
+def vllm_bench_argv(frontend: str, w: Workload, prompts: int | None = None, name: str = VLLM_BENCH_RESULT) -> list[str]:
     """``vllm bench serve`` on the random dataset with the embedded model's tokenizer, result saved under OUT."""
+    prompts = w.bench_prompts if prompts is None else prompts
     return [sys.executable, "-m", "vllm.entrypoints.cli.main", "bench", "serve", "--backend", "openai",
             "--base-url", frontend, "--endpoint", "/v1/completions", "--model", SYNTHETIC_SERVED_NAME,
             "--tokenizer", str(default_model_dir()), "--dataset-name", "random",
             "--random-input-len", str(w.bench_input_len), "--random-output-len", str(w.bench_output_len),
-            "--num-prompts", str(w.bench_prompts), "--request-rate", str(w.bench_rate), "--ignore-eos",
+            "--num-prompts", str(prompts), "--request-rate", str(w.bench_rate), "--ignore-eos",
             "--seed", str(SEED), "--disable-tqdm", "--save-result", "--result-dir", str(OUT),
-            "--result-filename", VLLM_BENCH_RESULT]  # fmt: skip
+            "--result-filename", name]  # fmt: skip
 
 
-def vllm_bench(frontend: str, w: Workload, skip: bool = False) -> dict[str, Any]:
-    """(e) ``vllm bench serve`` through the frontend: every request must complete."""
+def vllm_bench(
+    frontend: str,
+    w: Workload,
+    skip: bool = False,
+    prompts: int | None = None,
+    name: str = VLLM_BENCH_RESULT,
+    during: Any = None,
+) -> dict[str, Any]:
+    """(e) ``vllm bench serve`` through the frontend: every request must complete.  ``during``: called
+    while the benchmark runs (the restart stage kills the lmcache server there); its result is returned
+    as ``during``."""
     if skip:
         return {"verdict": None, "status": "skipped: --skip-vllm-bench"}
     if importlib.util.find_spec("vllm") is None:
         return {"verdict": None, "status": "skipped: vllm is not importable here"}
-    name = VLLM_BENCH_RESULT
-    argv = vllm_bench_argv(frontend, w)
+    prompts = w.bench_prompts if prompts is None else prompts
+    argv = vllm_bench_argv(frontend, w, prompts, name)
     log("vllm bench:", " ".join(argv[3:]))
     t0 = time.time()
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out: dict[str, Any] = {"during": during() if during is not None else None}
     try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=360)
+        stdout, _ = proc.communicate(timeout=360)
     except subprocess.TimeoutExpired:
-        return {"verdict": False, "status": "timed out after 360 s"}
-    out: dict[str, Any] = {"rc": done.returncode, "wall_s": round(time.time() - t0, 1)}
+        proc.kill()
+        return {**out, "verdict": False, "status": "timed out after 360 s"}
+    out |= {"rc": proc.returncode, "wall_s": round(time.time() - t0, 1)}
     try:
         result = json.loads((OUT / name).read_text())
     except (OSError, json.JSONDecodeError):
-        return {**out, "verdict": False, "status": "no result file", "output_tail": (done.stdout + done.stderr)[-3000:]}
+        return {**out, "verdict": False, "status": "no result file", "output_tail": stdout[-3000:]}
     keys = ("completed", "failed", "request_throughput", "mean_ttft_ms", "p99_ttft_ms", "mean_itl_ms", "p99_itl_ms")
-    out |= {k: result.get(k) for k in keys} | {"num_prompts": w.bench_prompts}
-    failed = result.get("failed", w.bench_prompts - (result.get("completed") or 0))
-    out["verdict"] = done.returncode == 0 and failed == 0 and result.get("completed") == w.bench_prompts
+    out |= {k: result.get(k) for k in keys} | {"num_prompts": prompts}
+    failed = result.get("failed", prompts - (result.get("completed") or 0))
+    out["verdict"] = proc.returncode == 0 and failed == 0 and result.get("completed") == prompts
     return out
 
 
@@ -536,12 +583,21 @@ def stage_agg(opts: Options, report: StageReport) -> None:
         finish(dep, report, "agg")
 
 
-def stage_disagg(opts: Options, report: StageReport) -> None:
+def load_reference(opts: Options) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(requests, agg results) the agg stage saved (on this machine, or carried in with ``--ref-from``)."""
     ref_file = opts.state / "stack-agg.json"
     if not ref_file.exists():
         raise RuntimeError(f"{ref_file} is missing: run --stage agg first on this machine (same --quick)")
     ref = json.loads(ref_file.read_text())
-    reqs, ref_rows = ref["requests"], ref["results"]
+    return ref["requests"], ref["results"]
+
+
+def equal_to(rows: list[dict[str, Any]], ref_rows: list[dict[str, Any]]) -> list[bool]:
+    return [r["ok"] and r["text"] == a["text"] for r, a in zip(rows, ref_rows, strict=True)]
+
+
+def stage_disagg(opts: Options, report: StageReport) -> None:
+    reqs, ref_rows = load_reference(opts)
     sim = opts.engine == "sim"
     mode_args, config = deployment("disagg", opts, port_settings(opts.free_ports))
     faults = int(config["decode"]["extra_env"]["PDKIT_VERIFY_INJECT_FAULT"])
@@ -563,8 +619,7 @@ def stage_disagg(opts: Options, report: StageReport) -> None:
         pass2 = asyncio.run(run_requests(dep.frontend, reqs, watch=None if sim else urls["prefill"]))
         time.sleep(1)
         c2 = counters()
-        eq1 = [r["ok"] and r["text"] == a["text"] for r, a in zip(pass1, ref_rows, strict=True)]
-        eq2 = [r["ok"] and r["text"] == a["text"] for r, a in zip(pass2, ref_rows, strict=True)]
+        eq1, eq2 = equal_to(pass1, ref_rows), equal_to(pass2, ref_rows)
         report.data["passes"] = pass_rows(pass1, pass2, ref_rows, eq1, eq2)
         report.check("a_disagg_equals_agg", all(eq1) and all(eq2), pass1_equal=f"{sum(eq1)}/{len(eq1)}",
                      pass2_equal=f"{sum(eq2)}/{len(eq2)}", completions_and_chats=len(eq1))  # fmt: skip
@@ -582,6 +637,140 @@ def stage_disagg(opts: Options, report: StageReport) -> None:
         report.check("e_vllm_bench", **_verdict(vllm_bench(dep.frontend, opts.workload, opts.skip_vllm_bench)))
     finally:
         finish(dep, report, "disagg")
+
+
+RESTORE_COUNTERS = ("pdkit:lmcache_restore_checked_blocks_total", "pdkit:lmcache_restore_mismatch_blocks_total",
+                    "pdkit:lmcache_restore_unverified_blocks_total", "pdkit:lmcache_hit_tokens_total")  # fmt: skip
+
+
+def delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {k: after[k] - before.get(k, 0.0) for k in after}
+
+
+def hit_ratios(rows: list[dict[str, Any]]) -> list[float]:
+    """Per request: the share of its prompt the watched worker loaded from LMCache."""
+    return [round((r["lmcache_hit_tokens"] or 0) / r["prompt_tokens"], 4) if r["prompt_tokens"] else 0.0 for r in rows]
+
+
+def lmcache_servers(dep: Deployment) -> dict[int, int]:
+    """pid -> HTTP port of every ``lmcache server`` below the launcher now (pdkit passes ``--http-port``)."""
+    out = {}
+    for pid in descendants(dep.proc.pid):
+        argv = cmdline(pid).split()
+        if "--l1-size-gb" in argv and "--http-port" in argv and alive(pid):
+            out[pid] = int(argv[argv.index("--http-port") + 1])
+    return out
+
+
+def healthy(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthcheck", timeout=2) as resp:
+            return resp.status == 200
+    except (OSError, ValueError):
+        return False
+
+
+def kill_lmcache_server(dep: Deployment, after_s: float, timeout_s: float = 150.0) -> dict[str, Any]:
+    """(h): SIGKILL the worker's ``lmcache server`` ``after_s`` into the load (a crash, not a stop), then wait
+    for pdkit's supervisor to start a new one and for it to answer ``/healthcheck``."""
+    time.sleep(after_s)
+    servers = lmcache_servers(dep)
+    if not servers:
+        return {"killed": None, "restarted": False, "status": "no lmcache server found below the launcher"}
+    pid, port = next(iter(servers.items()))
+    os.kill(pid, signal.SIGKILL)
+    t0 = time.time()
+    log(f"killed lmcache server {pid} (http port {port})")
+    while time.time() - t0 < timeout_s:
+        new = [p for p in lmcache_servers(dep) if p != pid]
+        if new and healthy(port):
+            log(f"lmcache server restarted as {new[0]} in {time.time() - t0:.1f} s")
+            return {"killed": pid, "new_pid": new[0], "restarted": True, "restart_s": round(time.time() - t0, 1)}
+        time.sleep(0.5)
+    return {"killed": pid, "restarted": False, "status": f"no healthy server {timeout_s:.0f} s after the kill"}
+
+
+def p5_ttft(frontend: str, w: Workload, watch: str | None) -> dict[str, Any]:
+    """P5: TTFT of ``p5_prompts`` distinct ``p5_tokens``-token prompts cold (first time), then warm (the same
+    again: with the prefix cache off, a restore from LMCache).  Same prompts in every stage (fixed seed)."""
+    factory = PromptFactory(default_model_dir(), seed=SEED + 5)
+    body = {"model": SYNTHETIC_SERVED_NAME, "max_tokens": MAX_TOKENS, "temperature": 0}
+    prompts = [factory.completion_prompt(w.p5_tokens) for _ in range(w.p5_prompts)]
+    path = "/v1/completions"
+    reqs = [{"kind": "p5", "tokens": w.p5_tokens, "path": path, "body": {"prompt": p, **body}} for p in prompts]
+    cold = asyncio.run(run_requests(frontend, reqs))
+    warm = asyncio.run(run_requests(frontend, reqs, watch=watch))
+    ms = lambda rows: [round(r["ttft_s"] * 1000, 1) if r["ttft_s"] else None for r in rows]  # noqa: E731
+    med = lambda xs: statistics.median([x for x in xs if x is not None]) if any(xs) else None  # noqa: E731
+    c, h = ms(cold), ms(warm)
+    return {"prompt_tokens": w.p5_tokens, "cold_ttft_ms": c, "warm_ttft_ms": h, "median_cold_ms": med(c),
+            "median_warm_ms": med(h), "warm_hit_ratios": hit_ratios(warm) if watch else None,
+            "warm_equals_cold": [a["text"] == b["text"] for a, b in zip(cold, warm, strict=True)]}  # fmt: skip
+
+
+def single_agg_deployment(stage: str, opts: Options, report: StageReport) -> tuple[Deployment, str | None]:
+    """Start the restart / p5 stage's one agg worker; (deployment, its engine URL or None on sim)."""
+    mode_args, config = deployment(stage, opts, port_settings(opts.free_ports))
+    report.data["deployment"] = {"launch_args": mode_args, "config": config}
+    dep = Deployment(stage, mode_args, config, opts.state / f"stack-{stage}")
+    report.data["ready_s"] = dep.wait_ready()
+    log(f"{stage} ready in {report.data['ready_s']} s")
+    wait_workers(dep.frontend, 1)
+    return dep, None if opts.engine == "sim" else workers_by_role(dep.frontend)["agg"]
+
+
+def stage_restart(opts: Options, report: StageReport) -> None:
+    """(g), (h), (i) and MP's (p5) on one agg worker with LMCache MP + verify_restores, prefix cache off."""
+    reqs, ref_rows = load_reference(opts)
+    w = opts.workload
+    dep, url = single_agg_deployment("restart", opts, report)
+    try:
+        counters = (lambda: {}) if url is None else (lambda: scrape(url, RESTORE_COUNTERS))
+        c0 = counters()
+        cold = asyncio.run(run_requests(dep.frontend, reqs))
+        warm = asyncio.run(run_requests(dep.frontend, reqs, watch=url))
+        c1 = counters()
+        eq_cold, eq_warm = equal_to(cold, ref_rows), equal_to(warm, ref_rows)
+        report.check("g_mp_equals_agg", all(eq_cold) and all(eq_warm), cold_equal=f"{sum(eq_cold)}/{len(eq_cold)}",
+                     restore_equal=f"{sum(eq_warm)}/{len(eq_warm)}")  # fmt: skip
+        if url is None:
+            report.check("g_mp_reuse", None, status="n/a on sim (no LMCache)")
+        else:
+            ratios = hit_ratios(warm)
+            report.check("g_mp_reuse", min(ratios) > 0.9 and all(eq_warm), hit_ratio_min=min(ratios),
+                         hit_ratios=ratios, restore_counters=delta(c0, c1))  # fmt: skip
+        kill = None if url is None else (lambda: kill_lmcache_server(dep, w.kill_after_s))
+        name = "vllm_bench_restart.json"
+        bench = vllm_bench(dep.frontend, w, opts.skip_vllm_bench, w.restart_bench_prompts, name, kill)
+        restarted = url is None or bool((bench.get("during") or {}).get("restarted"))
+        verdict = bench["verdict"] and restarted if bench["verdict"] is not None else None
+        report.check("h_server_restart_under_load", verdict,
+                     **{k: v for k, v in bench.items() if k != "verdict"},
+                     **({"status_kill": "n/a on sim (no lmcache server)"} if url is None else {}))  # fmt: skip
+        c2 = counters()
+        save = asyncio.run(run_requests(dep.frontend, reqs))
+        restore = asyncio.run(run_requests(dep.frontend, reqs, watch=url))
+        c3 = counters()
+        eq_save, eq_restore = equal_to(save, ref_rows), equal_to(restore, ref_rows)
+        report.check("i_after_restart_equals_agg", all(eq_save) and all(eq_restore),
+                     save_equal=f"{sum(eq_save)}/{len(eq_save)}", restore_equal=f"{sum(eq_restore)}/{len(eq_restore)}",
+                     hit_ratios=hit_ratios(restore) if url else None, restore_counters_after_restart=delta(c2, c3),
+                     status="a mismatch counted with outputs equal: LMCache#4492 caught, recomputed")  # fmt: skip
+        report.check("p5_ttft_mp", None, **p5_ttft(dep.frontend, w, url), status="figures (side by side: stage p5)")
+    finally:
+        finish(dep, report, "restart")
+
+
+def stage_p5(opts: Options, report: StageReport) -> None:
+    """(p5) with LMCache in-process on the same kind of worker (agg, prefix cache off)."""
+    dep, url = single_agg_deployment("p5", opts, report)
+    try:
+        report.check("p5_ttft_in_process", None, **p5_ttft(dep.frontend, opts.workload, url), status="figures")
+    finally:
+        finish(dep, report, "p5")
+
+
+STAGE_FUNCTIONS = {"agg": stage_agg, "disagg": stage_disagg, "restart": stage_restart, "p5": stage_p5}
 
 
 def pass_rows(pass1: list[dict], pass2: list[dict], ref: list[dict], eq1: list[bool], eq2: list[bool]) -> list[dict]:
@@ -649,6 +838,9 @@ def summary(report: StageReport) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--stage", choices=[*STAGES, "all"], default="all", help="all: agg then disagg in one call")
+    parser.add_argument("--lmcache-mode", choices=["in_process", "mp"], default=None,
+                        help="mp: issue 16's checks (agg reference without LMCache, prefill with an lmcache server; "
+                             "stage restart); default: the stack's mode")  # fmt: skip
     parser.add_argument("--engine", choices=["vllm", "sim"], default="vllm", help="sim: CPU rehearsal")
     parser.add_argument("--two-gpus", action="store_true", help="prefill and the second agg worker on GPU 1")
     parser.add_argument("--quick", action="store_true", help="small workloads (rehearsals, tests)")
@@ -660,8 +852,9 @@ def main() -> int:
                         "wrote under $OUT (another machine of the same stack), instead of this machine's")  # fmt: skip
     args = parser.parse_args()
     opts = Options(engine=args.engine, one_gpu=not args.two_gpus, workload=QUICK if args.quick else Workload(),
-                   free_ports=args.free_ports, state=args.state_dir, skip_vllm_bench=args.skip_vllm_bench)  # fmt: skip
-    stages = list(STAGES) if args.stage == "all" else [args.stage]
+                   free_ports=args.free_ports, state=args.state_dir, skip_vllm_bench=args.skip_vllm_bench,
+                   lmcache_mode=args.lmcache_mode)  # fmt: skip
+    stages = list(ALL_STAGES) if args.stage == "all" else [args.stage]
     if args.dry_run:
         return dry_run(opts, stages)
     OUT.mkdir(parents=True, exist_ok=True)
@@ -672,7 +865,7 @@ def main() -> int:
     for stage in stages:
         report = StageReport(stage, opts)
         try:
-            (stage_agg if stage == "agg" else stage_disagg)(opts, report)
+            STAGE_FUNCTIONS[stage](opts, report)
         except Exception as exc:  # report it, keep the JSON and the logs
             log(f"stage {stage} FAILED: {exc!r}")
             report.data["error"] = repr(exc)[:3000]

@@ -96,3 +96,46 @@ def test_vllm_bench_command_parses_with_vllms_own_parser() -> None:
     ns = parser.parse_args(argv[5:])
     assert (ns.dataset_name, ns.num_prompts, ns.request_rate, ns.ignore_eos) == ("random", 200, 8.0, True)
     assert ns.random_input_len == 1024 and ns.random_output_len == 64 and ns.save_result
+
+
+def test_mp_mode_plans_issue_16s_deployments(tmp_path: Path) -> None:
+    """``--lmcache-mode mp``: the agg reference runs without LMCache, the prefill gets an ``lmcache server``
+    and LMCacheMPConnector with restore checks, and the restart stage's one agg worker runs its own server
+    with the prefix cache off (every reuse goes through the server)."""
+    done = run_script("--dry-run", "--lmcache-mode", "mp", out=tmp_path, timeout=120)
+    assert done.returncode == 0, done.stderr
+    agg, disagg = done.stdout.split("== stage disagg")
+    assert "-lmcache]" not in agg and "LMCache" not in agg.split("[agg-0]")[1]
+    assert "[prefill-0-lmcache]" in disagg and "serves: prefill-0" in disagg
+    assert '"lmcache_connector":"LMCacheMPConnector"' in disagg and '"verify_restores":true' in disagg
+    done = run_script("--dry-run", "--stage", "restart", out=tmp_path, timeout=120)
+    assert done.returncode == 0, done.stderr
+    worker = done.stdout.split("[agg-0]")[1]
+    assert "[agg-0-lmcache]" in done.stdout and "lmcache.cli.main server" in done.stdout
+    assert '"verify_restores":true' in worker and "--no-enable-prefix-caching" in worker
+    assert '"kv_load_failure_policy":"recompute"' in worker and "[agg-1]" not in done.stdout
+    done = run_script("--dry-run", "--stage", "p5", out=tmp_path, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "-lmcache]" not in done.stdout and '"kv_connector":"LMCacheConnectorV1"' in done.stdout
+
+
+def test_sim_rehearsal_of_the_restart_and_p5_stages(tmp_path: Path) -> None:
+    """The restart and p5 stages end to end on simulated engines (no LMCache there: its checks say n/a):
+    passes against the agg reference before and after the (skipped) kill, P5's figures, clean stops."""
+    out = tmp_path / "out"
+    common = ("--engine", "sim", "--quick", "--free-ports", "--skip-vllm-bench", "--state-dir", str(tmp_path / "st"))
+    for stage in ("agg", "restart", "p5"):
+        done = run_script("--stage", stage, "--lmcache-mode", "mp", *common, out=out)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    restart = json.loads((out / "gpu_check_stack_restart.json").read_text())
+    assert restart["ok"], restart
+    c = restart["checks"]
+    assert c["g_mp_equals_agg"]["verdict"] is True and c["g_mp_equals_agg"]["restore_equal"] == "4/4"
+    assert c["g_mp_reuse"]["status"].startswith("n/a on sim")
+    assert c["h_server_restart_under_load"]["verdict"] is None
+    assert c["i_after_restart_equals_agg"]["verdict"] is True
+    p5 = c["p5_ttft_mp"]
+    assert len(p5["cold_ttft_ms"]) == len(p5["warm_ttft_ms"]) == 2 and all(p5["warm_equals_cold"])
+    assert c["stopped_clean"]["verdict"] is True
+    in_process = json.loads((out / "gpu_check_stack_p5.json").read_text())
+    assert in_process["ok"] and in_process["checks"]["p5_ttft_in_process"]["prompt_tokens"] == 600
