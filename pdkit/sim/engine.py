@@ -9,8 +9,9 @@ times ``time_scale``.
 P/D (vLLM NixlConnector protocol, pull mode):
 
 * A request with ``kv_transfer_params.do_remote_decode`` runs normally; when it finishes by length or
-  stop its blocks are *not* freed but leased for ``kv_lease_s`` seconds, and the response carries
-  ``do_remote_prefill/remote_*`` params pointing at this worker's side channel.
+  stop its blocks are *not* freed but leased for ``kv_lease_s`` seconds (:mod:`pdkit.sim.leases` owns
+  them from then on), and the response carries ``do_remote_prefill/remote_*`` params pointing at this
+  worker's side channel.
 * A request with ``do_remote_prefill`` and complete ``remote_*`` params gets blocks for its prompt
   (minus local prefix hits) and pulls the missing blocks from the remote worker through a
   :mod:`pdkit.sim.transport` (HTTP side channel or real NIXL), which frees the lease.  Any failure --
@@ -34,6 +35,7 @@ from typing import Any
 from pdkit.routing.block_hash import BlockHasher
 from pdkit.routing.kv_events import KVEvent
 from pdkit.sim.kv_cache import BlockPool
+from pdkit.sim.leases import Lease, LeaseTable
 from pdkit.sim.metrics import SimMetrics
 from pdkit.sim.sampling import LogprobEntry, SamplingSpec, TokenSampler
 from pdkit.sim.settings import SimSettings
@@ -110,15 +112,6 @@ class SimRequest:
         return bool(self.kv_transfer_params and self.kv_transfer_params.get("do_remote_decode"))
 
 
-@dataclass
-class Lease:
-    """Blocks a finished prefill holds for a decode worker to pull."""
-
-    block_ids: list[int]
-    token_ids: list[int]
-    expiry: float
-
-
 HeartbeatFn = Callable[[str, int, str, list[str]], Awaitable[None]]
 
 
@@ -144,12 +137,12 @@ class SimEngine:
         self.pool = BlockPool(settings.kv_capacity_blocks, settings.block_size, enable_events=publish is not None)
         self.hasher = BlockHasher(settings.block_size, settings.hash_algo, settings.hash_seed, use_env_seed=False)
         self._publish = publish
+        self.leases = LeaseTable(settings, metrics, kv_bytes_per_token, self._free_blocks, self._after_release)
         self.transport = transport
         self.waiting: deque[SimRequest] = deque()
         self.ready: deque[SimRequest] = deque()  # KV pulled, waiting for a running slot
         self.running: list[SimRequest] = []
         self.remote_wait: dict[str, SimRequest] = {}
-        self.leases: dict[str, Lease] = {}
         self.side_channel: tuple[str, int] = (settings.host, 0)
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -164,7 +157,7 @@ class SimEngine:
     # ------------------------------------------------------------------------------- lifecycle
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="sim-engine")
-        self._sweeper = asyncio.create_task(self._sweep_leases(), name="sim-lease-sweeper")
+        self._sweeper = asyncio.create_task(self.leases.sweep_forever(lambda: self._closed), name="sim-lease-sweeper")
         if self.heartbeat is not None:
             self._heartbeats = asyncio.create_task(self._send_heartbeats(), name="sim-lease-heartbeats")
 
@@ -179,6 +172,15 @@ class SimEngine:
             if t is not None:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await t
+
+    @property
+    def transport(self) -> KVTransport | None:
+        """How KV moves between workers (None: agg, or not set up yet); the lease table uses the same."""
+        return self._transport
+
+    @transport.setter
+    def transport(self, transport: KVTransport | None) -> None:
+        self._transport = self.leases.transport = transport
 
     def new_request_id(self, base: str) -> str:
         """Engine-internal id (vLLM appends the prompt index and a random suffix too)."""
@@ -398,22 +400,13 @@ class SimEngine:
 
     def _lease(self, req: SimRequest) -> dict[str, Any]:
         """Hold the request's blocks for the decode worker; the NIXL producer's response params."""
-        lease_s = self.settings.kv_lease_s
-        self.leases[req.request_id] = Lease(
-            block_ids=list(req.block_ids),
-            token_ids=req.all_token_ids[: req.num_computed],
-            expiry=time.monotonic() + lease_s,
-        )
+        lease = self.leases.hold(req.request_id, req.block_ids, req.all_token_ids[: req.num_computed])
         req.block_ids = []  # ownership moves to the lease
-        if self.transport is not None:
-            lease = self.leases[req.request_id]
-            self.transport.on_lease(req.request_id, lease.block_ids, lease.token_ids)
-        self.metrics.leases_active.set(len(self.leases))
         host, port = self.side_channel
         return {
             "do_remote_prefill": True,
             "do_remote_decode": False,
-            "remote_block_ids": [list(self.leases[req.request_id].block_ids)],
+            "remote_block_ids": [list(lease.block_ids)],
             "remote_engine_id": self.engine_id,
             "remote_request_id": req.request_id,
             "remote_host": host,
@@ -504,27 +497,8 @@ class SimEngine:
         self._wake.set()
 
     def serve_pull(self, body: dict[str, Any]) -> dict[str, Any]:
-        """HTTP side channel, producer side: hand out leased KV and release the lease (the read is done).
-
-        Raises ``KeyError`` for an unknown or expired lease and ``ValueError`` for a wrong engine id.
-        """
-        if body.get("remote_engine_id") != self.engine_id:
-            raise ValueError(f"engine id {body.get('remote_engine_id')!r} is not this engine ({self.engine_id})")
-        req_id = str(body.get("remote_request_id"))
-        lease = self.leases.get(req_id)
-        if lease is None:
-            raise KeyError(req_id)
-        if lease.expiry < time.monotonic():
-            self._release_lease(req_id, expired=True)
-            raise KeyError(req_id)
-        wanted = [int(b) for b in body.get("block_ids", [])]
-        first = int(body.get("first_block_index", len(lease.block_ids) - len(wanted)))
-        if lease.block_ids[first : first + len(wanted)] != wanted:
-            raise ValueError("block ids do not match the lease")
-        bs = self.settings.block_size
-        tokens = lease.token_ids[first * bs : (first + len(wanted)) * bs]
-        num_bytes = self._release_lease(req_id, num_blocks_read=len(wanted))
-        return {"token_ids": tokens, "num_bytes": num_bytes, "num_blocks": len(wanted)}
+        """HTTP side channel, producer side: hand out leased KV (:meth:`LeaseTable.serve_pull`)."""
+        return self.leases.serve_pull(body, self.engine_id)
 
     async def release_rejected(self, params: dict[str, Any]) -> None:
         """Decode side of vLLM's rejection cleanup: a request the serving layer refused (an unknown model,
@@ -541,41 +515,20 @@ class SimEngine:
 
     def on_remote_read_done(self, req_id: str, num_blocks: int) -> None:
         """A decode finished reading a lease (NIXL notification): free the blocks."""
-        if req_id in self.leases:
-            self._release_lease(req_id, num_blocks_read=num_blocks)
-
-    def _release_lease(self, req_id: str, *, expired: bool = False, num_blocks_read: int = 0) -> int:
-        """Free a lease's blocks; returns the simulated bytes that were read from it."""
-        lease = self.leases.pop(req_id, None)
-        if lease is None:
-            return 0
-        self.pool.free(lease.block_ids)
-        if self.transport is not None:
-            self.transport.on_free([b for b in lease.block_ids if self.pool.ref_count(b) == 0])
-        num_bytes = num_blocks_read * self.settings.block_size * self.kv_bytes_per_token
-        if expired:
-            logger.warning("releasing expired KV blocks of request %s (no decode read them in time)", req_id)
-            self.metrics.leases_expired.inc()
-        else:
-            self.metrics.kv_transfer_bytes.labels(direction="sent").inc(num_bytes)
-        self.metrics.leases_active.set(len(self.leases))
-        self._update_gauges()
-        self._wake.set()
-        return num_bytes
+        self.leases.read_done(req_id, num_blocks)
 
     def extend_leases(self, engine_id: str, request_ids: list[str]) -> int:
-        """Producer side of a heartbeat: push expiries out by 2/3 of the lease (NIXL's extension)."""
-        if engine_id != self.engine_id:
-            return 0
-        new_expiry = time.monotonic() + self.settings.kv_lease_s * 2 / 3
-        n = 0
-        for rid in request_ids:
-            lease = self.leases.get(rid)
-            if lease is not None and lease.expiry >= time.monotonic():
-                lease.expiry = max(lease.expiry, new_expiry)
-                n += 1
-        self.metrics.lease_extensions.inc(n)
-        return n
+        """Producer side of a heartbeat (:meth:`LeaseTable.extend`)."""
+        return self.leases.extend(engine_id, self.engine_id, request_ids)
+
+    def _free_blocks(self, block_ids: list[int]) -> list[int]:
+        """The lease table's way to give blocks back: those no request holds any more are returned."""
+        self.pool.free(block_ids)
+        return [b for b in block_ids if self.pool.ref_count(b) == 0]
+
+    def _after_release(self) -> None:
+        self._update_gauges()
+        self._wake.set()
 
     async def _send_heartbeats(self) -> None:
         """Consumer side: while remote-prefill requests wait here for blocks, keep their leases alive.
@@ -597,14 +550,6 @@ class SimEngine:
                     await self.heartbeat(host, port, engine_id, ids)
                 except Exception as exc:  # a lost heartbeat only shortens the lease
                     logger.debug("lease heartbeat to %s:%s failed: %s", host, port, exc)
-
-    async def _sweep_leases(self) -> None:
-        interval = max(0.01, min(1.0, self.settings.kv_lease_s / 4))
-        while not self._closed:
-            await asyncio.sleep(interval)
-            now = time.monotonic()
-            for req_id in [r for r, lease in self.leases.items() if lease.expiry < now]:
-                self._release_lease(req_id, expired=True)
 
     # --------------------------------------------------------------------------------- plumbing
     def _flush_events(self) -> None:
