@@ -36,58 +36,42 @@ import contextlib
 import hashlib
 import hmac
 import logging
-import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import aiohttp
 import msgspec
 from aiohttp import web
 
-from pdkit.frontend import seeding
 from pdkit.frontend.admission import AdmissionQueue
+from pdkit.frontend.hops import (
+    JSON_TYPE,
+    PREFILL_KV_PARAMS,
+    HeldRoute,
+    Passthrough,
+    Relay,
+    StopCut,
+)
 from pdkit.frontend.metrics import ActualHits, FrontendMetrics
 from pdkit.frontend.registry import Registry, RegistryServer
-from pdkit.frontend.requests import RequestError, TokenEstimator, error_body, error_obj, extract_prompt, parse_body
+from pdkit.frontend.requests import RequestError, TokenEstimator, error_body, extract_prompt, parse_body
+from pdkit.frontend.seeded_path import SEED_HEADER, SeededPath
 from pdkit.frontend.settings import FrontendSettings, is_loopback
 from pdkit.frontend.validation import check_context_length, validate_request
 from pdkit.http_app import Route, make_app, serve
 from pdkit.protocol import Load
 from pdkit.routing.policies import KV_AWARE, make_policy
 from pdkit.routing.types import Policy, RequestContext, WorkerState
-from pdkit.stack import stack_for
 
 UPSTREAM_KEEPALIVE_S = 4.0
+# PREFILL_KV_PARAMS and SEED_HEADER live with the hops that use them; importable from here as before.
+__all__ = ["PREFILL_KV_PARAMS", "SEED_HEADER", "BindError", "Frontend"]
 
 log = logging.getLogger("pdkit.frontend")
 
-# What the prefill hop adds: vLLM's NixlConnector reads these keys on the producer side.
-PREFILL_KV_PARAMS: dict[str, Any] = {
-    "do_remote_decode": True,
-    "do_remote_prefill": False,
-    "remote_engine_id": None,
-    "remote_block_ids": None,
-    "remote_host": None,
-    "remote_port": None,
-}
 _FORWARD_HEADERS = ("Authorization", "traceparent", "tracestate")
-_JSON = "application/json"
-_T = TypeVar("_T")
-
-
-class _HopFailed(Exception):
-    """A hop failed in a way another worker may fix.  ``reached`` = the engine may have started it
-    (so a decode worker may have consumed the prefill's KV lease)."""
-
-    def __init__(self, reason: str, reached: bool, status: int | None = None, body: bytes | None = None) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.reached = reached
-        self.status = status
-        self.body = body
 
 
 class BindError(Exception):
@@ -100,43 +84,7 @@ class BindError(Exception):
         )
 
 
-class _StopCut(Exception):
-    """Set on an upstream stream's reader when the stop grace ran out: the relay ends it with an error event."""
-
-
-@dataclass(eq=False)
-class _Route:
-    """What admission granted one request: the held slots (each released once, when its hop is over).
-
-    ``worker``: the decode (or agg) worker, held from admission to the last byte; ``prefill``: the prefill
-    worker of a disaggregated request, held until its prefill hop ends (None: prefill on the decode worker).
-    """
-
-    mode: str
-    ctx: RequestContext
-    worker: WorkerState | None
-    prefill: WorkerState | None = None
-
-
-@dataclass(eq=False)
-class _Relay:
-    """One stream being relayed, so that :meth:`Frontend.stop` can cut it with an error event."""
-
-    resp: aiohttp.ClientResponse
-    cut: bool = False
-
-
-class _Passthrough(Exception):
-    """An engine's client error (4xx): relayed to the client as is, never retried."""
-
-    def __init__(self, status: int, body: bytes, content_type: str) -> None:
-        super().__init__(status)
-        self.status = status
-        self.body = body
-        self.content_type = content_type
-
-
-class Frontend:
+class Frontend(SeededPath):
     """One frontend, in process.  ``await start()`` → (http_port, zmq_port); ``await stop(grace_s)``."""
 
     def __init__(self, settings: FrontendSettings, policy: Policy | None = None) -> None:
@@ -167,7 +115,7 @@ class Frontend:
         self._local_pick: Callable[..., WorkerState | None] | None = getattr(policy, "local_prefill_worker", None)
         self._kv_closed = False
         self.actual_hits = ActualHits(self.metrics)
-        self.admission: AdmissionQueue[_Route] = AdmissionQueue(
+        self.admission: AdmissionQueue[HeldRoute] = AdmissionQueue(
             max_queued=settings.max_queued,
             timeout_s=settings.queue_timeout_s,
             retry_after_s=settings.retry_after_s,
@@ -175,7 +123,7 @@ class Frontend:
             metrics=self.metrics,
             all_roles=_roles_of(settings.mode),
         )
-        self._relays: set[_Relay] = set()
+        self._relays: set[Relay] = set()
         self._api_key_hash = hashlib.sha256(settings.api_key.encode()).digest() if settings.api_key else None
         if not settings.token:
             log.warning(
@@ -293,7 +241,7 @@ class Frontend:
         if self._relays:
             for relay in list(self._relays):
                 relay.cut = True
-                relay.resp.content.set_exception(_StopCut())  # wakes the relay's pending read
+                relay.resp.content.set_exception(StopCut())  # wakes the relay's pending read
             with contextlib.suppress(asyncio.TimeoutError):  # let each relay write its error event
                 await asyncio.wait_for(self._idle.wait(), timeout=2.0)
         if self._runner is not None:
@@ -320,7 +268,7 @@ class Frontend:
 
     async def _health(self, request: web.Request) -> web.Response:
         if self._draining:
-            return web.Response(status=503, body=error_body(503, "frontend is shutting down"), content_type=_JSON)
+            return web.Response(status=503, body=error_body(503, "frontend is shutting down"), content_type=JSON_TYPE)
         return web.Response(status=200)
 
     async def _readiness(self, request: web.Request) -> web.Response:
@@ -431,7 +379,7 @@ class Frontend:
         mode: str = self.s.mode
         status = "500"
         self._active += 1
-        route: _Route | None = None
+        route: HeldRoute | None = None
         try:
             if self._draining:
                 raise RequestError(503, "frontend is shutting down; retry on another frontend", retry_after=1)
@@ -449,8 +397,8 @@ class Frontend:
         except RequestError as exc:
             status = str(exc.status)
             headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
-            return web.Response(status=exc.status, body=exc.body(), content_type=_JSON, headers=headers)
-        except _Passthrough as exc:
+            return web.Response(status=exc.status, body=exc.body(), content_type=JSON_TYPE, headers=headers)
+        except Passthrough as exc:
             status = str(exc.status)
             return web.Response(status=exc.status, body=exc.body, headers={"Content-Type": exc.content_type})
         except asyncio.CancelledError:
@@ -463,7 +411,7 @@ class Frontend:
             return web.Response(
                 status=500,
                 body=error_body(500, "internal error in the pdkit frontend; see its log"),
-                content_type=_JSON,
+                content_type=JSON_TYPE,
             )
         finally:
             if route is not None:
@@ -497,7 +445,7 @@ class Frontend:
 
     @staticmethod
     def _forward_headers(request: web.Request, rid: str) -> dict[str, str]:
-        headers = {"Content-Type": _JSON, "X-Request-Id": rid}
+        headers = {"Content-Type": JSON_TYPE, "X-Request-Id": rid}
         for name in _FORWARD_HEADERS:
             value = request.headers.get(name)
             if value is not None:
@@ -554,8 +502,9 @@ class Frontend:
 
     # ------------------------------------------------------------------------------- admission
 
-    async def _admit(self, ctx: RequestContext) -> _Route:
+    async def _admit(self, ctx: RequestContext) -> HeldRoute:
         """Take the request's worker slots now, or wait for them in the admission queue."""
+        roles: tuple[str, ...]
         if self.s.mode == "agg":
             label, roles = "agg", ("agg",)
         elif ctx.prompt_tokens < self.s.disagg_min_prompt_tokens:
@@ -564,7 +513,7 @@ class Frontend:
             label, roles = "prefill", ("prefill", "decode")
         return await self.admission.admit(label, roles, lambda: self._try_route(ctx))
 
-    def _try_route(self, ctx: RequestContext) -> _Route | None:
+    def _try_route(self, ctx: RequestContext) -> HeldRoute | None:
         """Choose and hold every slot the request needs, all at once, or None when one is full.
 
         Runs on the event loop without awaiting, so nothing can take a slot between the check and the
@@ -574,27 +523,27 @@ class Frontend:
             usable, live = self._candidates(ctx, "agg", ())
             if not live:
                 raise self._unavailable("agg", ctx)
-            return _Route("agg", ctx, self._hold(self.policy.choose("agg", usable, ctx))) if usable else None
+            return HeldRoute("agg", ctx, self._hold(self.policy.choose("agg", usable, ctx))) if usable else None
         decode, live = self._candidates(ctx, "decode", ())
         if not live:
             raise self._unavailable("decode", ctx)
         if not decode:
             return None
         if ctx.prompt_tokens < self.s.disagg_min_prompt_tokens:
-            return _Route("direct", ctx, self._hold(self.policy.choose("decode", decode, ctx)))
+            return HeldRoute("direct", ctx, self._hold(self.policy.choose("decode", decode, ctx)))
         if self._local_pick is not None and self.s.disagg_min_prompt_tokens > 0:
             # Conditional disaggregation: a decode worker whose cached prefix leaves fewer than
             # disagg_min_prompt_tokens to compute prefills the request itself (one hop, no transfer).
             local = self._local_pick(decode, ctx, self.s.disagg_min_prompt_tokens - 1)
             if local is not None:
-                return _Route("direct_cached", ctx, self._hold(local))
+                return HeldRoute("direct_cached", ctx, self._hold(local))
         prefill, prefill_live = self._candidates(ctx, "prefill", ())
         if prefill_live and not prefill:
             return None  # wait for a prefill slot rather than prefill on the (scarcer) decode worker
         p = self._hold(self.policy.choose("prefill", prefill, ctx)) if prefill else None
         ctx.remote_kv = p is not None
         d = self._hold(self.policy.choose("decode", decode, ctx))
-        return _Route("disagg", ctx, d, p)
+        return HeldRoute("disagg", ctx, d, p)
 
     def _candidates(
         self, ctx: RequestContext, role: str, exclude: set[str] | tuple[()]
@@ -650,609 +599,13 @@ class Frontend:
             self._hop_done(w, ctx)  # KV-aware routing: the request's blocks are no longer "about to be cached"
         self.admission.pump()  # a slot freed: the oldest waiter that fits takes it
 
-    def _release_route(self, route: _Route) -> None:
+    def _release_route(self, route: HeldRoute) -> None:
         """Give back every slot the route still holds (each exactly once)."""
         for w in (route.prefill, route.worker):
             if w is not None:
                 self._release(w, route.ctx)
         route.prefill = route.worker = None
 
-    # --------------------------------------------------------------------------- disagg (seeded)
-
-    async def _disagg(
-        self, request: web.Request, ctx: RequestContext, route: _Route, t0: float
-    ) -> tuple[web.StreamResponse, str]:
-        """Prefill → decode; seeded with the prefill's first token unless seeding is off or refused."""
-        if self._seeding_on(route.worker):
-            refusal = self._seed_refusal(request, ctx)
-            if refusal is None:
-                return await self._seeded(request, ctx, route, t0)
-            self.metrics.seeded_hops.labels("refused").inc()
-            log.debug("request %s not seeded: %s", ctx.request_id, refusal)
-        params = await self._prefill(ctx, route)
-        return await self._decode(request, ctx, "decode", params, "disagg", t0, route)
-
-    def _seeding_on(self, decode: WorkerState | None) -> bool:
-        """``seed_first_token`` when set; unset, seed where it is proven for the decode worker's engine: the
-        simulator always, vLLM when its registered release is one with ``Stack.seeding_proven`` (seeding
-        relies on that release's NIXL decode side; an unknown or unreadable version is not proven)."""
-        if self.s.seed_first_token is not None:
-            return self.s.seed_first_token
-        if decode is None:
-            return False
-        if decode.info.engine != "vllm":
-            return True
-        if decode.info.engine_version is None:
-            return False
-        try:
-            stack = stack_for(decode.info.engine_version)
-        except ValueError:
-            return False
-        return stack.known and stack.seeding_proven
-
-    @staticmethod
-    def _seed_refusal(request: web.Request, ctx: RequestContext) -> str | None:
-        """Why this request takes the unseeded path (None: seed it).  ``X-Pdkit-Seed: off`` is a
-        debugging aid (A/B on one deployment, scripts/gpu_bench_seeding.py) that affects only its own
-        request, so it needs no secret: it cannot change how any other request is routed."""
-        if request.headers.get(SEED_HEADER, "").strip().lower() in ("off", "0", "false", "no"):
-            return f"{SEED_HEADER}: off"
-        return seeding.seed_refusal(ctx.path, ctx.body)
-
-    async def _seeded(
-        self, request: web.Request, ctx: RequestContext, route: _Route, t0: float
-    ) -> tuple[web.StreamResponse, str]:
-        """The seeded P/D path (docs/seeding.md, "Wiring"): the client sees the prefill's token at once,
-        the decode gets prompt + that token and generates the rest.  Until something reached the client
-        every problem falls back to the unseeded path, which then runs exactly as without seeding."""
-        body = seeding.prefill_body(ctx.path, ctx.body, PREFILL_KV_PARAMS)
-        got = await self._prefill_answer(ctx, route, body, need_params=False)
-        if got is None:  # no prefill worker answered: the decode worker prefills locally, unseeded
-            self.metrics.seeded_hops.labels("fallback").inc()
-            return await self._decode(request, ctx, "decode", None, "disagg", t0, route)
-        answer, prefill_worker = got
-        params = answer.get("kv_transfer_params")
-        params = params if isinstance(params, dict) else None
-        assert route.worker is not None
-        max_len = route.worker.info.max_model_len or self._max_model_len(ctx)
-        try:
-            first = seeding.first_token_from_prefill(ctx.path, answer)
-            if seeding.ends_request(ctx.path, ctx.body, first, max_len):
-                self.metrics.seeded_hops.labels("ended_at_prefill").inc()
-                self._release_prefill_kv(route.worker, ctx, first)
-                return await self._single_token(request, ctx, first, t0)
-            dpath, dbody = seeding.seeded_decode_body(
-                ctx.path,
-                ctx.body,
-                first,
-                block_size=prefill_worker.info.block_size,
-                max_model_len=max_len,
-                nixl_mode=prefill_worker.info.nixl_mode,
-            )
-        except seeding.SeedingError as exc:
-            log.warning("request %s: not seeded after its prefill (%s); decoding unseeded", ctx.request_id, exc)
-            self.metrics.seeded_hops.labels("fallback").inc()
-            return await self._decode(request, ctx, "decode", params, "disagg", t0, route)
-        self.metrics.seeded_hops.labels("seeded").inc()
-        if ctx.body.get("stream"):
-            return await self._seeded_stream(request, ctx, route, first, dpath, dbody, t0)
-        return await self._seeded_json(ctx, route, first, dpath, dbody)
-
-    def _release_prefill_kv(self, decode: WorkerState, ctx: RequestContext, first: seeding.FirstToken) -> None:
-        """Free the prefill's KV lease when the first token ended the request (``seeding.release_request``).
-
-        Fire and forget: the client's answer does not wait for it, and a failure only means the prefill
-        keeps the blocks until its lease (``kv_lease_duration``) runs out, as it would without this."""
-        got = seeding.release_request(first)
-        if got is None or self._session is None:
-            return
-        path, body = got
-        url, payload, headers = decode.url + path, msgspec.json.encode(body), ctx.headers
-
-        async def send() -> None:
-            try:
-                async with await self._post(url, payload, headers) as resp:
-                    await resp.read()  # vLLM answers 404 (unknown model) after freeing; nothing to check
-            except (aiohttp.ClientError, OSError) as exc:
-                log.info("request %s: KV release at %s failed (%s); the prefill's lease frees it",
-                         ctx.request_id, decode.worker_id, exc)  # fmt: skip
-
-        task = asyncio.create_task(send())
-        self._kv_releases.add(task)
-        task.add_done_callback(self._kv_releases.discard)
-
-    @staticmethod
-    def _earliest_stop(w: WorkerState) -> bool:
-        """The decode's vLLM rule for several stop strings in one chunk (``Stack.stop_string_earliest_end``)."""
-        try:
-            return stack_for(w.info.engine_version).stop_string_earliest_end
-        except ValueError:  # a version string pdkit cannot read: the newest release's rule
-            return stack_for(None).stop_string_earliest_end
-
-    async def _single_token(
-        self, request: web.Request, ctx: RequestContext, first: seeding.FirstToken, t0: float
-    ) -> tuple[web.StreamResponse, str]:
-        """The whole answer when the prefill's token ends the request (EOS, stop, max_tokens=1): no decode hop."""
-        if not ctx.body.get("stream"):
-            data = msgspec.json.encode(seeding.single_token_answer(ctx.path, ctx.body, first))
-            return web.Response(body=data, content_type=_JSON, headers={"X-Request-Id": ctx.request_id}), "200"
-        out = await self._open_client_stream(request, ctx)
-        await out.write(seeding.single_token_stream(ctx.path, ctx.body, first))
-        self.metrics.ttft.labels("disagg").observe(time.perf_counter() - t0)
-        with contextlib.suppress(ConnectionError, RuntimeError):
-            await out.write_eof()
-        return out, "200"
-
-    @staticmethod
-    def _seeded_payload(dbody: dict[str, Any], params: dict[str, Any] | None) -> bytes:
-        """The seeded decode body; without params the decode prefills prompt + first token itself."""
-        body = {k: v for k, v in dbody.items() if k != "kv_transfer_params"}
-        if params is not None:
-            body["kv_transfer_params"] = params
-        return msgspec.json.encode(body)
-
-    async def _seeded_json(
-        self, ctx: RequestContext, route: _Route, first: seeding.FirstToken, dpath: str, dbody: dict[str, Any]
-    ) -> tuple[web.StreamResponse, str]:
-        """Non-streamed: the decode's answer merged behind the prefill's token (usage counts each token once)."""
-        hop0 = time.perf_counter()
-
-        async def attempt(w: WorkerState, params: dict[str, Any] | None) -> web.Response:
-            opened: list[aiohttp.ClientResponse] = []
-            try:
-                got = await self._open_hop(w, ctx, self._seeded_payload(dbody, params), False, opened, path=dpath)
-            finally:
-                for resp in opened:
-                    resp.close()
-            assert isinstance(got, web.Response)
-            return got
-
-        resp = await self._decode_attempts(ctx, "decode", dbody.get("kv_transfer_params"), route, attempt)
-        self.metrics.decode_hop.labels("disagg").observe(time.perf_counter() - hop0)
-        if resp.status != 200:
-            return resp, str(resp.status)
-        assert isinstance(resp.body, bytes)
-        try:
-            merged = seeding.merge_non_streamed(ctx.path, ctx.body, first, msgspec.json.decode(resp.body))
-        except (seeding.SeedingError, msgspec.DecodeError) as exc:
-            log.warning("request %s: the seeded decode's answer is unusable: %s", ctx.request_id, exc)
-            raise RequestError(502, "the decode worker's answer could not be read; see the frontend log") from None
-        data = msgspec.json.encode(merged)
-        return web.Response(body=data, content_type=_JSON, headers={"X-Request-Id": ctx.request_id}), "200"
-
-    async def _open_client_stream(self, request: web.Request, ctx: RequestContext) -> web.StreamResponse:
-        out = web.StreamResponse(
-            status=200,
-            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Request-Id": ctx.request_id},
-        )
-        await out.prepare(request)
-        return out
-
-    async def _seeded_stream(
-        self,
-        request: web.Request,
-        ctx: RequestContext,
-        route: _Route,
-        first: seeding.FirstToken,
-        dpath: str,
-        dbody: dict[str, Any],
-        t0: float,
-    ) -> tuple[web.StreamResponse, str]:
-        """Streamed: the first token goes out now (TTFT), then the decode's continuation in the same stream.
-
-        A decode hop that fails before its first byte is retried by the usual rules with the same seeded
-        body (or without the KV params: a local prefill of prompt + first token, so the first token is
-        never repeated); once every worker failed, or after decode bytes went out, the stream ends with
-        an SSE error event and ``[DONE]``.
-        """
-        out = await self._open_client_stream(request, ctx)
-        assert route.worker is not None
-        s = seeding.SeededStream(ctx.path, ctx.body, first, earliest_stop=self._earliest_stop(route.worker))
-        await out.write(s.first_chunk())
-        self.metrics.ttft.labels("disagg").observe(time.perf_counter() - t0)
-        hop0 = time.perf_counter()
-
-        async def attempt(w: WorkerState, params: dict[str, Any] | None) -> str:
-            opened: list[aiohttp.ClientResponse] = []
-            payload = self._seeded_payload(dbody, params)
-            try:
-                try:
-                    got = await _with_timeout(
-                        self._open_hop(w, ctx, payload, True, opened, path=dpath), self.s.decode_first_byte_timeout_s
-                    )
-                except asyncio.TimeoutError:
-                    log.warning("seeded decode hop to %s sent no first byte within %g s", w.worker_id,
-                                self.s.decode_first_byte_timeout_s)  # fmt: skip
-                    raise _HopFailed(FIRST_BYTE_TIMEOUT, True) from None
-                if isinstance(got, web.Response):  # an engine's 4xx: nothing to retry, the stream is open
-                    assert isinstance(got.body, bytes)
-                    self.metrics.stream_errors.inc()
-                    await self._end_stream_with_error(out, _error_event(got.status, got.body))
-                    return "stream_error"
-                return await self._relay_seeded(request, out, s, opened[0], got)
-            finally:
-                for resp in opened:
-                    resp.close()
-
-        try:
-            status = await self._decode_attempts(ctx, "decode", dbody.get("kv_transfer_params"), route, attempt)
-        except (_Passthrough, RequestError) as exc:
-            status = "stream_error"
-            self.metrics.stream_errors.inc()
-            if isinstance(exc, _Passthrough):
-                event = _error_event(exc.status, exc.body)
-            else:
-                event = b"data: " + exc.body() + b"\n\n"
-            await self._end_stream_with_error(out, event)
-        self.metrics.decode_hop.labels("disagg").observe(time.perf_counter() - hop0)
-        with contextlib.suppress(ConnectionError, RuntimeError):
-            await out.write_eof()
-        return out, status
-
-    async def _end_stream_with_error(self, out: web.StreamResponse, event: bytes) -> None:
-        with contextlib.suppress(ConnectionError, RuntimeError):
-            await out.write(event + b"data: [DONE]\n\n")
-
-    async def _relay_seeded(
-        self,
-        request: web.Request,
-        out: web.StreamResponse,
-        s: seeding.SeededStream,
-        resp: aiohttp.ClientResponse,
-        data: bytes,
-    ) -> str:
-        """Rewrite the decode's SSE bytes into the client's stream until ``s.done`` (a stop string the
-        frontend found ends it early: the caller closes the upstream, which vLLM takes as an abort)."""
-        itl = self.metrics.itl.labels("disagg")
-        last = time.perf_counter()
-        status = "200"
-        tail = b""
-        relay = _Relay(resp)
-        self._relays.add(relay)
-        try:
-            while True:
-                piece = s.feed(data)
-                if piece:
-                    now = time.perf_counter()
-                    itl.observe(now - last)
-                    last = now
-                    tail = piece[-len(_DONE) :]
-                    await out.write(piece)
-                if s.done:
-                    break
-                data = await resp.content.readany()
-                if not data:
-                    raise aiohttp.ClientPayloadError("the decode's stream ended before [DONE]")
-        except _StopCut:
-            status = "shutdown_cut"
-            self.metrics.stream_errors.inc()
-            msg = error_obj(503, "the frontend is shutting down and its stop grace ran out; the stream was cut")
-            await self._end_stream_with_error(out, b"data: " + msgspec.json.encode(msg) + b"\n\n")
-            return status
-        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
-            if isinstance(exc, ConnectionResetError) and request.transport is None:
-                raise asyncio.CancelledError from None  # the client left; resp.close() aborts upstream
-            self.metrics.stream_errors.inc()
-            log.warning("seeded decode stream broke after the first byte: %r", exc)
-            msg = error_obj(502, f"the worker's stream broke after the first byte ({type(exc).__name__})")
-            await self._end_stream_with_error(out, b"data: " + msgspec.json.encode(msg) + b"\n\n")
-            return "stream_error"
-        except (ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:
-            # a decode chunk of an unexpected shape: the headers went out already, so end the stream cleanly
-            self.metrics.stream_errors.inc()
-            log.warning("seeded decode sent a chunk the frontend cannot continue from: %r", exc)
-            msg = error_obj(502, f"the worker sent an unexpected stream chunk ({type(exc).__name__})")
-            await self._end_stream_with_error(out, b"data: " + msgspec.json.encode(msg) + b"\n\n")
-            return "stream_error"
-        finally:
-            self._relays.discard(relay)
-        if tail != _DONE:  # an error event from the decode ends the stream; the client still gets [DONE]
-            status = "stream_error"
-            self.metrics.stream_errors.inc()
-            with contextlib.suppress(ConnectionError, RuntimeError):
-                await out.write(_DONE)
-        return status
-
-    # ---------------------------------------------------------------------------------- prefill
-
-    async def _prefill(self, ctx: RequestContext, route: _Route) -> dict[str, Any] | None:
-        """kv_transfer_params from a prefill worker, or None = prefill locally on the decode worker."""
-        body = dict(ctx.body)
-        body["max_tokens"] = 1
-        body["min_tokens"] = 1
-        if ctx.is_chat:
-            body["max_completion_tokens"] = 1
-        body["stream"] = False
-        body.pop("stream_options", None)
-        body["kv_transfer_params"] = PREFILL_KV_PARAMS
-        got = await self._prefill_answer(ctx, route, body, need_params=True)
-        return None if got is None else got[0]["kv_transfer_params"]
-
-    async def _prefill_answer(
-        self, ctx: RequestContext, route: _Route, body: dict[str, Any], *, need_params: bool
-    ) -> tuple[dict[str, Any], WorkerState] | None:
-        """(the prefill's whole JSON answer, the worker that gave it), or None = prefill locally.
-
-        The first attempt runs on the prefill worker admission held; a retry takes a free slot on another
-        one or, with none free, falls back to the local prefill (the decode slot is held already).
-        ``need_params``: an answer without ``kv_transfer_params`` is a failed hop (the unseeded path
-        needs them; a seeded answer whose first token ends the request does not)."""
-        assert self._session is not None
-        reason = "no_prefill_worker"
-        if route.prefill is None:
-            self.metrics.fallbacks.labels(reason).inc()
-            return None
-        payload = msgspec.json.encode(body)
-        tried: set[str] = set()
-        for attempt in range(self.s.max_prefill_attempts):
-            if attempt == 0:
-                w = route.prefill
-            else:
-                usable, _ = self._candidates(ctx, "prefill", tried)
-                if not usable:
-                    break
-                self.metrics.retries.labels("prefill", reason).inc()
-                w = route.prefill = self._hold(self.policy.choose("prefill", usable, ctx))
-            tried.add(w.worker_id)
-            t0 = time.perf_counter()
-            try:
-                answer = await _with_timeout(self._prefill_hop(w, ctx, payload, need_params), self.s.prefill_timeout_s)
-            except asyncio.TimeoutError:
-                reason = "timeout"
-                log.warning("prefill on %s timed out after %g s", w.worker_id, self.s.prefill_timeout_s)
-                continue
-            except _HopFailed as exc:
-                reason = exc.reason
-                log.warning("prefill on %s failed: %s", w.worker_id, exc.reason)
-                continue
-            finally:
-                route.prefill = None
-                self._release(w, ctx)
-            self.metrics.prefill_hop.observe(time.perf_counter() - t0)
-            return answer, w
-        self.metrics.fallbacks.labels(reason).inc()
-        return None
-
-    async def _post(self, url: str, payload: bytes, headers: Any) -> aiohttp.ClientResponse:
-        """POST upstream; once more on a fresh connection if a pooled one turns out closed.
-
-        A keep-alive connection the server closed while idle fails with ServerDisconnectedError before
-        the server has read the request, so repeating it is safe; without this, the first request
-        after an idle pause could fail (seen on 2xH200 as a 502).
-        """
-        assert self._session is not None
-        try:
-            return await self._session.post(url, data=payload, headers=headers)
-        except aiohttp.ServerDisconnectedError:
-            self.metrics.retries.labels("upstream", "stale_connection").inc()
-            return await self._session.post(url, data=payload, headers=headers)
-
-    async def _prefill_hop(
-        self, w: WorkerState, ctx: RequestContext, payload: bytes, need_params: bool = True
-    ) -> dict[str, Any]:
-        assert self._session is not None
-        try:
-            async with await self._post(w.url + ctx.path, payload, ctx.headers) as resp:
-                data = await resp.read()
-                if 400 <= resp.status < 500:
-                    raise _Passthrough(resp.status, data, resp.headers.get("Content-Type", _JSON))
-                if resp.status != 200:
-                    raise _HopFailed(f"status_{resp.status}", True, resp.status, data)
-        except (aiohttp.ClientError, OSError) as exc:
-            reason = "connect_error" if isinstance(exc, aiohttp.ClientConnectorError) else "io_error"
-            log.warning("prefill hop to %s: %s: %s", w.worker_id, type(exc).__name__, exc)
-            raise _HopFailed(reason, False) from None
-        try:
-            answer = msgspec.json.decode(data)
-        except msgspec.DecodeError:
-            answer = None
-        if not isinstance(answer, dict):
-            raise _HopFailed("bad_answer", True)
-        if need_params and not isinstance(answer.get("kv_transfer_params"), dict):
-            raise _HopFailed("no_kv_transfer_params", True)
-        return answer
-
-    # ----------------------------------------------------------------------------------- decode
-
-    async def _decode(
-        self,
-        request: web.Request,
-        ctx: RequestContext,
-        role: str,
-        params: dict[str, Any] | None,
-        mode: str,
-        t0: float,
-        route: _Route,
-    ) -> tuple[web.StreamResponse, str]:
-        """The decode (or only) hop, with the client's body (+ the prefill's params), and its retries."""
-
-        def attempt(w: WorkerState, p: dict[str, Any] | None) -> Awaitable[tuple[web.StreamResponse, str]]:
-            if p is None:
-                payload = ctx.raw  # one hop: the client's bytes, untouched
-            else:
-                payload = msgspec.json.encode({**ctx.body, "kv_transfer_params": p})
-            return self._decode_hop(request, w, ctx, payload, mode, t0)
-
-        return await self._decode_attempts(ctx, role, params, route, attempt)
-
-    async def _decode_attempts(
-        self,
-        ctx: RequestContext,
-        role: str,
-        params: dict[str, Any] | None,
-        route: _Route,
-        attempt: Callable[[WorkerState, dict[str, Any] | None], Awaitable[_T]],
-    ) -> _T:
-        """Run ``attempt(worker, params)``, first on the worker admission held (``route.worker``).
-
-        ``attempt`` raises :class:`_HopFailed` when the hop failed before anything reached the client.
-        A failed attempt moves on to another worker of the role with a free slot (taken before the held
-        one is given back, so the cap holds and no waiter can take it in between).  When the failure
-        came after the worker had the request *with* the prefill's KV (a failed or expired transfer, a
-        reset connection) the next attempt prefills locally (``params`` None), and when no other worker
-        is left -- the common 1P1D case -- the same worker gets one more try that way, instead of the
-        client getting a 502 for a transient transfer problem.  A worker that did not send its first byte
-        in time is not tried again.
-        """
-        tried: set[str] = set()
-        last: _HopFailed | None = None
-        again = False  # the held worker may be retried with a local prefill
-        for n in range(self.s.max_decode_attempts):
-            held = route.worker
-            assert held is not None
-            if n:
-                usable, _ = self._candidates(ctx, role, tried)
-                if usable:
-                    ctx.remote_kv = params is not None
-                    w = self._hold(self.policy.choose(role, usable, ctx))
-                    route.worker = w
-                    self._release(held, ctx)
-                    held = w
-                elif not (again and self._still_usable(held)):
-                    break
-                assert last is not None
-                self.metrics.retries.labels(role, last.reason).inc()
-            again = False
-            tried.add(held.worker_id)
-            try:
-                return await attempt(held, params)
-            except _HopFailed as exc:
-                log.warning("%s hop on %s failed before the first byte: %s", role, held.worker_id, exc.reason)
-                last = exc
-                if exc.reached and params is not None:
-                    # The failed decode may have read (and released) the prefill's blocks: prefill locally.
-                    params = None
-                    again = exc.reason != FIRST_BYTE_TIMEOUT
-                    self.metrics.fallbacks.labels(f"decode_{exc.reason}").inc()
-        assert last is not None
-        if last.status is not None and last.body:
-            raise _Passthrough(last.status, last.body, _JSON)
-        raise RequestError(502, f"every {role} worker tried failed ({last.reason}); see the frontend log")
-
-    async def _decode_hop(
-        self, request: web.Request, w: WorkerState, ctx: RequestContext, payload: bytes, mode: str, t0: float
-    ) -> tuple[web.StreamResponse, str]:
-        """One hop to ``w`` (whose slot the caller holds).  A streamed hop must deliver its first byte
-        within ``decode_first_byte_timeout_s`` (a hung engine is a failed hop, retried elsewhere); a
-        non-streamed answer only comes whole at the end, so it has no such deadline."""
-        stream = bool(ctx.body.get("stream"))
-        hop0 = time.perf_counter()
-        opened: list[aiohttp.ClientResponse] = []
-        try:
-            if stream:
-                try:
-                    first = await _with_timeout(
-                        self._open_hop(w, ctx, payload, stream, opened), self.s.decode_first_byte_timeout_s
-                    )
-                except asyncio.TimeoutError:
-                    log.warning(
-                        "decode hop to %s sent no first byte within %g s (decode_first_byte_timeout_s)",
-                        w.worker_id, self.s.decode_first_byte_timeout_s,
-                    )  # fmt: skip
-                    raise _HopFailed(FIRST_BYTE_TIMEOUT, True) from None
-            else:
-                first = await self._open_hop(w, ctx, payload, stream, opened)
-            if isinstance(first, web.Response):
-                self.metrics.decode_hop.labels(mode).observe(time.perf_counter() - hop0)
-                return first, str(first.status)
-            return await self._relay_stream(request, opened[0], first, mode, t0, hop0, ctx)
-        finally:
-            for resp in opened:
-                resp.close()
-
-    async def _open_hop(
-        self,
-        w: WorkerState,
-        ctx: RequestContext,
-        payload: bytes,
-        stream: bool,
-        opened: list[aiohttp.ClientResponse],
-        path: str | None = None,
-    ) -> bytes | web.Response:
-        """Send the hop (to ``path``, default the client's); the whole answer (not streamed, or an
-        error) or the stream's first bytes."""
-        try:
-            resp = await self._post(w.url + (path or ctx.path), payload, ctx.headers)
-            opened.append(resp)
-            if resp.status >= 500:
-                raise _HopFailed(f"status_{resp.status}", True, resp.status, await resp.read())
-            if resp.status != 200 or not stream:
-                data = await resp.read()
-                out = web.Response(status=resp.status, body=data, headers={"Content-Type": resp.headers.get(
-                    "Content-Type", _JSON)})  # fmt: skip
-                out.headers["X-Request-Id"] = ctx.request_id
-                return out
-            first = await resp.content.readany()
-        except (aiohttp.ClientError, OSError) as exc:
-            reached = not isinstance(exc, aiohttp.ClientConnectorError)
-            log.warning("decode hop to %s: %s: %s", w.worker_id, type(exc).__name__, exc)
-            raise _HopFailed("connect_error" if not reached else "io_error", reached) from None
-        if not first:
-            raise _HopFailed("empty_stream", True)
-        if first.startswith(b'data: {"error"'):
-            # vLLM sends headers before the first token, so a failed KV load arrives as an error event
-            # in a 200 stream; nothing has reached the client yet, so another worker can still serve it.
-            raise _HopFailed("stream_error_event", True, 500, _sse_error_payload(first))
-        return first
-
-    async def _relay_stream(
-        self,
-        request: web.Request,
-        resp: aiohttp.ClientResponse,
-        first: bytes,
-        mode: str,
-        t0: float,
-        hop0: float,
-        ctx: RequestContext,
-    ) -> tuple[web.StreamResponse, str]:
-        out = web.StreamResponse(
-            status=200,
-            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Request-Id": ctx.request_id},
-        )
-        await out.prepare(request)
-        await out.write(first)
-        now = time.perf_counter()
-        self.metrics.ttft.labels(mode).observe(now - t0)
-        itl = self.metrics.itl.labels(mode)
-        status = "200"
-        last = now
-        relay = _Relay(resp)
-        self._relays.add(relay)
-        try:
-            while True:
-                chunk = await resp.content.readany()
-                if not chunk:
-                    break
-                now = time.perf_counter()
-                itl.observe(now - last)
-                last = now
-                await out.write(chunk)
-        except _StopCut:
-            status = "shutdown_cut"
-            self.metrics.stream_errors.inc()
-            msg = error_obj(503, "the frontend is shutting down and its stop grace ran out; the stream was cut")
-            with contextlib.suppress(ConnectionError, RuntimeError):
-                await out.write(b"data: " + msgspec.json.encode(msg) + b"\n\ndata: [DONE]\n\n")
-        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
-            if isinstance(exc, ConnectionResetError) and request.transport is None:
-                raise asyncio.CancelledError from None  # the client left; resp.close() aborts upstream
-            status = "stream_error"
-            self.metrics.stream_errors.inc()
-            log.warning("upstream stream broke after the first byte: %r", exc)
-            msg = error_obj(502, f"the worker's stream broke after the first byte ({type(exc).__name__})")
-            with contextlib.suppress(ConnectionError, RuntimeError):
-                await out.write(b"data: " + msgspec.json.encode(msg) + b"\n\ndata: [DONE]\n\n")
-        finally:
-            self._relays.discard(relay)
-        self.metrics.decode_hop.labels(mode).observe(time.perf_counter() - hop0)
-        with contextlib.suppress(ConnectionError, RuntimeError):
-            await out.write_eof()
-        return out, status
-
-
-SEED_HEADER = "X-Pdkit-Seed"  # "off": this request takes the unseeded P/D path (debugging, A/B benchmarks)
-_DONE = b"data: [DONE]\n\n"
-FIRST_BYTE_TIMEOUT = "first_byte_timeout"  # _HopFailed reason of a decode hop past decode_first_byte_timeout_s
 
 # What a chat template adds around the messages, in tokens, at most: per message (role header, end
 # marker) and once (BOS, generation prompt).  Generous on purpose: it only decides when to count exactly.
@@ -1281,28 +634,3 @@ def _prompt_token_bound(ctx: RequestContext) -> int:
             if body.get(key):
                 n += len(msgspec.json.encode(body[key]))
     return n
-
-
-async def _with_timeout(coro: Coroutine[Any, Any, _T], timeout_s: float) -> _T:
-    """``asyncio.timeout`` where available: Python 3.11's ``wait_for`` can swallow a cancellation (the
-    client's disconnect) that races with the hop finishing, and the decode hop would then still run."""
-    if sys.version_info >= (3, 11):
-        async with asyncio.timeout(timeout_s):
-            return await coro
-    return await asyncio.wait_for(coro, timeout=timeout_s)  # pragma: no cover - Python 3.10
-
-
-def _sse_error_payload(chunk: bytes) -> bytes:
-    line = chunk.split(b"\n", 1)[0]
-    return line[len(b"data: ") :].strip()
-
-
-def _error_event(status: int, body: bytes) -> bytes:
-    """An engine's error answer as one SSE error event (its own ``{"error": ...}`` when it sent one)."""
-    try:
-        obj = msgspec.json.decode(body)
-    except msgspec.DecodeError:
-        obj = None
-    if not (isinstance(obj, dict) and "error" in obj):
-        obj = error_obj(status, f"the decode worker answered {status}; see the frontend log")
-    return b"data: " + msgspec.json.encode(obj) + b"\n\n"
