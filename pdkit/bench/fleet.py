@@ -36,9 +36,11 @@ import random
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, NoReturn
+
+from pdkit.bench.client import RequestRecord, send_streaming
 
 POLICIES = ("round_robin", "least_loaded", "kv_aware")
 
@@ -242,22 +244,15 @@ def pct(xs: list[float], q: float) -> float:
 # ------------------------------------------------------------------------------------ one run
 
 
-@dataclass
-class RequestResult:
-    session: int
-    turn: int
-    ok: bool
-    ttft_s: float = float("nan")
-    e2e_s: float = float("nan")
-    itl_s: list[float] = field(default_factory=list)
-    output_chunks: int = 0
+SESSION_TURN_TIMEOUT_S = 3600.0  # one turn at most (wall): the fleet run measures, it never gives up early
 
 
 async def run_session(
-    http: Any, url: str, wl: Workload, idx: int, scale: float, t0: float, out: list[RequestResult]
+    http: Any, url: str, wl: Workload, idx: int, scale: float, t0: float, out: list[RequestRecord]
 ) -> None:
-    import msgspec
-
+    """One conversation, turn after turn, through pdkit's bench client (:func:`pdkit.bench.client.
+    send_streaming`: the same token clock and failure codes as ``pdkit bench``); each turn's times are
+    turned from wall into simulated seconds.  A failed turn ends the session (counted as not ok)."""
     s = wl.sessions[idx]
     per = scale or 1.0  # wall -> simulated seconds (time scale 0: no modelled time, report wall time)
     await asyncio.sleep(max(0.0, t0 + s.start_s * scale - time.perf_counter()))
@@ -266,38 +261,16 @@ async def run_session(
         if turn.think_s:
             await asyncio.sleep(turn.think_s * scale)
         messages.append({"role": "user", "content": turn.user})
-        body = {"model": "synth", "messages": messages, "max_tokens": turn.max_tokens, "stream": True}
-        r = RequestResult(idx, ti, False)
-        answer: list[str] = []
-        start = time.perf_counter()
-        last = start
-        try:
-            async with http.post(url + "/v1/chat/completions", data=msgspec.json.encode(body),
-                                 headers={"Content-Type": "application/json"}) as resp:  # fmt: skip
-                if resp.status != 200:
-                    out.append(r)
-                    return
-                async for line in resp.content:
-                    if not line.startswith(b"data: {"):
-                        continue
-                    now = time.perf_counter()
-                    for c in msgspec.json.decode(line[6:]).get("choices", []):
-                        piece = (c.get("delta") or {}).get("content")
-                        if piece:
-                            if not answer:
-                                r.ttft_s = (now - start) / per
-                            else:
-                                r.itl_s.append((now - last) / per)
-                            answer.append(piece)
-                            last = now
-                            r.output_chunks += 1
-            r.ok = bool(answer)
-            r.e2e_s = (time.perf_counter() - start) / per
-        except Exception:  # a failed turn ends the session; counted as not ok
-            out.append(r)
-            return
+        body = {"model": "synth", "messages": list(messages), "max_tokens": turn.max_tokens}
+        r = RequestRecord(f"s{idx}-t{ti}", tags={"session": idx, "turn": ti})
+        await send_streaming(http, url + "/v1/chat/completions", body, r, SESSION_TURN_TIMEOUT_S, t0)
+        r.ttft_s = None if r.ttft_s is None else r.ttft_s / per
+        r.e2e_s = None if r.e2e_s is None else r.e2e_s / per
+        r.itl_s = [x / per for x in r.itl_s]
         out.append(r)
-        messages.append({"role": "assistant", "content": "".join(answer)})
+        if not r.ok:
+            return
+        messages.append({"role": "assistant", "content": r.text})
 
 
 async def run_policy(policy: str, fleet: FleetSpec, wl: Workload, disagg_min: int) -> dict[str, Any]:
@@ -325,7 +298,7 @@ async def run_policy(policy: str, fleet: FleetSpec, wl: Workload, disagg_min: in
     while len(fe.registry.workers) < n_workers:
         await asyncio.sleep(0.05)
     await asyncio.sleep(0.5)
-    results: list[RequestResult] = []
+    results: list[RequestRecord] = []
     lag = LoopLag()
     lag_task = asyncio.create_task(lag.run())
     connector = aiohttp.TCPConnector(limit=0)
@@ -346,13 +319,13 @@ async def run_policy(policy: str, fleet: FleetSpec, wl: Workload, disagg_min: in
 
 
 def summarize(
-    policy: str, fleet: FleetSpec, wl: Workload, results: list[RequestResult], wall: float, cpu: float,
+    policy: str, fleet: FleetSpec, wl: Workload, results: list[RequestRecord], wall: float, cpu: float,
     lag: dict[str, float], child: dict[str, Any], fe_metrics: str,
 ) -> dict[str, Any]:  # fmt: skip
     from pdkit import prom
 
     ok = [r for r in results if r.ok]
-    ttft = [r.ttft_s * 1e3 for r in ok]
+    ttft = [r.ttft_s * 1e3 for r in ok if r.ttft_s is not None]
     itl = [x * 1e3 for r in ok for x in r.itl_s]
     counters: dict[str, dict[str, float]] = child["counters"]
 
@@ -376,9 +349,9 @@ def summarize(
             "mean": statistics.fmean(ttft) if ttft else float("nan"),
         },  # fmt: skip
         "itl_ms": {"p50": pct(itl, 50), "p99": pct(itl, 99)},
-        "e2e_ms_p50": pct([r.e2e_s * 1e3 for r in ok], 50),
+        "e2e_ms_p50": pct([r.e2e_s * 1e3 for r in ok if r.e2e_s is not None], 50),
         "throughput_req_s": len(ok) / sim_wall,
-        "throughput_out_tok_s": sum(r.output_chunks for r in ok) / sim_wall,
+        "throughput_out_tok_s": sum(r.output_tokens for r in ok) / sim_wall,
         "prefix_hit_rate": {"prefill": rate("prefill"), "decode": rate("decode")},
         "prefill_prompt_tokens": role_sum("prefill", "queries"),
         "prefill_hit_tokens": role_sum("prefill", "hits"),
