@@ -13,7 +13,8 @@ several names separated by spaces); the CLI parses ``cli_type`` where it differs
 (a ``Literal`` the command checks itself, with its own message); ``cli_default`` is the CLI's default
 where it differs from the field's.  A CLI value of ``None`` leaves the field at its own default (so a
 default factory, e.g. one reading the environment, still runs); ``parse`` maps the CLI's value to the
-field's (``"" -> None``).
+field's (``"" -> None``); a ``ValueError`` it raises is the command's usage error: its message goes to
+``takes_settings``'s ``on_error`` (one line, exit 2, where the command's own checks would put it).
 """
 
 from __future__ import annotations
@@ -91,23 +92,32 @@ def _options(cls: type) -> list[inspect.Parameter]:
     return params
 
 
-def _build(cls: type, values: dict[str, Any]) -> Any:
+def _build(cls: type, values: dict[str, Any], on_error: Callable[[str], BaseException] | None) -> Any:
     fields = flagged_fields(cls)
     kwargs = {}
     for name, (_base, flag, _default) in fields.items():
         value = values.pop(name)
         if value is None:
             continue  # the field's own default (or factory)
-        kwargs[name] = flag.parse(value) if flag.parse is not None else value
+        try:
+            kwargs[name] = flag.parse(value) if flag.parse is not None else value
+        except ValueError as exc:
+            if on_error is None:
+                raise typer.BadParameter(str(exc), param_hint=flag.names[0].split("/")[0]) from None
+            raise on_error(str(exc)) from None
     return cls(**kwargs)
 
 
-def takes_settings(func: F) -> F:
+def takes_settings(func: F | None = None, *, on_error: Callable[[str], BaseException] | None = None) -> Any:
     """Decorate a typer command: each parameter annotated with a dataclass becomes that dataclass's flags.
 
     The flags take the parameter's place in the command's signature (so in ``--help``); the command is
-    called with the dataclass built from them (fields without a flag keep their defaults).
+    called with the dataclass built from them (fields without a flag keep their defaults).  ``on_error``
+    (``@takes_settings(on_error=...)``): turns a flag's parse error message into the exception to raise
+    (e.g. the command's one-line exit 2); without it, click's usage error.
     """
+    if func is None:
+        return functools.partial(takes_settings, on_error=on_error)
     hints = typing.get_type_hints(func, include_extras=True)
     params: list[inspect.Parameter] = []
     groups: dict[str, type] = {}
@@ -125,13 +135,13 @@ def takes_settings(func: F) -> F:
     @functools.wraps(func)
     def command(**values: Any) -> Any:
         for name, cls in groups.items():
-            values[name] = _build(cls, values)
+            values[name] = _build(cls, values, on_error)
         return func(**values)
 
     command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
     command.__annotations__ = {p.name: p.annotation for p in params}
     del command.__wrapped__  # typer must read the signature above, not the function's own
-    return command  # type: ignore[return-value]
+    return command
 
 
 def to_flags(cls: type, **values: Any) -> list[str]:

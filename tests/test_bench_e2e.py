@@ -23,7 +23,6 @@ from typer.testing import CliRunner
 
 from pdkit.bench.cli import bench, bench_compare
 from pdkit.bench.run import BenchConfig, run_benchmark
-from pdkit.bench.stats import Slo
 from pdkit.sim.server import SimWorker
 from pdkit.sim.settings import SimSettings
 
@@ -169,9 +168,8 @@ async def test_repeat_reports_cold_and_warm(sim: SimWorker, tmp_path: Path) -> N
 async def test_failures_are_counted_not_raised(tmp_path: Path) -> None:
     modes = ("ok", "http500", "stream_error", "drop", "hang")
     async with StubOpenAIServer(modes) as stub:
-        slo = Slo(ttft_s=60.0, itl_s=60.0)
-        cfg = _burst_cfg(stub.url, tmp_path, (50, 4), num_requests=10, warmup=0, timeout_s=1.0, slo=slo,
-                         max_concurrency=None)  # fmt: skip
+        cfg = _burst_cfg(stub.url, tmp_path, (50, 4), num_requests=10, warmup=0, timeout_s=1.0, slo_ttft_s=60.0,
+                         slo_itl_s=60.0, max_concurrency=None)  # fmt: skip
         result = await run_benchmark(cfg)
     s = result["points"][0]["summary"]
     assert s["requests"] == 10 and s["completed"] == 2 and s["failed"] == 8

@@ -13,67 +13,142 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import aiohttp
 
 from pdkit.bench import report
 from pdkit.bench.prompts import PromptFactory
-from pdkit.bench.stats import Slo, summarize
+from pdkit.bench.stats import ItlStat, Slo, summarize
 from pdkit.bench.worker_metrics import scrape_all, worker_report
 from pdkit.bench.workloads import Api, RequestSpec, Runner, RunnerSettings
+from pdkit.flags import Flag
 
 Workload = Literal["sweep", "multiturn", "repeat"]
 
 
+def _shape(value: str) -> tuple[int, int]:
+    parts = value.lower().replace(":", "x").split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise ValueError(f"--shape {value!r}: write INPUTxOUTPUT tokens, e.g. 8192x256")
+    return int(parts[0]), int(parts[1])
+
+
+def _shapes(values: list[str]) -> list[tuple[int, int]]:
+    return [_shape(v) for v in values]
+
+
+def _rates(values: list[str]) -> list[float]:
+    out: list[float] = []
+    for v in values:
+        for part in v.split(","):
+            part = part.strip()
+            if part:
+                out.append(math.inf if part in ("inf", "max") else float(part))
+    return out
+
+
+def _json_object(value: str) -> dict[str, Any]:
+    obj = json.loads(value)
+    if not isinstance(obj, dict):
+        raise ValueError("--extra-body must be a JSON object")
+    return obj
+
+
+# result JSON "settings": the config's fields but these (the SLO goes in as one "slo" object, as before)
+_NOT_IN_SETTINGS = ("argv", "slo_ttft_s", "slo_itl_s", "slo_itl_stat")
+_LIST = list[str] | None  # a repeatable flag; None (not given) leaves the field's default
+
+
 @dataclass
 class BenchConfig:
-    """Everything ``pdkit bench`` accepts (see its ``--help`` and docs/benchmarks.md)."""
+    """Everything ``pdkit bench`` accepts: each field's flag, help and default are declared here once
+    (``pdkit.flags``: the command's options are derived from them; docs/benchmarks.md)."""
 
-    endpoint: str = "http://127.0.0.1:8000"
-    workload: Workload = "sweep"
-    model: str | None = None
-    api: Api = "completions"
-    label: str | None = None
-    shapes: list[tuple[int, int]] = field(default_factory=lambda: [(8192, 256)])
-    rates: list[float] = field(default_factory=lambda: [1.0])
-    num_requests: int = 100
-    max_duration_s: float = 300.0
-    timeout_s: float = 600.0
-    max_concurrency: int | None = None
-    warmup: int = 2
-    seed: int | None = None
-    slo: Slo = field(default_factory=Slo)
-    tokenizer: str | None = None
+    endpoint: Annotated[str, Flag("--endpoint", "Base URL of the frontend or engine.")] = "http://127.0.0.1:8000"
+    workload: Annotated[Workload, Flag("--workload", "sweep | multiturn | repeat.", cli_type=str)] = "sweep"
+    label: Annotated[str | None, Flag("--label", "Name of this run in files and plots (agg, disagg).")] = None
+    model: Annotated[str | None, Flag("--model", "Served model name (default: first of /v1/models).")] = None
+    api: Annotated[Api, Flag("--api", "completions | chat.", cli_type=str)] = "completions"
+    shapes: Annotated[
+        list[tuple[int, int]],
+        Flag("--shape", "INPUTxOUTPUT tokens, repeatable (default 8192x256).", cli_type=_LIST, cli_default=None,
+             parse=_shapes),
+    ] = field(default_factory=lambda: [(8192, 256)])  # fmt: skip
+    rates: Annotated[
+        list[float],
+        Flag("--rate", "Poisson rates in req/s, comma list or repeated; inf = burst.", cli_type=_LIST,
+             cli_default=None, parse=_rates),
+    ] = field(default_factory=lambda: [1.0])  # fmt: skip
+    num_requests: Annotated[int, Flag("--num-requests", "Requests per sweep point.")] = 100
+    max_duration_s: Annotated[float, Flag("--max-duration", "Seconds to issue requests per point.")] = 300.0
+    timeout_s: Annotated[float, Flag("--timeout", "Per-request limit, seconds (then: failed).")] = 600.0
+    max_concurrency: Annotated[int | None, Flag("--max-concurrency", "Cap on requests in flight (default none).")] = (
+        None
+    )
+    warmup: Annotated[int, Flag("--warmup", "Unrecorded requests before each shape.")] = 2
+    seed: Annotated[int | None, Flag("--seed", "Prompt/arrival seed (default random, recorded).")] = None
+    slo_ttft_s: Annotated[float, Flag("--slo-ttft", "Goodput TTFT limit, seconds.")] = Slo.ttft_s
+    slo_itl_s: Annotated[float, Flag("--slo-itl", "Goodput ITL limit, seconds.")] = Slo.itl_s
+    slo_itl_stat: Annotated[
+        ItlStat, Flag("--slo-itl-stat", "Per-request ITL figure held to --slo-itl: p99|p90|p50|mean|max.", cli_type=str)
+    ] = Slo.itl_stat
+    tokenizer: Annotated[
+        str | None, Flag("--tokenizer", "Model folder or tokenizer.json (default: embedded model).")
+    ] = None
     # multiturn
-    sessions: int = 16
-    turns: int = 4
-    system_len: int = 2048
-    user_len: int = 256
-    turn_output_len: int = 128
-    think_time_s: float = 0.0
+    sessions: Annotated[int, Flag("--sessions", "multiturn: conversations.")] = 16
+    turns: Annotated[int, Flag("--turns", "multiturn: turns per conversation.")] = 4
+    system_len: Annotated[int, Flag("--system-len", "multiturn: shared system prefix tokens.")] = 2048
+    user_len: Annotated[int, Flag("--user-len", "multiturn: tokens per user turn.")] = 256
+    turn_output_len: Annotated[int, Flag("--turn-output-len", "multiturn: answer tokens.")] = 128
+    think_time_s: Annotated[float, Flag("--think-time", "multiturn: seconds between turns.")] = 0.0
     # repeat
-    num_prefixes: int = 8
-    repeats: int = 2
-    repeat_input_len: int = 8192
-    repeat_output_len: int = 16
-    repeat_suffix_len: int = 0
-    repeat_concurrency: int = 1
+    num_prefixes: Annotated[int, Flag("--num-prefixes", "repeat: distinct prefixes.")] = 8
+    repeats: Annotated[int, Flag("--repeats", "repeat: passes (1 cold + N-1 warm).")] = 2
+    repeat_input_len: Annotated[int, Flag("--repeat-input-len", "repeat: prompt tokens.")] = 8192
+    repeat_output_len: Annotated[int, Flag("--repeat-output-len", "repeat: output tokens.")] = 16
+    repeat_suffix_len: Annotated[
+        int, Flag("--repeat-suffix-len", "repeat: fresh tokens after the prefix per request.")
+    ] = 0
+    repeat_concurrency: Annotated[int, Flag("--repeat-concurrency", "repeat: in flight.")] = 1
     # metrics and output
-    metrics_urls: list[str] = field(default_factory=list)
-    discover_workers: bool = True
-    link_json: Path | None = None
-    out_dir: Path = Path("bench-results")
-    output: Path | None = None
-    plots: bool = True
-    progress: bool = True
-    save_requests: bool = True
-    ignore_eos: bool = True
-    extra_body: dict[str, Any] = field(default_factory=dict)
-    argv: list[str] | None = None
+    metrics_urls: Annotated[
+        list[str],
+        Flag("--metrics-url", "Engine /metrics URL for NIXL stats, repeatable.", cli_type=_LIST, cli_default=None),
+    ] = field(default_factory=list)
+    discover_workers: Annotated[
+        bool, Flag("--discover-workers/--no-discover-workers", "Scrape workers listed by /workers.")
+    ] = True
+    link_json: Annotated[Path | None, Flag("--link-json", "scripts/link_bandwidth.py result: NIXL vs link peak.")] = (
+        None
+    )
+    out_dir: Annotated[Path, Flag("--out-dir", "Folder for JSON and PNG files.")] = Path("bench-results")
+    output: Annotated[Path | None, Flag("--output", "JSON file (default: OUT_DIR/LABEL-...).")] = None
+    plots: Annotated[bool, Flag("--plots/--no-plots", "Write PNG plots (matplotlib).")] = True
+    progress: Annotated[bool, Flag("--progress/--no-progress", "Show a progress bar.")] = True
+    save_requests: Annotated[bool, Flag("--save-requests/--no-save-requests", "Per-request rows in the JSON.")] = True
+    ignore_eos: Annotated[
+        bool, Flag("--ignore-eos/--no-ignore-eos", "Send ignore_eos so outputs have fixed length.")
+    ] = True
+    extra_body: Annotated[
+        dict[str, Any],
+        Flag("--extra-body", "JSON merged into every request.", cli_type=str | None, cli_default=None,
+             parse=_json_object),
+    ] = field(default_factory=dict)  # fmt: skip
+    argv: list[str] | None = None  # the command line, recorded in the result (set by the CLI)
+
+    @property
+    def slo(self) -> Slo:
+        """The goodput objectives (three flags, one object for the statistics)."""
+        return Slo(self.slo_ttft_s, self.slo_itl_s, self.slo_itl_stat)
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the bad option."""
+        if self.workload not in ("sweep", "multiturn", "repeat"):
+            raise ValueError(f"--workload {self.workload!r}: use sweep, multiturn or repeat")
+        if self.api not in ("completions", "chat"):
+            raise ValueError(f"--api {self.api!r}: use completions or chat")
         if not self.endpoint.startswith(("http://", "https://")):
             raise ValueError(f"--endpoint must be an http(s) URL, got {self.endpoint!r}")
         if self.workload == "sweep" and (not self.shapes or not self.rates):
@@ -202,7 +277,9 @@ async def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
             "worker_metrics_urls": murls,
             "link_peak_gbps": peak,
             "settings": {
-                **{k: v for k, v in asdict(cfg).items() if k not in ("argv", "slo")},
+                **{
+                    k: v for k, v in asdict(cfg).items() if k not in ("argv", "slo_ttft_s", "slo_itl_s", "slo_itl_stat")
+                },
                 "slo": asdict(cfg.slo),
                 "seed": seed,
                 "model": model,
