@@ -36,16 +36,14 @@ from pdkit import prom
 from pdkit.parent_death import wrap as tie_to_parent
 from pdkit.protocol import (
     Ack,
-    Deregister,
-    Heartbeat,
     Load,
-    Register,
     WorkerInfo,
     encode,
     parse_message,
     peek_version,
     version_mismatch,
 )
+from pdkit.registry_session import RegistrySession
 from pdkit.stop_signals import on_stop_signal
 from pdkit.streams import output_lines
 
@@ -117,9 +115,9 @@ class WorkerAgent:
         self._stop = asyncio.Event()
         self._ctx = zmq.asyncio.Context.instance()
         self._sock: zmq.asyncio.Socket | None = None
-        self._seq = 0
         self._registered = False
-        self._session_key: str | None = None  # from the registration's ack: proves this agent owns its id
+        # token, the session key from the registration's ack (proves this agent owns its id), heartbeat seq
+        self._session = RegistrySession(settings.info, settings.token)
         self._version_warned = False
         self._forward: asyncio.Task[None] | None = None
         self.fatal: str | None = None
@@ -224,7 +222,8 @@ class WorkerAgent:
     async def _register(self, wait_s: float = 0.0) -> None:
         """Send the registration; with ``wait_s``, read its ack first (the first registration, before
         the ack reader runs), so that the first heartbeat already carries the session key."""
-        await self._send(Register(token=self.s.token, worker=self.s.info, session_key=self._session_key))
+        self._session.info = self.s.info  # _learn_max_model_len may have filled it in since
+        await self._send(self._session.register())
         if wait_s > 0 and self._sock is not None:
             with contextlib.suppress(asyncio.TimeoutError):
                 await self._on_reply(await asyncio.wait_for(self._sock.recv(), timeout=wait_s))
@@ -295,16 +294,7 @@ class WorkerAgent:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as http:
             while True:
                 load = await self._scrape(http)
-                self._seq += 1
-                await self._send(
-                    Heartbeat(
-                        token=self.s.token,
-                        worker_id=self.worker_id,
-                        session_key=self._session_key,
-                        seq=self._seq,
-                        load=load,
-                    )
-                )
+                await self._send(self._session.heartbeat(load))
                 await asyncio.sleep(self.s.heartbeat_interval_s)
 
     async def _scrape(self, http: aiohttp.ClientSession) -> Load:
@@ -329,27 +319,17 @@ class WorkerAgent:
             return
         if not isinstance(msg, Ack):
             return
-        if msg.ok and msg.session_key and msg.worker_id == self.worker_id:
-            self._session_key = msg.session_key
-        elif not msg.ok:
+        if not msg.ok:
             self._log(f"frontend says: {msg.error}")
-            if msg.reregister:
-                # The frontend restarted or reaped us: our key is void, a fresh registration gets one.
-                self._session_key = None
-                await self._register()
+        if self._session.on_ack(msg):
+            # The frontend restarted or reaped us: our key is void, a fresh registration gets one.
+            await self._register()
 
     async def _shutdown(self) -> None:
         if self._sock is not None:
             with contextlib.suppress(Exception):
                 if self._registered:
-                    await self._send(
-                        Deregister(
-                            token=self.s.token,
-                            worker_id=self.worker_id,
-                            session_key=self._session_key,
-                            reason="agent stopping",
-                        )
-                    )
+                    await self._send(self._session.deregister("agent stopping"))
                     await asyncio.sleep(0.05)
             self._sock.close()
         await stop_process(self.engine, self.s.stop_grace_s)

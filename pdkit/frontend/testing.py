@@ -19,6 +19,7 @@ import zmq
 import zmq.asyncio
 
 from pdkit.protocol import Ack, Deregister, Heartbeat, Load, Register, WorkerInfo, encode, parse_message
+from pdkit.registry_session import RegistrySession
 
 
 class RegistryClient:
@@ -27,16 +28,13 @@ class RegistryClient:
 
     def __init__(self, endpoint: str, info: WorkerInfo, token: str | None = None, interval_s: float = 0.2) -> None:
         self.endpoint = endpoint
-        self.info = info
-        self.token = token
+        self.session = RegistrySession(info, token)  # the protocol's rules, shared with the agent
         self.interval_s = interval_s
         self.load = Load()
         self._ctx = zmq.asyncio.Context.instance()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.connect(endpoint)
-        self._seq = 0
-        self.session_key: str | None = None  # from the registration's ack (protocol version 2)
         self._beating = False
         self._beats: asyncio.Task[None] | None = None
 
@@ -48,28 +46,30 @@ class RegistryClient:
         assert isinstance(ack, Ack)
         return ack
 
+    @property
+    def info(self) -> WorkerInfo:
+        return self.session.info
+
+    @property
+    def session_key(self) -> str | None:
+        """From the registration's ack (protocol version 2)."""
+        return self.session.session_key
+
+    @session_key.setter
+    def session_key(self, key: str | None) -> None:
+        self.session.session_key = key
+
     async def register(self) -> Ack:
-        ack = await self.request(Register(token=self.token, worker=self.info, session_key=self.session_key))
-        if ack.ok and ack.session_key:
-            self.session_key = ack.session_key
+        ack = await self.request(self.session.register())
+        self.session.on_ack(ack)
         return ack
 
     async def heartbeat(self) -> Ack:
-        self._seq += 1
-        return await self.request(
-            Heartbeat(
-                token=self.token,
-                worker_id=self.info.worker_id,
-                session_key=self.session_key,
-                seq=self._seq,
-                load=self.load,
-            )
-        )
+        """One heartbeat; its ack is returned as is (``start_heartbeats`` acts on ``reregister``)."""
+        return await self.request(self.session.heartbeat(self.load))
 
     async def deregister(self, reason: str = "done") -> Ack:
-        return await self.request(
-            Deregister(token=self.token, worker_id=self.info.worker_id, session_key=self.session_key, reason=reason)
-        )
+        return await self.request(self.session.deregister(reason))
 
     def start_heartbeats(self) -> None:
         self._beating = True
@@ -81,9 +81,7 @@ class RegistryClient:
                 await asyncio.sleep(self.interval_s)
                 if not self._beating:
                     break
-                ack = await self.heartbeat()
-                if not ack.ok and ack.reregister:
-                    self.session_key = None
+                if self.session.on_ack(await self.heartbeat()):
                     await self.register()
 
         self._beats = asyncio.create_task(beat())
