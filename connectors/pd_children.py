@@ -39,10 +39,16 @@ if TYPE_CHECKING:
 
 NIXL = "nixl"
 LMCACHE = "lmcache"
-# Iteration order matters: NIXL is asked first (see PdConnector.get_num_new_matched_tokens).
+# Iteration order matters: NIXL is asked first (see PdScheduler.get_num_new_matched_tokens).
 CHILD_ORDER = (NIXL, LMCACHE)
 DEFAULT_CLASSES = {NIXL: "NixlConnector", LMCACHE: "LMCacheConnectorV1"}
 LMCACHE_ROLE = "kv_both"
+
+
+def call_hook(child: Any, hook: str) -> Any:
+    """Call a no-argument hook vLLM 0.32 added to the base class; None on 0.26, where the child has no such method."""
+    method = getattr(child, hook, None)
+    return method() if method is not None else None
 
 
 def child_extra(extra: dict[str, Any], name: str) -> dict[str, Any] | None:

@@ -37,7 +37,7 @@ from vllm.v1.core.sched.output import CachedRequestData, NewRequestData  # noqa:
 from vllm.v1.outputs import KVConnectorOutput  # noqa: E402
 from vllm.v1.request import Request, RequestStatus  # noqa: E402
 
-import pdkit.connectors.pd_connector as pd_module  # noqa: E402
+import pdkit.connectors.pd_worker as pd_worker_module  # noqa: E402
 from pdkit.connectors.pd_connector import PdConnector  # noqa: E402
 from pdkit.connectors.pd_types import PD_STATS_KEY, PdWorkerMetadata  # noqa: E402
 from pdkit.connectors.pd_verify import FINGERPRINTS_KEY, INJECT_FAULT_ENV, expected_for_pull  # noqa: E402
@@ -262,7 +262,7 @@ def test_tp2_one_list_per_rank_each_rank_checks_its_own(monkeypatch: pytest.Monk
     pair = Pair()  # rank "0" everywhere
     rank1_p = fake_paged_kv(seed=50)
     rank1_d = fake_paged_kv(seed=None)
-    monkeypatch.setattr(pd_module, "rank_key", lambda: "1")
+    monkeypatch.setattr(pd_worker_module, "rank_key", lambda: "1")  # the worker half asks for its rank
     p_worker1 = make(KVConnectorRole.WORKER, config("kv_producer", {}), rank1_p)
     d_worker1 = make(KVConnectorRole.WORKER, config("kv_consumer", None), rank1_d)
 
