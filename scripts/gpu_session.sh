@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Steps of one GPU session on a lent 2xH200 machine (see ../shared/device/README.md for the bundle).
 # Each step is one device call, run from the repo root on the device; results land in $OUT.
-#   bash scripts/gpu_session.sh chunk N     # copy bundle chunk .bN to /tmp/acc (N = 0..4)
+#   bash scripts/gpu_session.sh chunk N     # copy bundle chunk .bN to /tmp/acc (N = 0..4; 0..5 after scripts/resplit_bundle.sh)
 #   bash scripts/gpu_session.sh setup       # unpack the bundle, install pdkit from .whl/ into /tmp/pdsite
 #   bash scripts/gpu_session.sh ray         # unpack .rayb/ (scripts/make_ray_chunk.sh) into /tmp/raysite
 #   bash scripts/gpu_session.sh run CMD...  # run CMD with the stack on PYTHONPATH, from /tmp (not the repo:
