@@ -52,6 +52,7 @@ from pdkit.connectors.pd_types import (
     PdConnectorMetadata,
     PdConnectorStats,
     PdPromMetrics,
+    PdShared,
     PdWorkerMetadata,
     rebuild_stats,
 )
@@ -95,26 +96,14 @@ class PdConnector(KVConnectorBase_V1):
         # The half this role needs (vLLM's NixlConnector names them the same way); the other stays None.
         self.connector_scheduler: PdScheduler | None = None
         self.connector_worker: PdWorker | None = None
+        shared = PdShared(self._children, self._stats, self._block_size, self.verify_transfers,
+                          self.verify_restores, extra)  # fmt: skip
         if role == KVConnectorRole.SCHEDULER:
             self.connector_scheduler = PdScheduler(
-                self._children,
-                self._stats,
-                self._block_size,
-                is_kv_producer=ktc.is_kv_producer,
-                verify_transfers=self.verify_transfers,
-                verify_restores=self.verify_restores,
-                lmcache_events=self._lmcache_events,
-                extra=extra,
+                shared, is_kv_producer=ktc.is_kv_producer, lmcache_events=self._lmcache_events
             )
         else:  # KVConnectorRole.WORKER
-            self.connector_worker = PdWorker(
-                self._children,
-                self._stats,
-                self._block_size,
-                is_kv_consumer=ktc.is_kv_consumer,
-                verify_transfers=self.verify_transfers,
-                verify_restores=self.verify_restores,
-            )
+            self.connector_worker = PdWorker(shared, is_kv_consumer=ktc.is_kv_consumer)
         logger.info(
             "PdConnector (%s, role %s): children %s",
             role.name,

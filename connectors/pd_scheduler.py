@@ -32,7 +32,7 @@ from pdkit.connectors.lmcache_events import relabel_events
 from pdkit.connectors.lmcache_restore import RestoreLedger
 from pdkit.connectors.lmcache_tiers import LMCacheTierEvents, LMCacheTierSettings
 from pdkit.connectors.pd_children import LMCACHE, NIXL, child_extra
-from pdkit.connectors.pd_types import PdConnectorMetadata, PdConnectorStats, PdWorkerMetadata
+from pdkit.connectors.pd_types import PdConnectorMetadata, PdShared, PdWorkerMetadata
 from pdkit.connectors.pd_verify import FINGERPRINTS_KEY, ProducerFingerprints, VerifySpec, expected_for_pull
 
 if TYPE_CHECKING:
@@ -72,22 +72,10 @@ def merge_transfer_params(by_child: dict[str, dict[str, Any] | None]) -> dict[st
 class PdScheduler:
     """PdConnector's scheduler-side state and hooks; see the module docstring."""
 
-    def __init__(
-        self,
-        children: dict[str, KVConnectorBase_V1],
-        stats: PdConnectorStats,
-        block_size: int,
-        *,
-        is_kv_producer: bool,
-        verify_transfers: bool,
-        verify_restores: bool,
-        lmcache_events: str,
-        extra: dict[str, Any],
-    ):
-        self._children = children
-        self._stats = stats
-        self._block_size = block_size
-        self.verify_transfers = verify_transfers
+    def __init__(self, shared: PdShared, *, is_kv_producer: bool, lmcache_events: str):
+        children, block_size = shared.children, shared.block_size
+        self._children, self._stats, self._block_size = children, shared.stats, block_size
+        self.verify_transfers = shared.verify_transfers
         self._lmcache_events = lmcache_events
         # Which child loads each request (absent: none does).
         self._loader: dict[str, str] = {}
@@ -96,16 +84,16 @@ class PdScheduler:
         # LMCache tiers as vLLM-hash KV events.
         self._tiers: LMCacheTierEvents | None = None
         if LMCACHE in children and lmcache_events in ("vllm", "both"):
-            settings = LMCacheTierSettings.from_config(child_extra(extra, LMCACHE) or {})
+            settings = LMCacheTierSettings.from_config(child_extra(shared.extra, LMCACHE) or {})
             self._tiers = LMCacheTierEvents(block_size, settings)
         self._tiers_after_save: dict[str, Request] = {}
         # verify_transfers (connectors/pd_verify.py).
         self._producer_fps: ProducerFingerprints | None = None
-        if verify_transfers and is_kv_producer and NIXL in children:
+        if shared.verify_transfers and is_kv_producer and NIXL in children:
             self._producer_fps = ProducerFingerprints(block_size)
         self._verify_pending: dict[str, Any] = {}  # decode: request -> fingerprint payload
         # verify_restores (connectors/lmcache_restore.py): LMCache's loads checked against saved fingerprints.
-        self._restores: RestoreLedger | None = RestoreLedger(block_size) if verify_restores else None
+        self._restores: RestoreLedger | None = RestoreLedger(block_size) if shared.verify_restores else None
         self._restore_async: set[str] = set()  # requests whose LMCache load is asynchronous
 
     def _each(self, fn: Callable[[KVConnectorBase_V1], Any]) -> None:

@@ -9,7 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata, KVConnectorWorkerMetadata
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorWorkerMetadata,
+)
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
     KVConnectorPromMetrics,
     KVConnectorStats,
@@ -210,3 +214,16 @@ class PdPromMetrics(KVConnectorPromMetrics):
                         self._counters[key][engine_idx].inc(amount * scale)  # type: ignore[union-attr]
             elif name in self._children:
                 self._children[name].observe(inner, engine_idx)
+
+
+@dataclass(frozen=True)
+class PdShared:
+    """What PdConnector hands the half its role creates (connectors/pd_scheduler.py or pd_worker.py):
+    built once in ``PdConnector.__init__``, so both halves see the same children and one stats object."""
+
+    children: dict[str, KVConnectorBase_V1]  # by slot ("nixl", "lmcache"), NIXL first
+    stats: PdConnectorStats  # both halves add their counters; get_kv_connector_stats reports them
+    block_size: int
+    verify_transfers: bool
+    verify_restores: bool
+    extra: dict[str, Any]  # PdConnector's kv_connector_extra_config (the LMCache child's tier settings)

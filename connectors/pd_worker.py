@@ -27,7 +27,7 @@ from vllm.logger import init_logger
 from vllm.v1.attention.backend import AttentionBackend, AttentionMetadata
 
 from pdkit.connectors.pd_children import NIXL, call_hook
-from pdkit.connectors.pd_types import PdConnectorMetadata, PdConnectorStats, PdWorkerMetadata
+from pdkit.connectors.pd_types import PdConnectorMetadata, PdShared, PdWorkerMetadata
 from pdkit.connectors.pd_verify import WorkerFingerprints, rank_key
 
 if TYPE_CHECKING:
@@ -43,22 +43,10 @@ _REPORTED_MEMORY = 65536
 class PdWorker:
     """PdConnector's worker-side state and hooks; see the module docstring."""
 
-    def __init__(
-        self,
-        children: dict[str, KVConnectorBase_V1],
-        stats: PdConnectorStats,
-        block_size: int,
-        *,
-        is_kv_consumer: bool,
-        verify_transfers: bool,
-        verify_restores: bool,
-    ):
-        self._children = children
-        self._stats = stats
-        self._block_size = block_size
+    def __init__(self, shared: PdShared, *, is_kv_consumer: bool):
+        self._children, self._stats, self._block_size = shared.children, shared.stats, shared.block_size
         self._is_kv_consumer = is_kv_consumer
-        self.verify_transfers = verify_transfers
-        self.verify_restores = verify_restores
+        self.verify_transfers, self.verify_restores = shared.verify_transfers, shared.verify_restores
         # Children still to report each delayed request in finished_sending.
         self._awaiting: dict[str, set[str]] = {}
         # Recently reported sends, so a late duplicate from a child is not reported twice (vLLM's

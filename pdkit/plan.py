@@ -296,21 +296,10 @@ def worker_spec(dep: Deployment, role: Role, index: int, run_dir: Path) -> Proce
         env["CUDA_VISIBLE_DEVICES"] = cuda
     env[TOKEN_ENV] = TOKEN_PLACEHOLDER  # the supervisor puts the deployment's secret here
     return ProcessSpec(
-        name=name,
-        role=role,
-        index=index,
-        host=host,
-        argv=agent_argv,
-        engine_argv=engine_argv,
-        env=env,
-        cuda_visible_devices=cuda,
-        ports=ports,
-        url=url,
-        kv_transfer_config=kv,
-        kv_events_config=events,
-        log_file=str(run_dir / f"{name}.log"),
-        startup_timeout_s=group.startup_timeout_s,
-    )
+        name=name, role=role, index=index, host=host, url=url, ports=ports, cuda_visible_devices=cuda,
+        argv=agent_argv, engine_argv=engine_argv, env=env, kv_transfer_config=kv, kv_events_config=events,
+        log_file=str(run_dir / f"{name}.log"), startup_timeout_s=group.startup_timeout_s,
+    )  # fmt: skip
 
 
 def build_plan(dep: Deployment) -> LaunchPlan:

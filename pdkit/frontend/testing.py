@@ -28,6 +28,7 @@ class RegistryClient:
 
     def __init__(self, endpoint: str, info: WorkerInfo, token: str | None = None, interval_s: float = 0.2) -> None:
         self.endpoint = endpoint
+        self.info = info  # fixed for this client's life (the agent's can change: it learns max_model_len)
         self.session = RegistrySession(info, token)  # the protocol's rules, shared with the agent
         self.interval_s = interval_s
         self.load = Load()
@@ -47,17 +48,9 @@ class RegistryClient:
         return ack
 
     @property
-    def info(self) -> WorkerInfo:
-        return self.session.info
-
-    @property
     def session_key(self) -> str | None:
-        """From the registration's ack (protocol version 2)."""
+        """From the registration's ack (protocol version 2); kept and voided by the session's rules."""
         return self.session.session_key
-
-    @session_key.setter
-    def session_key(self, key: str | None) -> None:
-        self.session.session_key = key
 
     async def register(self) -> Ack:
         ack = await self.request(self.session.register())
