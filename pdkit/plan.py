@@ -49,6 +49,8 @@ class LaunchPlan(BaseModel):
     api_key: str | None = Field(default=None, exclude=True, repr=False)
     # The vLLM stack the connector names and flags are for (pdkit/stack.py): version, status, known.
     vllm_stack: dict[str, Any] | None = None
+    # disagg: whether the frontend will seed decodes with the prefill's first token, and why (docs/seeding.md)
+    seeding: str | None = None
 
     def workers(self) -> list[ProcessSpec]:
         return [p for p in self.processes if p.role != "frontend" and p.sidecar_of is None]
@@ -317,6 +319,7 @@ def build_plan(dep: Deployment) -> LaunchPlan:
         secret=dep.frontend.token,
         api_key=dep.frontend.api_key,
         vllm_stack=_stack_summary(dep) if dep.engine == "vllm" else None,
+        seeding=_seeding_summary(dep) if dep.mode == "disagg" else None,
         warnings=warnings,
         mode=dep.mode,
         engine=dep.engine,
@@ -335,6 +338,22 @@ def _stack_summary(dep: Deployment) -> dict[str, Any]:
     stack = plan_stack(dep.vllm_version)
     source = "config" if dep.vllm_version is not None else "installed" if installed_version("vllm") else "default"
     return {"vllm": stack.vllm, "status": stack.status, "known": stack.known, "source": source}
+
+
+def _seeding_summary(dep: Deployment) -> str:
+    """One line for the plan: first-token seeding on or off for this deployment's decodes, and why."""
+    from pdkit.stack import plan_stack, seeds_by_default
+
+    setting = dep.frontend.seed_first_token
+    if setting is not None:
+        return f"{'on' if setting else 'off'} (frontend.seed_first_token: {str(setting).lower()})"
+    if dep.engine != "vllm":
+        return "on (the simulator serves seeded decodes)"
+    version = plan_stack(dep.vllm_version).vllm
+    if seeds_by_default("vllm", version):
+        return f"on (proven on a GPU with vLLM {version})"
+    return (f"off: not yet proven on a GPU with vLLM {version} (frontend.seed_first_token: true forces it; "
+            "docs/seeding.md)")  # fmt: skip
 
 
 def check_handshake_compat(procs: list[ProcessSpec]) -> list[str]:
@@ -374,6 +393,7 @@ def format_plan(plan: LaunchPlan) -> str:
     lines = [
         f"pdkit plan: mode={plan.mode} engine={plan.engine} model={plan.model} served as '{plan.served_model_name}'",
         f"frontend: {plan.frontend_url}   logs: {plan.run_dir}/",
+        *([f"first-token seeding: {plan.seeding}"] if plan.seeding else []),
         *[f"warning: {w}" for w in plan.warnings],
         "",
     ]

@@ -164,6 +164,25 @@ def stack_for(vllm_version: str | None) -> Stack:
     return replace(base, vllm=vllm_version, status="untested", known=False, notes=(f"planned like {base.vllm}",))
 
 
+def seeds_by_default(engine: str, vllm_version: str | None) -> bool:
+    """Whether first-token seeding is on for a decode worker when ``frontend.seed_first_token`` is unset.
+
+    The simulator always (it serves seeded decodes as vLLM 0.26 does); vLLM when its release is a row of
+    this table with ``seeding_proven``: seeding relies on that release's NIXL decode side, so an unknown,
+    unreadable or missing version is not proven.  The frontend asks this per decode worker, the launch
+    plan for its summary line.
+    """
+    if engine != "vllm":
+        return True
+    if vllm_version is None:
+        return False
+    try:
+        stack = stack_for(vllm_version)
+    except ValueError:
+        return False
+    return stack.known and stack.seeding_proven
+
+
 def plan_stack(configured: str | None = None) -> Stack:
     """The stack a plan targets: the configured version, else the installed vLLM, else the default."""
     return stack_for(configured if configured is not None else installed_version("vllm"))

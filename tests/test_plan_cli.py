@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shlex
+from typing import Any
 
 from pdkit.config import load_deployment
 from pdkit.kv_config import DISABLE_HMA_FLAG
@@ -150,3 +151,23 @@ def test_push_mode_uses_the_push_connector_on_both_sides() -> None:
     assert procs["decode-0"].kv_transfer_config["kv_connector"] == "NixlPushConnector"  # type: ignore[index]
     extra = procs["prefill-0"].kv_transfer_config["kv_connector_extra_config"]  # type: ignore[index]
     assert extra["nixl_connector"] == "NixlPushConnector"
+
+
+def test_plan_says_whether_decodes_are_seeded_and_why(run_cli: Any) -> None:
+    """The plan's seeding line follows the frontend's rule (pdkit.stack.seeds_by_default): on where the
+    release is proven on a GPU (0.26.0) or on the simulator, off (with the fix) on 0.32.0, forced by the
+    setting; no line in agg mode (nothing to seed)."""
+
+    def seeding(**overrides: object) -> str | None:
+        return build_plan(load_deployment(None, overrides)).seeding
+
+    assert seeding(mode="disagg", vllm_version="0.26.0") == "on (proven on a GPU with vLLM 0.26.0)"
+    off = seeding(mode="disagg", vllm_version="0.32.0")
+    assert off is not None and off.startswith("off: not yet proven on a GPU with vLLM 0.32.0")
+    assert "frontend.seed_first_token: true forces it" in off
+    assert seeding(mode="disagg", engine="sim") == "on (the simulator serves seeded decodes)"
+    forced = {"mode": "disagg", "vllm_version": "0.32.0", "frontend.seed_first_token": True}
+    assert seeding(**forced) == "on (frontend.seed_first_token: true)"
+    assert seeding(mode="agg") is None
+    code, out, _ = run_cli("launch", "disagg", "--dry-run", "--vllm-version", "0.32.0")
+    assert code == 0 and "first-token seeding: off: not yet proven" in out

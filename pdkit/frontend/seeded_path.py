@@ -35,7 +35,7 @@ from pdkit.frontend.hops import (
 )
 from pdkit.frontend.requests import RequestError, error_obj
 from pdkit.routing.types import RequestContext, WorkerState
-from pdkit.stack import stack_for
+from pdkit.stack import seeds_by_default, stack_for
 
 log = logging.getLogger("pdkit.frontend")
 
@@ -83,17 +83,7 @@ class SeededPath(Hops):
         relies on that release's NIXL decode side; an unknown or unreadable version is not proven)."""
         if self.s.seed_first_token is not None:
             return self.s.seed_first_token
-        if decode is None:
-            return False
-        if decode.info.engine != "vllm":
-            return True
-        if decode.info.engine_version is None:
-            return False
-        try:
-            stack = stack_for(decode.info.engine_version)
-        except ValueError:
-            return False
-        return stack.known and stack.seeding_proven
+        return decode is not None and seeds_by_default(decode.info.engine, decode.info.engine_version)
 
     @staticmethod
     def _seed_refusal(request: web.Request, ctx: RequestContext) -> str | None:
