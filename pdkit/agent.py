@@ -222,7 +222,6 @@ class WorkerAgent:
     async def _register(self, wait_s: float = 0.0) -> None:
         """Send the registration; with ``wait_s``, read its ack first (the first registration, before
         the ack reader runs), so that the first heartbeat already carries the session key."""
-        self._session.info = self.s.info  # _learn_max_model_len may have filled it in since
         await self._send(self._session.register())
         if wait_s > 0 and self._sock is not None:
             with contextlib.suppress(asyncio.TimeoutError):
@@ -272,7 +271,7 @@ class WorkerAgent:
             return
         found = await engine_max_model_len(self.s.info.url, self.s.info.model, self.s.probe_timeout_s)
         if found is not None:
-            self.s.info = self.s.info.model_copy(update={"max_model_len": found})
+            self.s.info = self._session.info = self.s.info.model_copy(update={"max_model_len": found})
 
     async def _probe_loop(self) -> None:
         """Probe the engine once per heartbeat interval; each probe bounded by ``probe_timeout_s``.

@@ -627,9 +627,9 @@ def stage_disagg(opts: Options, report: StageReport) -> None:
             report.check("b_lmcache_restore", None, status="n/a on sim (no LMCache)", pass2_equal=all(eq2))
             report.check("c_verify_faults", None, status="n/a on sim (no NIXL)")
         else:
-            ratios = [(r["lmcache_hit_tokens"] or 0) / r["prompt_tokens"] if r["prompt_tokens"] else 0.0 for r in pass2]
+            ratios = hit_ratios(pass2)
             report.check("b_lmcache_restore", all(eq2) and min(ratios) > 0.9, pass2_equal=f"{sum(eq2)}/{len(eq2)}",
-                         hit_ratio_min=round(min(ratios), 4), hit_ratios=[round(x, 4) for x in ratios])  # fmt: skip
+                         hit_ratio_min=round(min(ratios), 4), hit_ratios=rounded(ratios))  # fmt: skip
             report.check("c_verify_faults", **faults_check(dep.run_dir, faults, c0, c1, c2, eq1))
         report.check("d_kv_prediction_info", None, **kv_compare(kv0, kv_snapshot(dep.frontend)),
                      status="information only: prefill runs without prefix cache, its hits are LMCache tokens "
@@ -648,8 +648,12 @@ def delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]
 
 
 def hit_ratios(rows: list[dict[str, Any]]) -> list[float]:
-    """Per request: the share of its prompt the watched worker loaded from LMCache."""
-    return [round((r["lmcache_hit_tokens"] or 0) / r["prompt_tokens"], 4) if r["prompt_tokens"] else 0.0 for r in rows]
+    """Per request: the share of its prompt the watched worker loaded from LMCache (unrounded: verdicts use it)."""
+    return [(r["lmcache_hit_tokens"] or 0) / r["prompt_tokens"] if r["prompt_tokens"] else 0.0 for r in rows]
+
+
+def rounded(xs: list[float]) -> list[float]:
+    return [round(x, 4) for x in xs]
 
 
 def lmcache_servers(dep: Deployment) -> dict[int, int]:
@@ -700,12 +704,20 @@ def p5_ttft(frontend: str, w: Workload, watch: str | None) -> dict[str, Any]:
     reqs = [{"kind": "p5", "tokens": w.p5_tokens, "path": path, "body": {"prompt": p, **body}} for p in prompts]
     cold = asyncio.run(run_requests(frontend, reqs))
     warm = asyncio.run(run_requests(frontend, reqs, watch=watch))
-    ms = lambda rows: [round(r["ttft_s"] * 1000, 1) if r["ttft_s"] else None for r in rows]  # noqa: E731
-    med = lambda xs: statistics.median([x for x in xs if x is not None]) if any(xs) else None  # noqa: E731
-    c, h = ms(cold), ms(warm)
-    return {"prompt_tokens": w.p5_tokens, "cold_ttft_ms": c, "warm_ttft_ms": h, "median_cold_ms": med(c),
-            "median_warm_ms": med(h), "warm_hit_ratios": hit_ratios(warm) if watch else None,
+    c, h = ttfts_ms(cold), ttfts_ms(warm)
+    return {"prompt_tokens": w.p5_tokens, "cold_ttft_ms": c, "warm_ttft_ms": h, "median_cold_ms": median(c),
+            "median_warm_ms": median(h), "warm_hit_ratios": rounded(hit_ratios(warm)) if watch else None,
             "warm_equals_cold": [a["text"] == b["text"] for a, b in zip(cold, warm, strict=True)]}  # fmt: skip
+
+
+def ttfts_ms(rows: list[dict[str, Any]]) -> list[float | None]:
+    """Each request's TTFT in ms, None where it failed (positions kept: row i is prompt i)."""
+    return [round(r["ttft_s"] * 1000, 1) if r["ttft_s"] else None for r in rows]
+
+
+def median(xs: list[float | None]) -> float | None:
+    got = [x for x in xs if x is not None]
+    return statistics.median(got) if got else None
 
 
 def single_agg_deployment(stage: str, opts: Options, report: StageReport) -> tuple[Deployment, str | None]:
@@ -737,8 +749,8 @@ def stage_restart(opts: Options, report: StageReport) -> None:
             report.check("g_mp_reuse", None, status="n/a on sim (no LMCache)")
         else:
             ratios = hit_ratios(warm)
-            report.check("g_mp_reuse", min(ratios) > 0.9 and all(eq_warm), hit_ratio_min=min(ratios),
-                         hit_ratios=ratios, restore_counters=delta(c0, c1))  # fmt: skip
+            report.check("g_mp_reuse", min(ratios) > 0.9 and all(eq_warm), hit_ratio_min=round(min(ratios), 4),
+                         hit_ratios=rounded(ratios), restore_counters=delta(c0, c1))  # fmt: skip
         kill = None if url is None else (lambda: kill_lmcache_server(dep, w.kill_after_s))
         name = "vllm_bench_restart.json"
         bench = vllm_bench(dep.frontend, w, opts.skip_vllm_bench, w.restart_bench_prompts, name, kill)
@@ -754,7 +766,8 @@ def stage_restart(opts: Options, report: StageReport) -> None:
         eq_save, eq_restore = equal_to(save, ref_rows), equal_to(restore, ref_rows)
         report.check("i_after_restart_equals_agg", all(eq_save) and all(eq_restore),
                      save_equal=f"{sum(eq_save)}/{len(eq_save)}", restore_equal=f"{sum(eq_restore)}/{len(eq_restore)}",
-                     hit_ratios=hit_ratios(restore) if url else None, restore_counters_after_restart=delta(c2, c3),
+                     hit_ratios=rounded(hit_ratios(restore)) if url else None,
+                     restore_counters_after_restart=delta(c2, c3),
                      status="a mismatch counted with outputs equal: LMCache#4492 caught, recomputed")  # fmt: skip
         report.check("p5_ttft_mp", None, **p5_ttft(dep.frontend, w, url), status="figures (side by side: stage p5)")
     finally:
