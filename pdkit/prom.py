@@ -20,11 +20,13 @@ Rules:
 * An absent series reads as 0 (a sum over no samples).
 
 A ``page`` is the text itself or what :func:`families` returned for it, so a caller asking several
-questions of one page parses it once.
+questions of one page parses it once.  :func:`fetch` reads a process's page over HTTP for the scripts
+and checks that ask it synchronously (the frontend and agent read theirs in their own event loops).
 """
 
 from __future__ import annotations
 
+import urllib.request
 from collections.abc import Iterable
 
 from prometheus_client.metrics_core import Metric
@@ -70,3 +72,14 @@ def by_label(page: Page, name: str, *keys: str) -> dict[str, float]:
         key = "/".join(s.labels.get(k, "") for k in keys)
         out[key] = out.get(key, 0.0) + s.value
     return out
+
+
+def fetch(base_url: str, timeout_s: float = 10.0) -> str:
+    """The text of ``base_url``'s ``/metrics`` page (``http://host:port``); raises OSError when unreachable."""
+    with urllib.request.urlopen(base_url.rstrip("/") + "/metrics", timeout=timeout_s) as resp:
+        return str(resp.read().decode())
+
+
+def fetch_totals(base_url: str, names: Iterable[str], timeout_s: float = 10.0) -> dict[str, float]:
+    """``totals`` of ``base_url``'s page, read once: each series summed over its labels, 0 when absent."""
+    return totals(fetch(base_url, timeout_s), names)

@@ -130,21 +130,9 @@ def prompt_ids(tok: Any, n: int, salt: str) -> list[int]:
 
 
 def stream(path: str, body: dict[str, Any], headers: dict[str, str] | None = None) -> dict[str, Any]:
-    """One streamed request to the frontend: client TTFT, text, token ids, finish reason, usage."""
-    text, ids, ttft, usage, finish, events = [], [], None, None, None, 0
-    t0 = time.perf_counter()
-    for chunk in g.stream_chunks(path, {**body, "return_token_ids": True}, headers=headers):
-        events += 1
-        usage = chunk.get("usage") or usage
-        for c in chunk.get("choices", []):
-            piece = c.get("text") if "text" in c else (c.get("delta") or {}).get("content")
-            if piece and ttft is None:
-                ttft = time.perf_counter() - t0
-            text.append(piece or "")
-            ids += c.get("token_ids") or []
-            finish = c.get("finish_reason") or finish
-    return {"ttft_s": ttft, "e2e_s": time.perf_counter() - t0, "text": "".join(text), "ids": ids,
-            "finish": finish, "usage": usage, "events": events}  # fmt: skip
+    """One streamed request to the frontend (``pdkit bench``'s client): client TTFT, text, token ids,
+    finish reason, usage."""
+    return g.stream_request(path, {**body, "return_token_ids": True}, headers=headers)
 
 
 def whole(path: str, body: dict[str, Any], headers: dict[str, str] | None = None) -> dict[str, Any]:
@@ -164,13 +152,9 @@ def whole(path: str, body: dict[str, Any], headers: dict[str, str] | None = None
 
 
 def frontend_metric(name: str, **labels: str) -> float:
-    conn = http.client.HTTPConnection("127.0.0.1", g.PORT, timeout=30)
-    conn.request("GET", "/metrics")
-    text = conn.getresponse().read().decode()
-    conn.close()
     from pdkit import prom
 
-    return prom.total(text, name, **labels)
+    return prom.total(prom.fetch(f"http://127.0.0.1:{g.PORT}", timeout_s=30), name, **labels)
 
 
 def seeded_counts() -> dict[str, float]:

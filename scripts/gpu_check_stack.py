@@ -369,13 +369,7 @@ def wait_workers(frontend: str, n: int, timeout_s: float = 60) -> None:
 
 def scrape(url: str, names: tuple[str, ...]) -> dict[str, float]:
     """Each series' sum over its labels, from one read of ``url``/metrics."""
-    text = asyncio.run(_scrape(url))
-    return prom.totals(text, names)
-
-
-async def _scrape(url: str) -> str:
-    async with aiohttp.ClientSession() as http:
-        return await get_text(http, url + "/metrics")
+    return prom.fetch_totals(url, names)
 
 
 def kv_snapshot(frontend: str) -> dict[str, dict[str, Any]]:

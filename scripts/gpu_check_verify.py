@@ -42,7 +42,6 @@ import re
 import statistics
 import sys
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -107,9 +106,7 @@ def metrics(port: int, names: tuple[str, ...] | list[str]) -> dict[str, float]:
     """Each series' sum over its labels, from one read of a process's /metrics (0 when absent)."""
     from pdkit import prom
 
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
-        text = resp.read().decode()
-    return prom.totals(text, names)
+    return prom.fetch_totals(f"http://127.0.0.1:{port}", names)
 
 
 DECODE_METRICS = ("pdkit:kv_verify_checked_blocks_total", "pdkit:kv_verify_mismatch_blocks_total",

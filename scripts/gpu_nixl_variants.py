@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import time
-import urllib.request
 
+from pdkit import prom
 from pdkit.gpu_check import harness as g
 
 UCX_NVLINK = {"UCX_TLS": "cuda_ipc,cuda_copy,tcp"}
@@ -56,15 +55,8 @@ def link_peak_gbps() -> dict:
 
 
 def scrape(url: str) -> dict[str, float]:
-    text = urllib.request.urlopen(f"{url}/metrics", timeout=10).read().decode()
-    vals: dict[str, float] = {}
-    for name in METRICS:
-        for suffix in ("_sum", "_count"):
-            total = 0.0
-            for m in re.finditer(rf"^{re.escape(name + suffix)}(?:{{[^}}]*}})? ([0-9.e+-]+)$", text, re.M):
-                total += float(m.group(1))
-            vals[name + suffix] = total
-    return vals
+    """Each histogram's ``_sum`` and ``_count``, summed over labels, from one read of ``url``'s page."""
+    return prom.fetch_totals(url, [name + suffix for name in METRICS for suffix in ("_sum", "_count")])
 
 
 def both(urls: list[str]) -> dict[str, float]:

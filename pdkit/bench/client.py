@@ -43,6 +43,8 @@ class RequestRecord:
     expected_output_tokens: int | None = None
     finish_reason: str | None = None
     text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    usage: dict[str, Any] | None = None
     tags: dict[str, Any] = field(default_factory=dict)
 
     def as_json(self, slo_itl: Any = None) -> dict[str, Any]:
@@ -70,18 +72,18 @@ class RequestRecord:
         }
 
 
-def _chunk_output(choice: dict[str, Any], chat: bool) -> tuple[bool, str, int]:
-    """(is a token event, text, tokens in it) for one streamed choice."""
+def _chunk_output(choice: dict[str, Any], chat: bool) -> tuple[bool, str, list[int] | None]:
+    """(is a token event, text, the token ids it carries when the request asked for them) for one choice."""
     ids = choice.get("token_ids")
-    n = len(ids) if isinstance(ids, list) else 1
+    ids = ids if isinstance(ids, list) else None
     if chat:
         delta = choice.get("delta") or {}
         text = delta.get("content") or delta.get("reasoning_content") or delta.get("reasoning") or ""
         if text or ids or delta.get("tool_calls"):
-            return True, text, n
-        return False, text, n  # a role-only first delta, or an empty finish-only chunk
+            return True, text, ids
+        return False, text, ids  # a role-only first delta, or an empty finish-only chunk
     text = choice.get("text") or ""
-    return True, text, n
+    return True, text, ids
 
 
 def _short(data: bytes | str, limit: int = 300) -> str:
@@ -96,8 +98,12 @@ async def send_streaming(
     record: RequestRecord,
     timeout_s: float,
     t0_point: float,
+    headers: dict[str, str] | None = None,
 ) -> RequestRecord:
-    """POST ``body`` (``stream`` forced on) to ``url`` and fill ``record``; never raises (except cancel)."""
+    """POST ``body`` (``stream`` forced on) to ``url`` and fill ``record``; never raises (except cancel).
+
+    ``record.token_ids`` collects the ids vLLM streams when the body asks ``return_token_ids`` (the
+    equality checks compare those, not text); ``record.usage`` is the final usage chunk as sent."""
     chat = url.rstrip("/").endswith("/chat/completions")
     body = {**body, "stream": True}
     body.setdefault("stream_options", {"include_usage": True})
@@ -108,7 +114,7 @@ async def send_streaming(
     parts: list[str] = []
     try:
         timeout = aiohttp.ClientTimeout(total=timeout_s)
-        async with session.post(url, json=body, timeout=timeout) as resp:
+        async with session.post(url, json=body, timeout=timeout, headers=headers) as resp:
             record.status = resp.status
             if resp.status != 200:
                 record.error = f"http_{resp.status}"
@@ -134,17 +140,20 @@ async def send_streaming(
                             return record
                         usage = msg.get("usage")
                         if usage:
+                            record.usage = usage
                             record.prompt_tokens = usage.get("prompt_tokens")
                             if usage.get("completion_tokens") is not None:
                                 record.output_tokens = int(usage["completion_tokens"])
                         for choice in msg.get("choices") or []:
                             if choice.get("finish_reason"):
                                 record.finish_reason = choice["finish_reason"]
-                            is_token, text, n = _chunk_output(choice, chat)
+                            is_token, text, ids = _chunk_output(choice, chat)
+                            if ids:
+                                record.token_ids += ids
                             if not is_token:
                                 continue
                             parts.append(text)
-                            tokens += n
+                            tokens += len(ids) if ids is not None else 1
                             if last is None:
                                 record.ttft_s = now - start
                             else:
@@ -173,3 +182,17 @@ async def send_streaming(
     finally:
         record.elapsed_s = time.perf_counter() - start
     return record
+
+
+def stream_once(
+    url: str, body: dict[str, Any], *, headers: dict[str, str] | None = None, timeout_s: float = 300
+) -> RequestRecord:
+    """One streamed request from synchronous code (the GPU checks send one request at a time): the same
+    client, token clock and failure codes as ``pdkit bench``, in a short-lived session of its own."""
+
+    async def one() -> RequestRecord:
+        async with aiohttp.ClientSession() as session:
+            record = RequestRecord("once")
+            return await send_streaming(session, url, body, record, timeout_s, time.perf_counter(), headers)
+
+    return asyncio.run(one())

@@ -4,14 +4,14 @@ Why in the package: every ``scripts/gpu_*`` check drives pdkit the same way (a d
 to a run folder, «all processes ready» in the launcher's log, greedy streamed requests on the frontend's
 port, known-bad log lines, Ctrl-C and a look for leftover vLLM processes).  One copy here keeps those
 checks comparable; the scripts keep only what each proves.  Stdlib only at module level (``tokenizers``
-is imported where prompts are built): no vLLM import, so ``--help`` and dry runs work on a CPU machine.
+is imported where prompts are built, ``pdkit bench``'s aiohttp client where requests are sent): no vLLM
+import, so ``--help`` and dry runs work on a CPU machine.
 
 ``OUT`` (``$OUT``, what comes back from a device call) and ``STATE`` (run folders) are read at import.
 """
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import re
@@ -20,7 +20,6 @@ import subprocess
 import sys
 import tarfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 OUT = Path(os.environ.get("OUT", "/tmp/pdkit-gpu-out"))
@@ -59,49 +58,22 @@ def build_prompts(model_dir: Path) -> list[str]:
     return prompts
 
 
-def stream_chunks(
-    path: str, body: dict, *, port: int | None = None, timeout: float = 300, headers: dict[str, str] | None = None
-) -> Iterator[dict]:
-    """POST ``body`` as a streaming request (usage included) to the frontend (``port``: another
-    deployment's) and yield each SSE data chunk, parsed; the request goes out on the first ``next``.
+def stream_request(
+    path: str, body: dict, timeout: float = 300, port: int | None = None, headers: dict[str, str] | None = None
+) -> dict:
+    """POST a streaming request to the frontend (``port``: another deployment's) through ``pdkit bench``'s
+    client: text, TTFT, end-to-end time, usage, the token ids (when the body asks ``return_token_ids``)
+    and the finish reason.
 
-    Raises RuntimeError on an HTTP error status or an error chunk, so a check never mistakes a failed
-    stream for a short answer. Callers time the stream themselves (they pick what they measure)."""
-    conn = http.client.HTTPConnection("127.0.0.1", port or PORT, timeout=timeout)
-    try:
-        payload = {**body, "stream": True, "stream_options": {"include_usage": True}}
-        conn.request(
-            "POST", path, body=json.dumps(payload), headers={"Content-Type": "application/json", **(headers or {})}
-        )
-        resp = conn.getresponse()
-        if resp.status != 200:
-            raise RuntimeError(f"{path} -> HTTP {resp.status}: {resp.read()[:500]!r}")
-        for raw in resp:
-            line = raw.decode().strip()
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("error"):
-                raise RuntimeError(f"stream error: {chunk['error']}")
-            yield chunk
-    finally:
-        conn.close()
+    Raises RuntimeError on any failure the client records (an HTTP error, an error chunk, a timeout), so a
+    check never mistakes a failed stream for a short answer."""
+    from pdkit.bench.client import stream_once
 
-
-def stream_request(path: str, body: dict, timeout: float = 300, port: int | None = None) -> dict:
-    """POST a streaming request to the frontend (``port``: another deployment's); returns text, TTFT, usage."""
-    text, ttft, usage = [], None, None
-    t0 = time.perf_counter()
-    for chunk in stream_chunks(path, body, port=port, timeout=timeout):
-        if chunk.get("usage"):
-            usage = chunk["usage"]
-        for choice in chunk.get("choices", []):
-            piece = choice.get("text") if "text" in choice else (choice.get("delta") or {}).get("content")
-            if piece:
-                if ttft is None:
-                    ttft = time.perf_counter() - t0
-                text.append(piece)
-    return {"text": "".join(text), "ttft_s": ttft, "e2e_s": time.perf_counter() - t0, "usage": usage}
+    rec = stream_once(f"http://127.0.0.1:{port or PORT}{path}", body, headers=headers, timeout_s=timeout)
+    if not rec.ok:
+        raise RuntimeError(f"{path} -> {rec.error} (HTTP {rec.status}): {rec.error_detail}")
+    return {"text": rec.text, "ttft_s": rec.ttft_s, "e2e_s": rec.e2e_s, "usage": rec.usage, "ids": rec.token_ids,
+            "finish": rec.finish_reason}  # fmt: skip
 
 
 def run_prompts(prompts: list[str]) -> list[dict]:
@@ -148,7 +120,7 @@ def calibrate(prompts_by_len: dict[int, str]) -> dict:
         with cf.ThreadPoolExecutor(batch) as pool:
             rs = list(pool.map(one, range(batch)))
         itl = [(r["e2e_s"] - r["ttft_s"]) / 63 for r in rs if r["ttft_s"] is not None]
-        decode[batch] = round(percentile(itl, 50), 5)
+        decode[batch] = round(percentile(itl, 50) or 0.0, 5)
     return {"prefill_s_by_tokens": prefill, "decode_step_s_by_batch": decode}
 
 

@@ -7,9 +7,9 @@ measuring the same things (each script keeps its own JSON names through a rename
 
 from __future__ import annotations
 
-import urllib.request
 from typing import Any
 
+from pdkit import prom
 from pdkit.agent import parse_load
 from pdkit.status import fetch_status
 
@@ -19,8 +19,7 @@ def kv_hit_snapshot(frontend: str) -> dict[str, dict[str, Any]]:
     status`` reads them) and the engine's own prefix-cache and LMCache counters from its ``/metrics``."""
     out: dict[str, dict[str, Any]] = {}
     for w in fetch_status(frontend).workers:
-        with urllib.request.urlopen(w.url.rstrip("/") + "/metrics", timeout=10) as resp:
-            engine = parse_load(resp.read().decode())
+        engine = parse_load(prom.fetch(w.url))
         out[w.worker_id] = {
             "role": w.role,
             "predicted": w.predicted_hit_tokens,
