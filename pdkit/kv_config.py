@@ -61,6 +61,8 @@ class RoleKVConfig(NamedTuple):
 
 
 MP_HOST = "tcp://127.0.0.1"
+MP_HEARTBEAT_INTERVAL_S = 2.0
+MP_MQ_TIMEOUT_S = 30.0
 
 
 def lmcache_mode(lmcache: LMCacheConfig, stack: Stack | None = None) -> str:
@@ -75,10 +77,17 @@ def lmcache_mp_extra(lmcache: LMCacheConfig, server_port: int) -> dict[str, Any]
     return {
         "lmcache.mp.host": MP_HOST,
         "lmcache.mp.port": server_port,
+        # The worker re-registers its KV cache with a restarted server only once a heartbeat has seen
+        # it unhealthy; with the default 10 s interval (== the ping timeout) a fast restart can go
+        # unseen and LMCache stays silently off. A lookup lost with the old server waits mq_timeout
+        # (default 300 s) before the request goes on without LMCache.
+        "lmcache.mp.heartbeat_interval": MP_HEARTBEAT_INTERVAL_S,
+        "lmcache.mp.mq_timeout": MP_MQ_TIMEOUT_S,
         # Read by PdConnector's tier announcer (connectors/lmcache_tiers.py), not by the MP connector;
-        # the server gets the same chunk size as a flag.
+        # the server gets the same chunk size as a flag. It stores whole chunks only, so the tier
+        # events must not announce a partial tail chunk.
         "lmcache.chunk_size": lmcache.chunk_size,
-        "lmcache.save_unfull_chunk": lmcache.save_unfull_chunk,
+        "lmcache.save_unfull_chunk": False,
     }
 
 
@@ -182,7 +191,13 @@ def kv_transfer_dict(
                 },
             }
         if mp:
-            return {"kv_connector": lmcache_connector, "kv_role": "kv_both", "kv_connector_extra_config": lmcache_extra}
+            # A retrieve dropped while the server restarts is recomputed, not a failed request.
+            return {
+                "kv_connector": lmcache_connector,
+                "kv_role": "kv_both",
+                "kv_load_failure_policy": "recompute",
+                "kv_connector_extra_config": lmcache_extra,
+            }
         return {"kv_connector": stack.lmcache_connector, "kv_role": "kv_both"}
     if role == "prefill":
         if not lmcache.enabled and not nixl.verify_transfers:

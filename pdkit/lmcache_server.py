@@ -13,7 +13,8 @@ Facts from the lmcache 0.5.6 wheel (``lmcache/cli/commands/server.py``, ``v1/mul
 ``lmcache.cli.main:main``) binds the ZMQ request server on ``--host``/``--port`` (default localhost:5555)
 and an HTTP API on ``--http-host``/``--http-port`` (default 127.0.0.1:8080, *no authentication*: pdkit
 binds both to loopback); readiness is ``GET /healthcheck`` (200 once the cache engine exists, 503
-before); the CPU tier is ``--l1-size-gb``; ``--chunk-size`` defaults to 256.
+before); the CPU tier is ``--l1-size-gb``, which 0.5.6 accepts only with ``--eviction-policy``;
+``--chunk-size`` defaults to 256. MP mode stores and looks up whole chunks only (no unfull chunk).
 
 One server per worker (LMCache's own P/D recipe): ports ``lmcache_port_base + index`` and
 ``lmcache_http_port_base + index`` of the worker's role, same GPUs as the worker (the server maps the
@@ -86,6 +87,8 @@ def server_argv(dep: Deployment, role: Role, index: int) -> list[str]:
     zmq_port, http_port = ports
     lm = dep.lmcache
     cpu_gb = str(int(lm.cpu_gb)) if float(lm.cpu_gb).is_integer() else str(lm.cpu_gb)
+    # lmcache 0.5.6's server refuses --l1-size-gb without an eviction policy (it exits at start-up).
+    eviction = [] if "--eviction-policy" in lm.server_args else ["--eviction-policy", "LRU"]
     return [
         *server_command(dep),
         "--host", SERVER_HOST,
@@ -94,6 +97,7 @@ def server_argv(dep: Deployment, role: Role, index: int) -> list[str]:
         "--http-port", str(http_port),
         "--chunk-size", str(lm.chunk_size),
         "--l1-size-gb", cpu_gb,
+        *eviction,
         *lm.server_args,
     ]  # fmt: skip
 

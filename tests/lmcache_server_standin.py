@@ -20,8 +20,12 @@ def main() -> None:
     parser.add_argument("--http-port", type=int, default=8080)
     parser.add_argument("--chunk-size", type=int, default=256)
     parser.add_argument("--l1-size-gb", type=float, default=None)
+    parser.add_argument("--eviction-policy", default=None)
     parser.add_argument("--init-delay-s", type=float, default=0.3)
     args = parser.parse_args()
+    if args.l1_size_gb is not None and args.eviction_policy is None:
+        # As lmcache 0.5.6 does (v1/distributed/config.py): the legacy L1 flags need both.
+        raise SystemExit("Legacy L1 configuration requires --l1-size-gb and --eviction-policy")
     requests = socket.socket()
     requests.bind((args.host, args.port))
     requests.listen()

@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -76,11 +77,7 @@ def test_disagg_without_agg_reference_is_one_clear_error(tmp_path: Path) -> None
     assert "run --stage agg first" in report["error"] and not report["ok"]
 
 
-@pytest.mark.vllm
-def test_vllm_bench_command_parses_with_vllms_own_parser() -> None:
-    pytest.importorskip("vllm")
-    from vllm.benchmarks.serve import add_cli_args
-
+def load_script() -> types.ModuleType:
     spec = importlib.util.spec_from_file_location("gpu_check_stack", SCRIPT)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -89,6 +86,27 @@ def test_vllm_bench_command_parses_with_vllms_own_parser() -> None:
         spec.loader.exec_module(module)
     finally:
         del sys.modules[spec.name]
+    return module
+
+
+def test_reuse_verdict_counts_whole_chunks_only_in_mp_mode() -> None:
+    """An MP server stores whole 256-token chunks: a 120-token prompt has nothing to restore there and a
+    400-token one 256 tokens; in-process (save_unfull_chunk) the whole prompt counts."""
+    module = load_script()
+    rows = [{"prompt_tokens": 120, "lmcache_hit_tokens": 0}, {"prompt_tokens": 400, "lmcache_hit_tokens": 256},
+            {"prompt_tokens": 512, "lmcache_hit_tokens": 511}]  # fmt: skip
+    assert module.reuse_ratios(rows, mp=True) == [1.0, 511 / 512] and module.reused(rows, mp=True)
+    assert not module.reused(rows, mp=False)  # in-process the 120- and 400-token prompts would be misses
+    assert not module.reused(rows[:1], mp=True)  # nothing restorable proves nothing
+    assert not module.reused([{"prompt_tokens": 900, "lmcache_hit_tokens": 0}], mp=True)  # LMCache off
+
+
+@pytest.mark.vllm
+def test_vllm_bench_command_parses_with_vllms_own_parser() -> None:
+    pytest.importorskip("vllm")
+    from vllm.benchmarks.serve import add_cli_args
+
+    module = load_script()
     argv = module.vllm_bench_argv("http://127.0.0.1:8000", module.Workload())
     assert argv[1:6] == ["-m", "vllm.entrypoints.cli.main", "bench", "serve", "--backend"]
     parser = argparse.ArgumentParser()

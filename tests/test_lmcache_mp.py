@@ -43,7 +43,7 @@ def test_vllm_033_plan_has_one_lmcache_server_per_lmcache_worker_and_mp_connecto
     assert server["sidecar_of"] == "prefill-0" and server["health_url"] == "http://127.0.0.1:6910/healthcheck"
     assert server["argv"][1:] == ["-m", "lmcache.cli.main", "server", "--host", "127.0.0.1", "--port", "5910",
                                   "--http-host", "127.0.0.1", "--http-port", "6910", "--chunk-size", "256",
-                                  "--l1-size-gb", "5"]  # fmt: skip
+                                  "--l1-size-gb", "5", "--eviction-policy", "LRU"]  # fmt: skip
     assert server["cuda_visible_devices"] == procs["prefill-0"]["cuda_visible_devices"]
     extra = procs["prefill-0"]["kv_transfer_config"]["kv_connector_extra_config"]
     assert extra["lmcache_connector"] == "LMCacheMPConnector"
@@ -60,6 +60,12 @@ def test_agg_on_033_uses_lmcache_mp_connector_directly(run_cli) -> None:
     ktc = procs["agg-0"]["kv_transfer_config"]
     assert ktc["kv_connector"] == "LMCacheMPConnector" and ktc["kv_role"] == "kv_both"
     assert ktc["kv_connector_extra_config"]["lmcache.mp.port"] == 5900
+    # A fast server restart is noticed (re-registration) and a lost lookup waits 30 s, not 300 s.
+    assert ktc["kv_connector_extra_config"]["lmcache.mp.heartbeat_interval"] == 2.0
+    assert ktc["kv_connector_extra_config"]["lmcache.mp.mq_timeout"] == 30.0
+    # The server stores whole chunks only: tier events must not announce a partial tail.
+    assert ktc["kv_connector_extra_config"]["lmcache.save_unfull_chunk"] is False
+    assert ktc["kv_load_failure_policy"] == "recompute"  # a retrieve lost in a restart is recomputed
     assert "--disable-hybrid-kv-cache-manager" in procs["agg-0"]["engine_argv"]  # the MP connector needs it
 
 
