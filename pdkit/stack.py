@@ -83,6 +83,8 @@ _ROWS: tuple[Stack, ...] = (
         # NixlConnector is still registered (an alias of NixlPullConnector): the name pdkit ran with on GPU.
         notes=(
             "proven on one H200 (scripts/gpu_check_stack.py, docs/results/h200x1-2026-12-01-v032); not yet on 2xH200",
+            "LMCache MP mode (lmcache.mode=mp) proven on one H200: agg/disagg == agg, lmcache server killed under "
+            "load restarted with 0 failed requests (docs/results/h200x1-2026-12-03-v032)",
             "KVTransferConfig rejects unknown fields and dropped kv_rank/kv_parallel_size/kv_ip/kv_buffer_size",
             "NIXL's compatibility hash adds the transfer mode: push and pull sides never pair",
             "model runner asks connectors for get_transfer_results (PdConnector merges its children's)",
